@@ -1,0 +1,49 @@
+"""jupyter-llm: train and fine-tune language models from Jupyter with detached DeepSpeed jobs.
+
+`import jupyter_llm` is light: torch, deepspeed and transformers are imported only by the
+worker processes. Public API: `Spec`, `launch`, `Run`, `RunStore`, `runs`, `get_run`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .launch import launch
+    from .runs import Run, RunStore
+    from .spec import Spec
+
+_LAZY = {
+    "Spec": ("spec", "Spec"),
+    "launch": ("launch", "launch"),
+    "Run": ("runs", "Run"),
+    "RunStore": ("runs", "RunStore"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(f".{module}", __name__), attr)
+    raise AttributeError(f"module 'jupyter_llm' has no attribute {name!r}")
+
+
+def runs(root: str | None = None) -> list[Run]:
+    """Every run under the runs root, oldest first."""
+    from .runs import RunStore
+
+    return RunStore(root).list()
+
+
+def get_run(run_id: str | None = None, root: str | None = None) -> Run:
+    """A run by id, id prefix or name; the newest when `run_id` is None."""
+    from .runs import RunStore
+
+    return RunStore(root).get(run_id)
+
+
+__all__ = ["Run", "RunStore", "Spec", "__version__", "get_run", "launch", "runs"]

@@ -1,0 +1,190 @@
+"""`jupyter-llm` (also `jupyter llm`): a thin shell over the Python API.
+
+User mistakes exit with code 2 and a one-paragraph message; `train --wait` and
+`resume --wait` exit 0 only when the run completed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import SpecError, UserError
+from .runs import Run, RunStore, State
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="jupyter-llm",
+        description="Train language models with detached DeepSpeed jobs; every run is a folder.",
+    )
+    p.add_argument("--root", help="runs root (default: $JUPYTER_LLM_HOME/runs, else ./llm-runs)")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="validate a spec and start a run")
+    t.add_argument("spec", help="YAML spec file")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. --set optim.lr=3e-4 (repeatable)")  # fmt: skip
+    t.add_argument("--wait", action="store_true", help="follow the run; exit 0 only if it completed")
+    t.add_argument("--dry-run", action="store_true", help="validate and print the DeepSpeed config")
+
+    r = sub.add_parser("runs", help="list runs")
+    r.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("status", help="state and latest metrics of a run")
+    s.add_argument("run", nargs="?", help="run id, id prefix or name (default: newest)")
+    s.add_argument("--json", action="store_true")
+
+    lg = sub.add_parser("logs", help="log tail of a run")
+    lg.add_argument("run", nargs="?")
+    lg.add_argument("-n", type=int, default=40, help="lines (default 40)")
+    lg.add_argument("--rank", type=int, help="a rank's log instead of the launcher's")
+    lg.add_argument("-f", "--follow", action="store_true", help="keep printing until the run ends")
+
+    st = sub.add_parser("stop", help="stop a run gracefully (it saves a checkpoint first)")
+    st.add_argument("run", nargs="?")
+    st.add_argument("--wait", action="store_true")
+
+    rs = sub.add_parser("resume", help="continue a stopped or failed run from its newest checkpoint")
+    rs.add_argument("run", nargs="?")
+    rs.add_argument("--wait", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    store = RunStore(args.root)
+    try:
+        return int(COMMANDS[args.cmd](args, store) or 0)
+    except SpecError as e:
+        print(f"jupyter-llm: {e}", file=sys.stderr)
+        return 2
+    except UserError as e:
+        print(f"jupyter-llm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _train(args: argparse.Namespace, store: RunStore) -> int:
+    from .launch import launch
+    from .spec import Spec, deepspeed_config
+
+    spec = Spec.from_file(args.spec, args.overrides)
+    if args.dry_run:
+        print(spec.to_yaml())
+        print(json.dumps(deepspeed_config(spec), indent=2))
+        return 0
+    run = launch(spec, root=store.root)
+    print(run.id)
+    sys.stdout.flush()
+    return _follow(run) if args.wait else 0
+
+
+def _follow(run: Run) -> int:
+    """Print metrics lines as they come; exit code 0 only for a completed run."""
+    for m in run.follow():
+        print(_fmt_metrics(m), file=sys.stderr)
+    st = run.status()
+    print(f"{run.id}: {st['state']}" + (f" ({st['error']})" if st.get("error") else ""), file=sys.stderr)
+    return 0 if st["state"] == State.COMPLETED.value else 1
+
+
+def _fmt_metrics(m: dict[str, Any]) -> str:
+    keys = [k for k in ("loss", "val_loss", "val_ppl", "lr", "grad_norm", "tokens_per_s") if m.get(k) is not None]
+    return f"step {m['step']}: " + " ".join(f"{k}={m[k]:.4g}" for k in keys)
+
+
+def _row(run: Run) -> dict[str, Any]:
+    st = run.status()
+    metrics = run.metrics()
+    last = next((m for m in reversed(metrics) if "loss" in m), {})
+    last_val = next((m for m in reversed(metrics) if "val_loss" in m), {})
+    try:
+        total = run.spec.train.max_steps
+    except Exception:  # a damaged spec.yaml must not break the listing
+        total = None
+    return {
+        "run_id": run.id, "name": st.get("name"), "state": st["state"], "step": last.get("step"),
+        "max_steps": total, "loss": last.get("loss"), "val_loss": last_val.get("val_loss"),
+        "started_at": st.get("started_at"), "ended_at": st.get("ended_at"), "error": st.get("error"),
+        "path": str(run.path),
+    }  # fmt: skip
+
+
+def _runs(args: argparse.Namespace, store: RunStore) -> int:
+    rows = [_row(r) for r in store.list()]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print(f"no runs under {store.root}")
+        return 0
+    print(f"{'RUN':<44} {'STATE':<10} {'STEP':>11} {'LOSS':>8} {'STARTED':<19}")
+    for r in rows:
+        step = f"{r['step'] or 0}/{r['max_steps'] or '?'}"
+        loss = f"{r['loss']:.4f}" if r["loss"] is not None else "-"
+        started = (r["started_at"] or "")[:19].replace("T", " ")
+        print(f"{r['run_id']:<44} {r['state']:<10} {step:>11} {loss:>8} {started:<19}")
+    return 0
+
+
+def _status(args: argparse.Namespace, store: RunStore) -> int:
+    run = store.get(args.run)
+    row = _row(run)
+    if args.json:
+        print(json.dumps({**run.status(), **row}, indent=1))
+        return 0
+    for k, v in row.items():
+        if v is not None:
+            print(f"{k:>10}: {v}")
+    return 0
+
+
+def _logs(args: argparse.Namespace, store: RunStore) -> int:
+    run = store.get(args.run)
+    lines = run.log_tail(args.n, args.rank)
+    print("\n".join(lines))
+    if args.follow:
+        seen = len(run.log_tail(100_000, args.rank))
+        while True:
+            done = run.done
+            all_lines = run.log_tail(100_000, args.rank)
+            for line in all_lines[seen:]:
+                print(line, flush=True)
+            seen = len(all_lines)
+            if done:
+                return 0
+            time.sleep(0.5)
+    return 0
+
+
+def _stop(args: argparse.Namespace, store: RunStore) -> int:
+    run = store.get(args.run)
+    state = run.stop(wait=args.wait)
+    print(f"{run.id}: {state}")
+    return 0
+
+
+def _resume(args: argparse.Namespace, store: RunStore) -> int:
+    run = store.get(args.run).resume()
+    print(run.id)
+    sys.stdout.flush()
+    return _follow(run) if args.wait else 0
+
+
+COMMANDS = {
+    "train": _train,
+    "runs": _runs,
+    "status": _status,
+    "logs": _logs,
+    "stop": _stop,
+    "resume": _resume,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Where a run goes. `launch(spec)` creates the run folder and starts a detached supervisor."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from ..runs import Run, RunStore
+
+
+def launch(
+    spec: Any,
+    overrides: list[str] | Mapping[str, Any] | None = None,
+    *,
+    root: str | os.PathLike[str] | None = None,
+    wait: bool = False,
+    timeout: float | None = None,
+) -> Run:
+    """Validate `spec` (Spec, dict, YAML text or path), create its run folder and start it.
+
+    Returns at once with the `Run` handle (or after the run ends with `wait=True`).
+    Spec problems raise `SpecError` before anything is written or started.
+    """
+    from ..spec import Spec  # lazy: the supervisor's spawner imports this package
+
+    spec = Spec.load(spec, overrides)
+    run = RunStore(root).create(spec)
+    start(run)
+    if wait:
+        run.wait(timeout)
+    return run
+
+
+def start(run: Run, resume: bool = False) -> None:
+    """Start the run's supervisor, detached: own session, no pipes, survives the caller.
+
+    The supervisor forks once and the first process exits at once, so the caller has no
+    child to reap and the job is reparented away from the kernel.
+    """
+    argv = [sys.executable, "-m", "jupyter_llm.launch.supervisor", str(run.path), "--detach"]
+    if resume:
+        argv.append("--resume")
+    env = dict(os.environ, JUPYTER_LLM_CALLER_CWD=os.getcwd())
+    with open(run.path / "logs" / "supervisor.log", "ab") as log:
+        subprocess.run(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, cwd=run.path, env=env, check=True,
+        )  # fmt: skip
+
+
+__all__ = ["launch", "start"]

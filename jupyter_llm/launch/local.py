@@ -1,0 +1,64 @@
+"""The local backend: a pure `(run, ranks, port) -> (argv, env)` builder for DeepSpeed's launcher."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+
+def build_command(
+    run_dir: Path,
+    nprocs: int,
+    port: int,
+    *,
+    attempt: int = 1,
+    cpu: bool = True,
+    python: str = sys.executable,
+    base_env: Mapping[str, str] | None = None,
+    cores: int | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """The exact command and environment that start `nprocs` ranks of the worker."""
+    argv = [
+        python, "-u", "-m", "deepspeed.launcher.runner",
+        "--num_gpus", str(nprocs),
+        "--master_addr", "127.0.0.1",
+        "--master_port", str(port),
+        "--no_local_rank",
+        "--module", "jupyter_llm.train",
+        str(run_dir),
+    ]  # fmt: skip
+    env = dict(os.environ if base_env is None else base_env)
+    env.update(
+        {
+            "PYTHONUNBUFFERED": "1",
+            "JUPYTER_LLM_RUN_DIR": str(run_dir),
+            "JUPYTER_LLM_JOB": f"{run_dir.name}:{attempt}",  # tags every process of this job
+            "JUPYTER_LLM_ATTEMPT": str(attempt),
+        }
+    )
+    if cpu:
+        # one rank per core share; more threads than cores makes every rank slower
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (cores or os.cpu_count() or 1) // nprocs)))
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    return argv, env
+
+
+def free_port(preferred: int | None = None) -> int:
+    """`preferred` when it is free, else a port the OS reports free on loopback."""
+    if preferred is not None and port_free(preferred):
+        return preferred
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True

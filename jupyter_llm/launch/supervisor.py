@@ -1,0 +1,279 @@
+"""The detached supervisor: `python -m jupyter_llm.launch.supervisor RUN_DIR [--resume]`.
+
+One per attempt of a run. It owns every `status.json` transition, starts DeepSpeed's
+launcher in a process group of its own, watches the ranks, turns a stop request into a
+checkpoint-then-exit (escalating SIGINT → SIGTERM → SIGKILL on that group only), and
+records why a job failed and which rank it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from ..runs import (
+    Run,
+    State,
+    append_jsonl,
+    now_iso,
+    process_alive,
+    read_json,
+    write_json_atomic,
+)
+from .local import build_command, free_port, port_free
+
+POLL_S = 0.25
+SIGINT_WAIT_S = 10.0  # after SIGINT, before SIGTERM
+SIGTERM_WAIT_S = 5.0  # after SIGTERM, before SIGKILL
+
+
+class Supervisor:
+    def __init__(self, run_dir: Path, resume: bool):
+        self.run = Run(run_dir)
+        self.dir = run_dir
+        self.resume = resume
+        self.stop_requested_at: float | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.first_dead: dict[str, Any] | None = None
+
+    # -- status -------------------------------------------------------------------------
+
+    def set_status(self, state: State, **fields: Any) -> None:
+        st = read_json(self.dir / "status.json") or {}
+        st.update(fields, state=state.value, updated_at=now_iso())
+        write_json_atomic(self.dir / "status.json", st)
+
+    def event(self, name: str, **fields: Any) -> None:
+        append_jsonl(self.dir / "events.jsonl", {"time": now_iso(), "event": name, **fields})
+
+    # -- main ---------------------------------------------------------------------------
+
+    def main(self) -> int:
+        import psutil
+
+        me = psutil.Process()
+        prev = read_json(self.dir / "status.json") or {}
+        attempt = int(prev.get("attempt") or 0) + 1
+        self.attempt = attempt
+        self.set_status(
+            State.RESUMING if self.resume else State.STARTING,
+            pid=me.pid, pid_create_time=me.create_time(), attempt=attempt,
+            started_at=prev.get("started_at") or now_iso(), ended_at=None, exit_code=None,
+            error=None, lost=None, job_pgid=None,
+        )  # fmt: skip
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_stop_signal)
+        (self.dir / "control").mkdir(exist_ok=True)
+        (self.dir / "control" / "stop").unlink(missing_ok=True)
+        try:
+            return self._supervise(attempt)
+        except Exception as e:  # the supervisor itself must always leave a final state
+            self._kill_group()
+            self.set_status(State.FAILED, ended_at=now_iso(), error=f"supervisor error: {e}")
+            self.event("failed", reason=f"supervisor error: {e}")
+            raise
+
+    def _supervise(self, attempt: int) -> int:
+        spec = self.run.spec
+        cuda, ngpu = _gpus()
+        pp = spec.distributed.procs_per_node
+        nprocs = pp if isinstance(pp, int) else (ngpu or 1)
+        if cuda and nprocs > ngpu:
+            return self._fail(f"distributed.procs_per_node={nprocs} but this machine has {ngpu} GPU(s)")
+        want = spec.distributed.master_port
+        if want is not None and not port_free(want):
+            return self._fail(f"distributed.master_port {want} is in use; remove it to pick a free port")
+        port = free_port(want)  # picked just before launch: the window for a clash is short
+        argv, env = build_command(self.dir, nprocs, port, attempt=attempt, cpu=not cuda)
+        self._write_manifest(argv, nprocs, port, attempt)
+        if self.stop_requested_at is not None:
+            return self._finish(State.STOPPED, 0, None)
+        log = open(self.dir / "logs" / "launcher.log", "ab")
+        log.write(f"\n== attempt {attempt} at {now_iso()}: {' '.join(argv)}\n".encode())
+        log.flush()
+        self.proc = subprocess.Popen(
+            argv, env=env, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: we signal exactly this job
+        )  # fmt: skip
+        self.event("launched", attempt=attempt, ranks=nprocs, master_port=port, command=argv,
+                   job_pgid=self.proc.pid)  # fmt: skip
+        self.set_status(State.RUNNING, job_pgid=self.proc.pid, world_size=nprocs, master_port=port)
+        rc = self._watch()
+        self._kill_group()  # nothing of this job outlives it
+        log.close()
+        final = (self.dir / "final" / "config.json").is_file()
+        if rc == 0 and final:
+            return self._finish(State.COMPLETED, rc, None)
+        if self.stop_requested_at is not None:
+            if self._stopped_cleanly():
+                return self._finish(State.STOPPED, rc, None)
+            return self._finish(State.STOPPED, rc, "stopped without a final checkpoint (grace period ran out)")
+        if rc == 0:
+            return self._fail("the job exited 0 but wrote no final model; see logs/", rc)
+        return self._fail(self._diagnose(rc), rc)
+
+    def _watch(self) -> int:
+        assert self.proc is not None
+        grace = self.run.spec.train.stop_grace_s
+        sent: set[int] = set()
+        while (rc := self.proc.poll()) is None:
+            time.sleep(POLL_S)
+            self._track_ranks()
+            if self.stop_requested_at is None:
+                continue
+            waited = time.monotonic() - self.stop_requested_at
+            for sig, after in ((signal.SIGINT, grace), (signal.SIGTERM, grace + SIGINT_WAIT_S),
+                               (signal.SIGKILL, grace + SIGINT_WAIT_S + SIGTERM_WAIT_S)):  # fmt: skip
+                if waited >= after and sig not in sent:
+                    sent.add(sig)
+                    self.event("signal", signal=signal.Signals(sig).name, after_s=round(waited, 1))
+                    self._signal_group(sig)
+        return rc
+
+    def _on_stop_signal(self, signum: int, frame: Any) -> None:
+        if self.stop_requested_at is not None:
+            return
+        self.stop_requested_at = time.monotonic()
+        # the ranks look for this file at their next log step, save a checkpoint and exit
+        write_json_atomic(self.dir / "control" / "stop", {"requested_at": now_iso(), "signal": signum})
+        self.event("stop_requested", signal=signal.Signals(signum).name)
+        st = read_json(self.dir / "status.json") or {}
+        if not State(st.get("state", "running")).terminal:
+            self.set_status(State.STOPPING)
+
+    def _signal_group(self, sig: int) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _kill_group(self) -> None:
+        self._signal_group(signal.SIGKILL)
+
+    def _track_ranks(self) -> None:
+        """Remember the first rank whose process vanished: that one failed first."""
+        if self.first_dead is not None:
+            return
+        for f in sorted((self.dir / "ranks").glob("rank*.json")):
+            info = read_json(f)
+            if info and info.get("attempt") == self.attempt and not process_alive(info["pid"], info.get("create_time")):
+                self.first_dead = {**info, "seen_at": time.time()}
+                return
+
+    def _stopped_cleanly(self) -> bool:
+        return any(e.get("event") == "stopped_at" for e in self.run.events()[-20:])
+
+    def _diagnose(self, rc: int) -> str:
+        fails = []
+        for f in (self.dir / "failures").glob("rank*.json"):
+            info = read_json(f)
+            if info and info.get("attempt") == self.attempt:
+                fails.append(info)
+        if fails:
+            first = min(fails, key=lambda x: x["time"])
+            return f"rank {first['rank']} failed: {first['type']}: {first['message']}".strip()
+        codes = [ln for ln in self.run.log_tail(200) if "exits with return code" in ln]
+        code = codes[-1].rsplit("=", 1)[-1].strip() if codes else None
+        how = ""
+        if code and code.lstrip("-").isdigit() and int(code) < 0:
+            how = f" (killed by {signal.Signals(-int(code)).name})"
+        elif code:
+            how = f" (exit code {code})"
+        if self.first_dead is not None:
+            r = self.first_dead
+            return f"rank {r['rank']} (pid {r['pid']}) died{how}; the launcher then stopped the others"
+        return f"the DeepSpeed launcher exited with code {rc}{how}; see logs/launcher.log"
+
+    def _fail(self, reason: str, rc: int | None = None) -> int:
+        return self._finish(State.FAILED, rc, reason)
+
+    def _finish(self, state: State, rc: int | None, error: str | None) -> int:
+        self.set_status(state, ended_at=now_iso(), exit_code=rc, error=error)
+        self.event(state.value, **({"reason": error} if error else {}))
+        return 0 if state != State.FAILED else 1
+
+    # -- manifest -----------------------------------------------------------------------
+
+    def _write_manifest(self, argv: list[str], nprocs: int, port: int, attempt: int) -> None:
+        spec = self.run.spec
+        files = list(spec.data.train) + list(spec.data.validation or [])
+        prev = read_json(self.dir / "manifest.json") or {}
+        manifest = {
+            "run_id": self.run.id,
+            "spec": spec.to_dict(),
+            "ds_config": self.run.ds_config,
+            "seed": spec.seed,
+            "versions": _versions(),
+            "git_sha": _git_sha(os.environ.get("JUPYTER_LLM_CALLER_CWD")),
+            "host": platform.node(),
+            "data_files": {f: _sha256(f) for f in files} if not prev else prev.get("data_files"),
+            "attempts": [*prev.get("attempts", []),
+                         {"attempt": attempt, "time": now_iso(), "command": argv, "ranks": nprocs, "master_port": port}],
+        }  # fmt: skip
+        write_json_atomic(self.dir / "manifest.json", manifest)
+
+
+def _gpus() -> tuple[bool, int]:
+    """(cuda available, GPU count), asked of NVML through torch without creating a context."""
+    try:
+        import torch
+
+        n = torch.cuda.device_count()
+        return n > 0, n
+    except Exception:
+        return False, 0
+
+
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for dist in ("jupyter-llm", "torch", "deepspeed", "transformers", "tokenizers"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _git_sha(cwd: str | None) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def _sha256(path: str) -> str | None:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m jupyter_llm.launch.supervisor")
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--detach", action="store_true", help="fork; the first process exits at once")
+    args = ap.parse_args(argv)
+    if args.detach and os.fork() > 0:
+        os._exit(0)
+    return Supervisor(args.run_dir.resolve(), args.resume).main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

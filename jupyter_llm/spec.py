@@ -1,0 +1,465 @@
+"""The training spec: one typed model of a run, parsed once at the edge.
+
+A spec comes from YAML text, a YAML file or a dict, plus dotted overrides
+(`optim.lr=3e-4`). Validation reports every problem at once (`SpecError`), and relative
+data paths are resolved against the spec file's folder (or the working directory), so the
+`spec.yaml` written into a run folder is self-contained.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from .errors import _MISSING, Problem, SpecError
+
+DATA_SUFFIXES = (".txt", ".md", ".text", ".jsonl", ".csv")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class LoraSpec(_Section):
+    r: int = Field(8, ge=1, le=1024)  # rank of the low-rank update
+    alpha: float = Field(16, gt=0)  # scaling numerator: update scaled by alpha / r
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | None = None  # None: peft's default for the model type
+
+
+class ModelSpec(_Section):
+    task: Literal["causal-lm", "masked-lm"] = "causal-lm"
+    pretrained: str | None = None  # local folder with a from_pretrained checkpoint
+    # transformers config kwargs when building from scratch; None = a tiny default for the task
+    config: dict[str, Any] | None = None
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    lora: LoraSpec | None = None
+    gradient_checkpointing: bool = False
+
+    @field_validator("pretrained")
+    @classmethod
+    def _pretrained_exists(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        path = _resolve(v, info)
+        if path.is_dir():
+            return str(path)
+        if _looks_like_hub_id(v) and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", ""):
+            return v  # a hub id; only usable where a hub is reachable
+        raise ValueError(
+            f"folder not found: {path}; give a local folder saved with save_pretrained"
+        )
+
+    @field_validator("config")
+    @classmethod
+    def _config_has_type(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None and "model_type" not in v:
+            raise ValueError("needs a model_type, e.g. {model_type: gpt2, n_layer: 4}")
+        return v
+
+
+class TokenizerTrainSpec(_Section):
+    kind: Literal["char", "bpe", "wordpiece"] = "char"
+    vocab_size: int = Field(8000, ge=16, le=1_000_000)  # ignored for char
+
+
+class TokenizerSpec(_Section):
+    path: str | None = None  # defaults to model.pretrained
+    train: TokenizerTrainSpec | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        path = _resolve(v, info)
+        if not path.is_dir():
+            raise ValueError(f"folder not found: {path}")
+        return str(path)
+
+
+class DataSpec(_Section):
+    train: list[str]  # files or globs
+    validation: list[str] | None = None  # None: split val_fraction off the training text
+    val_fraction: float = Field(0.1, ge=0, le=0.5)
+    text_field: str = "text"  # JSONL key / CSV column holding the text
+    block_size: int = Field(64, ge=4, le=131072)  # tokens per training sequence
+    mlm_probability: float = Field(0.15, gt=0, lt=1)  # masked-lm only
+
+    @field_validator("train", "validation", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("train", "validation")
+    @classmethod
+    def _files_exist(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("needs at least one file or glob")
+        files: list[str] = []
+        for pattern in v:
+            full = str(_resolve(pattern, info))
+            matches = sorted(glob.glob(full)) if glob.has_magic(full) else [full]
+            matches = [m for m in matches if os.path.isfile(m)]
+            if not matches:
+                raise ValueError(f"no file matches {full!r}")
+            for m in matches:
+                if not m.endswith(DATA_SUFFIXES):
+                    raise ValueError(
+                        f"unsupported file type {Path(m).suffix!r} ({m}); "
+                        f"use one of {', '.join(DATA_SUFFIXES)}"
+                    )
+                if os.path.getsize(m) == 0:
+                    raise ValueError(f"file is empty: {m}")
+            files += matches
+        return files
+
+
+class TrainSpec(_Section):
+    micro_batch_size: int = Field(12, ge=1, le=65536)  # sequences per rank per micro step
+    grad_accum: int = Field(1, ge=1, le=65536)  # micro steps per optimizer step
+    max_steps: int = Field(2000, ge=1)  # optimizer steps
+    log_every: int = Field(10, ge=1)  # steps between metrics lines
+    eval_every: int = Field(250, ge=0)  # steps between validations; 0 = only at the end
+    eval_batches: int = Field(20, ge=1)  # micro batches per validation
+    save_every: int = Field(500, ge=0)  # steps between checkpoints; 0 = only on stop
+    keep_checkpoints: int = Field(2, ge=1)  # newest complete checkpoints kept
+    stop_grace_s: float = Field(120, ge=0)  # seconds a stop waits for the final checkpoint
+
+
+class OptimSpec(_Section):
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(1.0e-3, gt=0, le=10)
+    min_lr: float = Field(1.0e-4, ge=0)  # floor of the cosine / linear decay
+    weight_decay: float = Field(0.1, ge=0, le=10)
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = Field(1.0e-8, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
+    grad_clip: float = Field(1.0, ge=0)  # max global grad norm; 0 = no clipping
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(100, ge=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("each beta must be in [0, 1)")
+        return v
+
+
+class DistributedSpec(_Section):
+    nodes: int | str | list[str] = 1  # 1 = this machine
+    procs_per_node: Literal["auto"] | int = "auto"  # GPUs per node; CPU ranks when no GPU
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload: Literal["none", "optimizer", "optimizer+params"] = "none"
+    master_port: int | None = Field(None, ge=1024, le=65535)  # None: pick a free one
+
+    @field_validator("nodes")
+    @classmethod
+    def _local_only(cls, v: int | str | list[str]) -> int | str | list[str]:
+        if v != 1:
+            raise ValueError("only 1 (this machine) is supported by this version")
+        return v
+
+    @field_validator("procs_per_node")
+    @classmethod
+    def _positive(cls, v: Any) -> Any:
+        if isinstance(v, int) and not 1 <= v <= 1024:
+            raise ValueError("must be 'auto' or an integer from 1 to 1024")
+        return v
+
+
+class Spec(_Section):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    seed: int = Field(1337, ge=0, lt=2**32)
+    model: ModelSpec = ModelSpec()
+    tokenizer: TokenizerSpec = TokenizerSpec()
+    data: DataSpec
+    train: TrainSpec = TrainSpec()
+    optim: OptimSpec = OptimSpec()
+    distributed: DistributedSpec = DistributedSpec()
+    deepspeed: dict[str, Any] = {}  # raw DeepSpeed config, merged last
+
+    # -- loading -----------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(
+        cls,
+        data: Mapping[str, Any],
+        overrides: list[str] | Mapping[str, Any] | None = None,
+        base_dir: str | os.PathLike[str] | None = None,
+    ) -> Spec:
+        raw = apply_overrides(dict(data), overrides or [])
+        problems = _validate_cross(raw)
+        try:
+            spec = cls.model_validate(raw, context={"base_dir": Path(base_dir or os.getcwd())})
+        except ValidationError as e:
+            raise SpecError(_problems(e) + problems) from None
+        problems += spec._semantic_problems()
+        if problems:
+            raise SpecError(problems)
+        return spec
+
+    @classmethod
+    def from_yaml(
+        cls,
+        text: str,
+        overrides: list[str] | Mapping[str, Any] | None = None,
+        base_dir: str | os.PathLike[str] | None = None,
+    ) -> Spec:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+            what = getattr(e, "problem", None) or str(e)
+            raise SpecError([Problem("<yaml>", _MISSING, f"not valid YAML at {where}: {what}")]) from None
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise SpecError(
+                [Problem("<yaml>", data, "the spec must be a mapping (key: value lines)")]
+            )
+        return cls.from_dict(data, overrides, base_dir)
+
+    @classmethod
+    def from_file(
+        cls, path: str | os.PathLike[str], overrides: list[str] | Mapping[str, Any] | None = None
+    ) -> Spec:
+        p = Path(path).expanduser().resolve()
+        if not p.is_file():
+            raise SpecError([Problem("<file>", str(path), "spec file not found")])
+        return cls.from_yaml(p.read_text(encoding="utf-8"), overrides, base_dir=p.parent)
+
+    @classmethod
+    def load(
+        cls, source: Any, overrides: list[str] | Mapping[str, Any] | None = None
+    ) -> Spec:
+        """A Spec from a Spec, a dict, a path to a YAML file, or YAML text."""
+        if isinstance(source, Spec):
+            return cls.from_dict(source.to_dict(), overrides) if overrides else source
+        if isinstance(source, Mapping):
+            return cls.from_dict(source, overrides)
+        if isinstance(source, os.PathLike):
+            return cls.from_file(source, overrides)
+        if isinstance(source, str):
+            if "\n" not in source and source.endswith((".yaml", ".yml")):
+                return cls.from_file(source, overrides)
+            return cls.from_yaml(source, overrides)
+        raise SpecError([Problem("<spec>", source, "give a dict, a Spec, YAML text or a path")])
+
+    # -- output ------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def _semantic_problems(self) -> list[Problem]:
+        """Checks across fields, run once every field is valid on its own."""
+        out = []
+        o, t, m, d = self.optim, self.train, self.model, self.distributed
+        if o.min_lr > o.lr:
+            out.append(Problem("optim.min_lr", o.min_lr, f"must not exceed optim.lr ({o.lr})"))
+        if o.warmup_steps >= t.max_steps and t.max_steps > 1:
+            out.append(
+                Problem(
+                    "optim.warmup_steps",
+                    o.warmup_steps,
+                    f"must be below train.max_steps ({t.max_steps})",
+                )
+            )
+        if d.offload == "optimizer+params" and d.zero_stage != 3:
+            out.append(
+                Problem("distributed.offload", d.offload, "parameter offload needs zero_stage: 3")
+            )
+        if d.offload != "none" and d.zero_stage == 0:
+            out.append(Problem("distributed.offload", d.offload, "offload needs zero_stage 1-3"))
+        if m.pretrained and m.config:
+            out.append(Problem("model.config", m.config, "give model.pretrained or model.config, not both"))
+        if self.tokenizer.path and self.tokenizer.train:
+            out.append(Problem("tokenizer.train", "...", "give tokenizer.path or tokenizer.train, not both"))
+        if m.lora and not m.pretrained:
+            out.append(Problem("model.lora", "...", "LoRA adapts a pretrained model: set model.pretrained"))
+        if self.data.validation is None and self.data.val_fraction == 0 and t.eval_every > 0:
+            out.append(
+                Problem("data.val_fraction", 0, "is 0 and data.validation is unset: set one, or train.eval_every: 0")
+            )
+        return out
+
+    def tokenizer_source(self) -> str | None:
+        """The folder the tokenizer loads from, or None when it is trained on the data."""
+        if self.tokenizer.train is not None:
+            return None
+        return self.tokenizer.path or self.model.pretrained
+
+
+def _validate_cross(raw: dict[str, Any]) -> list[Problem]:
+    """Problems pydantic cannot see per field: a missing data section, say."""
+    if "data" not in raw:
+        return [Problem("data", _MISSING, "required: give data.train (files or globs)")]
+    return []
+
+
+def _problems(e: ValidationError) -> list[Problem]:
+    out = []
+    for err in e.errors(include_url=False):
+        path = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key; allowed: " + ", ".join(_allowed_keys(err["loc"][:-1]))
+        if err["type"] == "missing" and path == "data":
+            continue  # reported by _validate_cross with a better message
+        given = err.get("input", _MISSING) if err["type"] != "missing" else _MISSING
+        out.append(Problem(path, given, msg))
+    return out
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = Spec
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        ann = field.annotation
+        sub = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if sub is None:
+            return []
+        model = sub
+    return list(model.model_fields)
+
+
+def _resolve(path: str, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir") or Path.cwd()
+    p = Path(os.path.expanduser(path))
+    return p if p.is_absolute() else Path(base) / p
+
+
+def _looks_like_hub_id(v: str) -> bool:
+    parts = v.split("/")
+    return len(parts) <= 2 and all(parts) and not v.startswith((".", "~"))
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | Mapping[str, Any]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (values parsed as YAML) to a copy of `data`."""
+    out = copy.deepcopy(data)
+    items = overrides.items() if isinstance(overrides, Mapping) else map(_split_override, overrides)
+    for key, value in items:
+        parts = key.split(".")
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                where = ".".join(parts[: i + 1])
+                raise SpecError([Problem(key, value, f"{where} is not a section")])
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def _split_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not p for p in key.split(".")):
+        raise SpecError([Problem("--set", item, "expected KEY=VALUE with a dotted key, e.g. optim.lr=3e-4")])
+    try:
+        return key, yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return key, text
+
+
+def deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def deepspeed_config(spec: Spec) -> dict[str, Any]:
+    """The DeepSpeed config a spec implies; the raw `deepspeed:` section is merged last.
+
+    The global batch size is left for DeepSpeed to derive (micro x accum x world size),
+    so the same config serves any number of ranks.
+    """
+    o, t, d = spec.optim, spec.train, spec.distributed
+    if o.name == "sgd":
+        optimizer = {"type": "SGD", "params": {"lr": o.lr, "momentum": o.momentum, "weight_decay": o.weight_decay}}
+    else:
+        optimizer = {
+            "type": "AdamW" if o.name == "adamw" else "Adam",
+            "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay},
+        }
+        if o.name == "adam":
+            optimizer["params"]["adam_w_mode"] = False
+    warmup = min(o.warmup_steps, max(t.max_steps - 1, 0))
+    min_ratio = o.min_lr / o.lr
+    if o.scheduler == "cosine":
+        scheduler = {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": t.max_steps,
+                "warmup_num_steps": warmup,
+                "warmup_min_ratio": 0.0,
+                "cos_min_ratio": min_ratio,
+                "warmup_type": "linear",
+            },
+        }
+    elif o.scheduler == "linear":
+        scheduler = {
+            "type": "WarmupDecayLR",
+            "params": {
+                "total_num_steps": t.max_steps,
+                "warmup_num_steps": warmup,
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": o.lr,
+                "warmup_type": "linear",
+            },
+        }
+    else:
+        scheduler = {
+            "type": "WarmupLR",
+            "params": {"warmup_num_steps": warmup, "warmup_min_lr": 0.0, "warmup_max_lr": o.lr, "warmup_type": "linear"},
+        }
+    zero: dict[str, Any] = {"stage": d.zero_stage}
+    if d.offload in ("optimizer", "optimizer+params"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if d.offload == "optimizer+params":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    if d.zero_stage == 3:
+        # lets the worker gather a full state dict for the final save_pretrained export
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": o.grad_clip,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "zero_optimization": zero,
+        "bf16": {"enabled": spec.model.dtype == "bf16"},
+        "fp16": {"enabled": spec.model.dtype == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 2**31 - 1,  # we log ourselves; keep DeepSpeed quiet
+        "wall_clock_breakdown": False,
+    }
+    return deep_merge(cfg, spec.deepspeed)

@@ -1,0 +1,99 @@
+"""Checkpoints that count only once complete, with per-rank RNG state for exact resume."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..runs import CKPT_MARKER, append_jsonl, now_iso, write_json_atomic
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint marked complete could not be loaded (corrupt or missing files)."""
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint, oldest first."""
+    out = []
+    if ckpt_dir.is_dir():
+        for p in ckpt_dir.iterdir():
+            marker = p / CKPT_MARKER
+            if marker.is_file():
+                try:
+                    out.append((int(json.loads(marker.read_text())["step"]), p))
+                except (ValueError, KeyError) as e:
+                    raise CheckpointError(f"checkpoint marker {marker} is unreadable: {e}") from None
+    return sorted(out)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine: Any, run_dir: Path, step: int, rank: int, keep: int, client: dict[str, Any]) -> None:
+    """Save on every rank; rank 0 writes the completion marker after all ranks are done."""
+    import torch.distributed as dist
+
+    ckpt_dir = run_dir / "checkpoints"
+    tag = tag_for(step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, **client}, save_latest=False)
+    torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        write_json_atomic(
+            ckpt_dir / tag / CKPT_MARKER,
+            {"step": step, "time": now_iso(), "world_size": dist.get_world_size()},
+        )
+        append_jsonl(run_dir / "events.jsonl", {"time": now_iso(), "event": "checkpoint", "step": step, "tag": tag})
+        prune(ckpt_dir, keep)
+    dist.barrier()
+
+
+def prune(ckpt_dir: Path, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints; drop older ones and unmarked leftovers."""
+    done = complete_checkpoints(ckpt_dir)
+    keep_paths = {p for _, p in done[-keep:]}
+    for p in ckpt_dir.iterdir():
+        if p.is_dir() and p not in keep_paths:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def load_latest(engine: Any, run_dir: Path, rank: int) -> tuple[int, dict[str, Any]] | None:
+    """Load the newest complete checkpoint into the engine; None when there is none."""
+    done = complete_checkpoints(run_dir / "checkpoints")
+    if not done:
+        return None
+    step, path = done[-1]
+    try:
+        loaded, client = engine.load_checkpoint(
+            str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+    except Exception as e:  # torch.load / DeepSpeed raise many types for damaged files
+        raise CheckpointError(f"checkpoint {path} is marked complete but cannot be loaded: {e}") from e
+    if loaded is None:
+        raise CheckpointError(f"checkpoint {path} is marked complete but its model files are missing")
+    rng_file = path / f"rng_rank{rank}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return step, client or {}

@@ -1,0 +1,284 @@
+"""The worker: one process per rank, started by DeepSpeed's launcher.
+
+Reads top to bottom: ranks from the environment, data, tokenizer, model, DeepSpeed engine,
+automatic resume, the loop (log / eval / save / stop checks), final export. Only rank 0
+writes metrics, events and the final model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from ..runs import append_jsonl, now_iso, write_json_atomic
+
+
+def main(run_dir: Path) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    _redirect_output(run_dir / "logs" / f"rank{rank}.log")
+    _record_rank(run_dir, rank, local_rank)
+    try:
+        train(run_dir, rank, world, local_rank)
+    except BaseException as e:
+        if not (isinstance(e, SystemExit) and e.code in (0, None)):
+            _record_failure(run_dir, rank, e)
+        raise
+
+
+def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
+    import deepspeed
+    import numpy as np
+    import psutil
+    import torch
+    import torch.distributed as dist
+
+    from ..spec import Spec
+    from . import checkpoint
+    from .data import Blocks, build_tokenizer, tokenize_to_files
+    from .model import build_model, flops_per_token, param_groups, peak_flops
+
+    spec = Spec.from_yaml((run_dir / "spec.yaml").read_text())
+    ds_config = json.loads((run_dir / "ds_config.json").read_text())
+    t, d, masked = spec.train, spec.data, spec.model.task == "masked-lm"
+    master = rank == 0
+    attempt = int(os.environ.get("JUPYTER_LLM_ATTEMPT", "1"))
+
+    deepspeed.init_distributed()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+
+    # -- tokenizer and data: rank 0 prepares once, the others wait and reuse ---------------
+    tok_dir, data_dir = run_dir / "tokenizer", run_dir / "data"
+    if master and not (data_dir / "index.json").is_file():
+        tok = build_tokenizer(spec, tok_dir)
+        tokenize_to_files(spec, tok, data_dir)
+    dist.barrier()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    index = json.loads((data_dir / "index.json").read_text())
+    body = d.block_size - 2 if masked else d.block_size  # masked blocks get [CLS] ... [SEP]
+    train_blocks = Blocks(data_dir / "train.bin", index["dtype"], body, spec.seed)
+    val_blocks = Blocks(data_dir / "val.bin", index["dtype"], body, spec.seed)
+    if train_blocks.n == 0:
+        raise ValueError(f"training text has {index['splits']['train']['tokens']} tokens: fewer than one block "
+                         f"of data.block_size={d.block_size}; add text or lower data.block_size")
+    has_val = val_blocks.n > 0
+
+    # -- model and engine -----------------------------------------------------------------
+    torch.manual_seed(spec.seed)  # identical initial weights on every rank
+    model = build_model(spec, tok)
+    fpt = flops_per_token(model, d.block_size)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, spec.optim.weight_decay), config=ds_config
+    )
+    torch.manual_seed(spec.seed + rank)  # per-rank dropout / masking streams
+    np.random.seed(spec.seed + rank)
+
+    def batch(blocks: Blocks, first: int, shuffle: bool, mask_seed: int) -> dict[str, torch.Tensor]:
+        ids = torch.from_numpy(blocks.batch(first, t.micro_batch_size, shuffle))
+        if not masked:
+            return {"input_ids": ids.to(device), "labels": ids.to(device)}
+        ids = torch.cat(
+            [torch.full((len(ids), 1), tok.cls_token_id), ids, torch.full((len(ids), 1), tok.sep_token_id)], 1
+        )
+        ids, labels = _mask_tokens(ids, tok, d.mlm_probability, torch.Generator().manual_seed(mask_seed))
+        return {"input_ids": ids.to(device), "labels": labels.to(device)}
+
+    per_step = world * t.micro_batch_size  # samples per micro step, all ranks
+
+    def train_batch(step: int, micro: int) -> dict[str, torch.Tensor]:
+        g = (step - 1) * t.grad_accum + micro  # global micro-batch counter: the data position
+        return batch(train_blocks, g * per_step + rank * t.micro_batch_size, True, _seed(spec.seed, step, micro, rank))
+
+    def evaluate() -> dict[str, float]:
+        engine.eval()
+        nll = torch.zeros(3, dtype=torch.float64, device=device)  # sum nll, tokens, correct
+        n_batches = max(1, min(t.eval_batches, val_blocks.n // per_step))
+        with torch.no_grad():
+            for i in range(n_batches):
+                b = batch(val_blocks, i * per_step + rank * t.micro_batch_size, False, _seed(spec.seed, -1, i, rank))
+                logits = engine(input_ids=b["input_ids"]).logits.float()
+                labels = b["labels"]
+                if not masked:
+                    logits, labels = logits[:, :-1], labels[:, 1:]
+                keep = labels != -100
+                lg, lb = logits[keep], labels[keep]
+                nll[0] += torch.nn.functional.cross_entropy(lg, lb, reduction="sum").double()
+                nll[1] += keep.sum()
+                nll[2] += (lg.argmax(-1) == lb).sum()
+        dist.all_reduce(nll)
+        engine.train()
+        val_loss = (nll[0] / nll[1].clamp(min=1)).item()
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_acc": (nll[2] / nll[1].clamp(min=1)).item()}
+
+    # -- resume ---------------------------------------------------------------------------
+    start_step = 0
+    resumed = checkpoint.load_latest(engine, run_dir, rank)
+    if resumed is not None:
+        start_step = resumed[0]
+        if master:
+            append_jsonl(run_dir / "events.jsonl", {"time": now_iso(), "event": "resumed_from", "step": start_step})
+    elif master and attempt > 1:
+        append_jsonl(run_dir / "events.jsonl", {"time": now_iso(), "event": "no_checkpoint", "detail": "starting fresh"})
+
+    # -- the loop -------------------------------------------------------------------------
+    dev_name = torch.cuda.get_device_name(device) if cuda else None
+    peak = peak_flops(dev_name)
+    tokens_per_step = per_step * t.grad_accum * d.block_size
+    stop_file = run_dir / "control" / "stop"
+    proc = psutil.Process()
+    loss_sum = torch.zeros((), device=device)
+    window_steps, window_start = 0, time.perf_counter()
+    stopped_at = None
+    engine.train()
+    for step in range(start_step + 1, t.max_steps + 1):
+        for micro in range(t.grad_accum):
+            out = engine(**train_batch(step, micro))
+            engine.backward(out.loss)
+            engine.step()
+            loss_sum += out.loss.detach()  # no host sync here; read at log steps only
+        window_steps += 1
+        last = step == t.max_steps
+        if step % t.log_every == 0 or last:
+            flag = float(master and stop_file.exists())
+            red = torch.stack([loss_sum / (window_steps * t.grad_accum), torch.tensor(flag, device=device)])
+            dist.all_reduce(red)
+            elapsed = time.perf_counter() - window_start
+            tps = tokens_per_step * window_steps / elapsed
+            gn = engine.get_global_grad_norm()
+            rec: dict[str, Any] = {
+                "step": step,
+                "time": time.time(),
+                "attempt": attempt,
+                "loss": red[0].item() / world,
+                "lr": engine.get_lr()[0],
+                "grad_norm": None if gn is None else float(gn),
+                "tokens_per_s": tps,
+                "step_time_s": elapsed / window_steps,
+                "mfu": None if peak is None else fpt * tps / (peak * world),
+                "peak_flops": peak,
+                "mem_mb": (torch.cuda.max_memory_allocated(device) if cuda else proc.memory_info().rss) / 2**20,
+                "tokens": step * tokens_per_step,
+            }
+            if master:
+                append_jsonl(run_dir / "metrics.jsonl", rec)
+            loss_sum.zero_()
+            window_steps, window_start = 0, time.perf_counter()
+            if red[1].item() > 0 and not last:
+                stopped_at = step
+        if has_val and ((t.eval_every and step % t.eval_every == 0) or last):
+            ev = evaluate()
+            if master:
+                append_jsonl(run_dir / "metrics.jsonl", {"step": step, "time": time.time(), "attempt": attempt, **ev})
+            window_start = time.perf_counter()  # eval time is not training time
+        if stopped_at or (t.save_every and step % t.save_every == 0 and not last):
+            checkpoint.save(engine, run_dir, step, rank, t.keep_checkpoints, {"attempt": attempt})
+            window_start = time.perf_counter()
+        if stopped_at:
+            if master:
+                append_jsonl(run_dir / "events.jsonl", {"time": now_iso(), "event": "stopped_at", "step": step})
+            return
+
+    # -- final export ---------------------------------------------------------------------
+    probe = batch(val_blocks if has_val else train_blocks, 0, False, _seed(spec.seed, -2, 0, 0))["input_ids"][:2]
+    engine.eval()
+    with torch.no_grad():
+        probe_logits = engine(input_ids=probe).logits.float().cpu()
+    state = engine._zero3_consolidated_16bit_state_dict() if spec.distributed.zero_stage == 3 else None
+    if master:
+        _export(engine.module, state, tok, run_dir)
+        torch.save({"input_ids": probe.cpu(), "logits": probe_logits}, run_dir / "export_check.pt")
+        append_jsonl(run_dir / "events.jsonl", {"time": now_iso(), "event": "exported", "path": str(run_dir / "final")})
+    dist.barrier()
+
+
+def _export(module: Any, state: dict[str, Any] | None, tok: Any, run_dir: Path) -> None:
+    """save_pretrained into final/ via a temporary folder, so final/ is whole or absent."""
+    import shutil
+
+    if hasattr(module, "merge_and_unload"):  # LoRA: export the merged model
+        module = module.merge_and_unload()
+        state = None
+    tmp, final = run_dir / ".final.tmp", run_dir / "final"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if state is not None:
+        module.save_pretrained(tmp, state_dict=state)
+    else:
+        module.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def _mask_tokens(ids: Any, tok: Any, prob: float, gen: Any) -> tuple[Any, Any]:
+    """BERT masking: of the chosen positions 80% [MASK], 10% random, 10% kept."""
+    import torch
+
+    labels = ids.clone()
+    special = torch.zeros_like(ids, dtype=torch.bool)
+    for sid in tok.all_special_ids:
+        special |= ids == sid
+    chosen = (torch.rand(ids.shape, generator=gen) < prob) & ~special
+    labels[~chosen] = -100
+    ids = ids.clone()
+    roll = torch.rand(ids.shape, generator=gen)
+    ids[chosen & (roll < 0.8)] = tok.mask_token_id
+    rand = chosen & (roll >= 0.8) & (roll < 0.9)
+    ids[rand] = torch.randint(len(tok), ids.shape, generator=gen)[rand]
+    return ids, labels
+
+
+def _seed(*parts: int) -> int:
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (p & 0xFFFFFFFF)) * 1099511628211) % 2**63
+    return h
+
+
+def _redirect_output(path: Path) -> None:
+    """Send this rank's stdout/stderr to its own log file (append across attempts)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def _record_rank(run_dir: Path, rank: int, local_rank: int) -> None:
+    import socket
+
+    import psutil
+
+    d = run_dir / "ranks"
+    d.mkdir(exist_ok=True)
+    me = psutil.Process()
+    write_json_atomic(
+        d / f"rank{rank}.json",
+        {"rank": rank, "local_rank": local_rank, "pid": me.pid, "create_time": me.create_time(),
+         "host": socket.gethostname(), "attempt": int(os.environ.get("JUPYTER_LLM_ATTEMPT", "1"))},
+    )
+
+
+def _record_failure(run_dir: Path, rank: int, e: BaseException) -> None:
+    d = run_dir / "failures"
+    d.mkdir(exist_ok=True)
+    write_json_atomic(
+        d / f"rank{rank}.json",
+        {"rank": rank, "time": time.time(), "type": type(e).__name__, "message": str(e)[:2000],
+         "attempt": int(os.environ.get("JUPYTER_LLM_ATTEMPT", "1")),
+         "traceback": traceback.format_exc()[-4000:]},
+    )
