@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .launch import launch
+    from .launcher import launch
     from .runs import Run, RunStore
     from .spec import Spec
 
 _LAZY = {
     "Spec": ("spec", "Spec"),
-    "launch": ("launch", "launch"),
+    "launch": ("launcher", "launch"),
     "Run": ("runs", "Run"),
     "RunStore": ("runs", "RunStore"),
 }

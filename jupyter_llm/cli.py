@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace, store: RunStore) -> int:
-    from .launch import launch
+    from .launcher import launch
     from .spec import Spec, deepspeed_config
 
     spec = Spec.from_file(args.spec, args.overrides)

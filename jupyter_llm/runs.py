@@ -354,7 +354,7 @@ class Run:
             raise RunStateError(f"run {self.id} is {st['state']}; stop it before resuming")
         if st["state"] == State.COMPLETED.value:
             raise RunStateError(f"run {self.id} already completed; nothing to resume")
-        from .launch import start
+        from .launcher import start
 
         start(self, resume=True)
         return self

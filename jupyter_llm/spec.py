@@ -155,6 +155,13 @@ class OptimSpec(_Section):
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(100, ge=0)
 
+    @field_validator("betas", mode="before")
+    @classmethod
+    def _betas_pair(cls, v: Any) -> Any:
+        if not isinstance(v, list | tuple) or len(v) != 2:
+            raise ValueError("needs two numbers, e.g. [0.9, 0.99]")
+        return v
+
     @field_validator("betas")
     @classmethod
     def _betas_range(cls, v: tuple[float, float]) -> tuple[float, float]:
@@ -319,31 +326,49 @@ def _validate_cross(raw: dict[str, Any]) -> list[Problem]:
 
 
 def _problems(e: ValidationError) -> list[Problem]:
-    out = []
+    """One Problem per field; the alternatives of a union field are joined with 'or'."""
+    by_path: dict[str, Problem] = {}
     for err in e.errors(include_url=False):
-        path = ".".join(str(p) for p in err["loc"])
+        loc = _field_loc(err["loc"]) if err["type"] != "extra_forbidden" else err["loc"]
+        path = ".".join(str(p) for p in loc)
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key; allowed: " + ", ".join(_allowed_keys(err["loc"][:-1]))
         if err["type"] == "missing" and path == "data":
             continue  # reported by _validate_cross with a better message
         given = err.get("input", _MISSING) if err["type"] != "missing" else _MISSING
-        out.append(Problem(path, given, msg))
-    return out
+        if path in by_path:
+            prev = by_path[path]
+            by_path[path] = Problem(path, prev.given, f"{prev.message}, or {msg[0].lower()}{msg[1:]}")
+        else:
+            by_path[path] = Problem(path, given, msg)
+    return list(by_path.values())
+
+
+def _field_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """`loc` cut after the last real field: drops union tags and positions inside a value."""
+    model: type[BaseModel] | None = Spec
+    out: list[Any] = []
+    for part in loc:
+        if model is None or str(part) not in model.model_fields:
+            break
+        out.append(part)
+        ann = model.model_fields[str(part)].annotation
+        model = next((a for a in getattr(ann, "__args__", (ann,))
+                      if isinstance(a, type) and issubclass(a, BaseModel)), None)  # fmt: skip
+    return tuple(out) or loc
 
 
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
-    model: type[BaseModel] = Spec
+    model: type[BaseModel] | None = Spec
     for part in loc:
-        field = model.model_fields.get(str(part))
+        field = model.model_fields.get(str(part)) if model else None
         if field is None:
             return []
         ann = field.annotation
-        sub = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
-        if sub is None:
-            return []
-        model = sub
-    return list(model.model_fields)
+        model = next((a for a in getattr(ann, "__args__", (ann,))
+                      if isinstance(a, type) and issubclass(a, BaseModel)), None)  # fmt: skip
+    return list(model.model_fields) if model else []
 
 
 def _resolve(path: str, info: ValidationInfo) -> Path:

@@ -78,7 +78,7 @@ def build_tokenizer(spec: Spec, out_dir: Path) -> Any:
             tok.bos_token = tok.pad_token = tok.eos_token
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
-    tok.model_max_length = max(spec.data.block_size, 1_000_000)
+    tok.model_max_length = 2**62  # we pack long streams ourselves; silence length warnings
     tok.save_pretrained(out_dir)
     return tok
 

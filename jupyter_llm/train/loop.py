@@ -141,7 +141,12 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
     loss_sum = torch.zeros((), device=device)
     window_steps, window_start = 0, time.perf_counter()
     stopped_at = None
+    if start_step == 0 and has_val:  # where the curve starts
+        ev = evaluate()
+        if master:
+            append_jsonl(run_dir / "metrics.jsonl", {"step": 0, "time": time.time(), "attempt": attempt, **ev})
     engine.train()
+    window_start = time.perf_counter()
     for step in range(start_step + 1, t.max_steps + 1):
         for micro in range(t.grad_accum):
             out = engine(**train_batch(step, micro))

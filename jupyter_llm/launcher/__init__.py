@@ -40,7 +40,7 @@ def start(run: Run, resume: bool = False) -> None:
     The supervisor forks once and the first process exits at once, so the caller has no
     child to reap and the job is reparented away from the kernel.
     """
-    argv = [sys.executable, "-m", "jupyter_llm.launch.supervisor", str(run.path), "--detach"]
+    argv = [sys.executable, "-m", "jupyter_llm.launcher.supervisor", str(run.path), "--detach"]
     if resume:
         argv.append("--resume")
     env = dict(os.environ, JUPYTER_LLM_CALLER_CWD=os.getcwd())

@@ -1,4 +1,4 @@
-"""The detached supervisor: `python -m jupyter_llm.launch.supervisor RUN_DIR [--resume]`.
+"""The detached supervisor: `python -m jupyter_llm.launcher.supervisor RUN_DIR [--resume]`.
 
 One per attempt of a run. It owns every `status.json` transition, starts DeepSpeed's
 launcher in a process group of its own, watches the ranks, turns a stop request into a
@@ -265,7 +265,7 @@ def _sha256(path: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jupyter_llm.launch.supervisor")
+    ap = argparse.ArgumentParser(prog="python -m jupyter_llm.launcher.supervisor")
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--detach", action="store_true", help="fork; the first process exits at once")

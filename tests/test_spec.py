@@ -1,0 +1,161 @@
+"""The Spec: loading, overrides, every-problem-at-once errors, the derived DeepSpeed config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from jupyter_llm import launch
+from jupyter_llm.errors import SpecError
+from jupyter_llm.runs import RunStore
+from jupyter_llm.spec import Spec, deep_merge, deepspeed_config
+
+BAD = yaml.safe_load((Path(__file__).parent / "specs" / "bad_specs.yaml").read_text())
+
+
+@pytest.fixture
+def files(tmp_path: Path, corpus: Path) -> dict[str, str]:
+    (tmp_path / "blob.bin").write_bytes(b"\x00\x01")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "model").mkdir()
+    return {
+        "corpus": str(corpus),
+        "binfile": str(tmp_path / "blob.bin"),
+        "emptyfile": str(tmp_path / "empty.txt"),
+        "modeldir": str(tmp_path / "model"),
+    }
+
+
+def _fill(text: str, files: dict[str, str]) -> str:
+    for k, v in files.items():
+        text = text.replace("{" + k + "}", v)
+    return text
+
+
+def test_corpus_is_large() -> None:
+    assert len(BAD) >= 50
+    assert len({c["id"] for c in BAD}) == len(BAD)
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c["id"] for c in BAD])
+def test_bad_spec_fails_before_anything_starts(case: dict[str, Any], files: dict[str, str]) -> None:
+    base = {"data": {"train": files["corpus"]}}
+    if case["spec"] is None:
+        text = "seed: 1"
+    elif case["problem"] == "<yaml>":
+        text = case["spec"]
+    else:
+        text = yaml.safe_dump(deep_merge(base, yaml.safe_load(_fill(case["spec"], files))))
+    with pytest.raises(SpecError) as err:
+        launch(text)
+    paths = [p.path for p in err.value.problems]
+    assert case["problem"] in paths, f"expected a problem at {case['problem']}, got {err.value}"
+    assert RunStore().list() == []  # nothing was created, nothing started
+    msg = str(err.value)
+    assert case["problem"] in msg and len(msg.splitlines()) <= 1 + len(paths)
+
+
+def test_every_problem_reported_at_once(corpus: Path) -> None:
+    with pytest.raises(SpecError) as err:
+        Spec.from_dict({"data": {"train": str(corpus), "block_size": 0},
+                        "optim": {"lr": -1, "scheduler": "step"},
+                        "distributed": {"zero_stage": 4}, "bogus": 1})  # fmt: skip
+    paths = {p.path for p in err.value.problems}
+    assert paths == {"data.block_size", "optim.lr", "optim.scheduler", "distributed.zero_stage", "bogus"}
+    unknown = next(p for p in err.value.problems if p.path == "bogus")
+    assert "allowed" in unknown.message and "optim" in unknown.message
+    stage = next(p for p in err.value.problems if p.path == "distributed.zero_stage")
+    assert stage.given == 4 and "0" in stage.message and "3" in stage.message
+
+
+def test_unknown_nested_key_lists_allowed(corpus: Path) -> None:
+    with pytest.raises(SpecError) as err:
+        Spec.from_dict({"data": {"train": str(corpus)}, "optim": {"learning_rate": 1}})
+    (p,) = err.value.problems
+    assert p.path == "optim.learning_rate" and "lr" in p.message and "min_lr" in p.message
+
+
+def test_overrides_dotted_and_typed(corpus: Path) -> None:
+    spec = Spec.from_dict(
+        {"data": {"train": str(corpus)}},
+        ["optim.lr=3e-4", "distributed.zero_stage=3", "optim.betas=[0.8, 0.9]", "name=abc"],
+    )
+    assert spec.optim.lr == pytest.approx(3e-4)
+    assert spec.distributed.zero_stage == 3
+    assert spec.optim.betas == (0.8, 0.9)
+    assert spec.name == "abc"
+
+
+@pytest.mark.parametrize("bad", ["optim.lr", "=3", "optim..lr=1", "data.train.x=1"])
+def test_bad_override(bad: str, corpus: Path) -> None:
+    with pytest.raises(SpecError):
+        Spec.from_dict({"data": {"train": str(corpus)}}, [bad])
+
+
+def test_relative_paths_resolve_against_spec_file(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.txt").write_text("hello")
+    (tmp_path / "sub" / "b.txt").write_text("world")
+    f = tmp_path / "sub" / "spec.yaml"
+    f.write_text("data:\n  train: '*.txt'\n")
+    spec = Spec.from_file(f)
+    assert spec.data.train == [str(tmp_path / "sub" / "a.txt"), str(tmp_path / "sub" / "b.txt")]
+    # the resolved spec round-trips through YAML unchanged (what spec.yaml in a run holds)
+    assert Spec.from_yaml(spec.to_yaml()) == spec
+
+
+def test_load_dispatch(corpus: Path, tmp_path: Path) -> None:
+    d = {"data": {"train": str(corpus)}}
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(d))
+    a, b, c = Spec.load(d), Spec.load(str(f)), Spec.load(yaml.safe_dump(d))
+    assert a == b == c
+    assert Spec.load(a) is a
+    assert Spec.load(a, ["seed=7"]).seed == 7
+    with pytest.raises(SpecError, match="not found"):
+        Spec.load(str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_deepspeed_config(stage: int, corpus: Path) -> None:
+    spec = Spec.from_dict({
+        "data": {"train": str(corpus)},
+        "train": {"micro_batch_size": 4, "grad_accum": 3, "max_steps": 100},
+        "optim": {"lr": 1e-3, "min_lr": 1e-4, "grad_clip": 0.5, "warmup_steps": 10, "betas": [0.9, 0.95]},
+        "distributed": {"zero_stage": stage},
+        "model": {"dtype": "bf16"},
+        "deepspeed": {"zero_optimization": {"reduce_bucket_size": 1000}, "gradient_clipping": 2.0},
+    })  # fmt: skip
+    cfg = deepspeed_config(spec)
+    assert cfg["train_micro_batch_size_per_gpu"] == 4
+    assert cfg["gradient_accumulation_steps"] == 3
+    assert "train_batch_size" not in cfg  # DeepSpeed derives it from the world size
+    assert cfg["gradient_clipping"] == 2.0  # the raw section wins
+    assert cfg["zero_optimization"]["stage"] == stage
+    assert cfg["zero_optimization"]["reduce_bucket_size"] == 1000  # merged, not replaced
+    assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
+    assert cfg["optimizer"] == {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}}
+    sched = cfg["scheduler"]
+    assert sched["type"] == "WarmupCosineLR"
+    assert sched["params"]["total_num_steps"] == 100 and sched["params"]["warmup_num_steps"] == 10
+    assert sched["params"]["cos_min_ratio"] == pytest.approx(0.1)
+    assert ("stage3_gather_16bit_weights_on_model_save" in cfg["zero_optimization"]) == (stage == 3)
+
+
+def test_offload_and_schedulers(corpus: Path) -> None:
+    base = {"data": {"train": str(corpus)}}
+    cfg = deepspeed_config(Spec.from_dict(base, ["distributed.zero_stage=3", "distributed.offload=optimizer+params"]))
+    assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert cfg["zero_optimization"]["offload_param"]["device"] == "cpu"
+    cfg = deepspeed_config(Spec.from_dict(base, ["optim.scheduler=linear", "optim.name=sgd"]))
+    assert cfg["scheduler"]["type"] == "WarmupDecayLR" and cfg["optimizer"]["type"] == "SGD"
+    cfg = deepspeed_config(Spec.from_dict(base, ["optim.scheduler=constant", "optim.name=adam"]))
+    assert cfg["scheduler"]["type"] == "WarmupLR" and cfg["optimizer"]["params"]["adam_w_mode"] is False
+
+
+def test_example_spec_is_valid() -> None:
+    spec = Spec.from_file(Path(__file__).parent.parent / "examples" / "shakespeare-char.yaml")
+    assert spec.name == "shakespeare-char" and Path(spec.data.train[0]).is_file()
