@@ -57,19 +57,20 @@ class Supervisor:
 
     # -- main ---------------------------------------------------------------------------
 
-    def main(self) -> int:
+    def announce(self, pid: int) -> None:
+        """Enter starting/resuming for supervisor `pid`: the first transition of an attempt."""
         import psutil
 
-        me = psutil.Process()
         prev = read_json(self.dir / "status.json") or {}
-        attempt = int(prev.get("attempt") or 0) + 1
-        self.attempt = attempt
         self.set_status(
             State.RESUMING if self.resume else State.STARTING,
-            pid=me.pid, pid_create_time=me.create_time(), attempt=attempt,
-            started_at=prev.get("started_at") or now_iso(), ended_at=None, exit_code=None,
-            error=None, lost=None, job_pgid=None,
+            pid=pid, pid_create_time=psutil.Process(pid).create_time(),
+            attempt=int(prev.get("attempt") or 0) + 1, started_at=prev.get("started_at") or now_iso(),
+            ended_at=None, exit_code=None, error=None, lost=None, job_pgid=None,
         )  # fmt: skip
+
+    def main(self) -> int:
+        self.attempt = attempt = int((read_json(self.dir / "status.json") or {})["attempt"])
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_stop_signal)
         (self.dir / "control").mkdir(exist_ok=True)
@@ -175,24 +176,43 @@ class Supervisor:
         return any(e.get("event") == "stopped_at" for e in self.run.events()[-20:])
 
     def _diagnose(self, rc: int) -> str:
-        fails = []
+        """Name the rank that failed first and why.
+
+        When one rank dies the others fail too (a broken collective, or the launcher's
+        SIGTERM); those are collateral. The cause is, in order: a rank's own exception; a
+        rank that vanished without a record (SIGKILL, OOM killer, segfault); a
+        communication error; the launcher's exit code.
+        """
+        ranks = {}
+        for f in (self.dir / "ranks").glob("rank*.json"):
+            info = read_json(f)
+            if info and info.get("attempt") == self.attempt:
+                ranks[info["rank"]] = info
+        fails = {}
         for f in (self.dir / "failures").glob("rank*.json"):
             info = read_json(f)
             if info and info.get("attempt") == self.attempt:
-                fails.append(info)
-        if fails:
-            first = min(fails, key=lambda x: x["time"])
-            return f"rank {first['rank']} failed: {first['type']}: {first['message']}".strip()
+                fails[info["rank"]] = info
         codes = [ln for ln in self.run.log_tail(200) if "exits with return code" in ln]
         code = codes[-1].rsplit("=", 1)[-1].strip() if codes else None
-        how = ""
+        how = f" (exit code {code})" if code else ""
         if code and code.lstrip("-").isdigit() and int(code) < 0:
             how = f" (killed by {signal.Signals(-int(code)).name})"
-        elif code:
-            how = f" (exit code {code})"
-        if self.first_dead is not None:
-            r = self.first_dead
-            return f"rank {r['rank']} (pid {r['pid']}) died{how}; the launcher then stopped the others"
+
+        own = [f for f in fails.values() if not _collateral(f)]
+        if own:
+            first = min(own, key=lambda x: x["time"])
+            return f"rank {first['rank']} failed: {first['type']}: {first['message']}".strip()
+        vanished = [r for r in ranks.values() if r["rank"] not in fails]
+        if vanished:
+            if self.first_dead is not None and self.first_dead["rank"] not in fails:
+                r = self.first_dead
+            else:
+                r = min(vanished, key=lambda x: x["rank"])
+            return f"rank {r['rank']} (pid {r['pid']}) died without an error{how}; the others were stopped"
+        if fails:
+            first = min(fails.values(), key=lambda x: x["time"])
+            return f"rank {first['rank']} failed: {first['type']}: {first['message']}".strip()
         return f"the DeepSpeed launcher exited with code {rc}{how}; see logs/launcher.log"
 
     def _fail(self, reason: str, rc: int | None = None) -> int:
@@ -222,6 +242,14 @@ class Supervisor:
                          {"attempt": attempt, "time": now_iso(), "command": argv, "ranks": nprocs, "master_port": port}],
         }  # fmt: skip
         write_json_atomic(self.dir / "manifest.json", manifest)
+
+
+def _collateral(failure: dict[str, Any]) -> bool:
+    """A rank's failure that is a consequence of another rank's: lost peer, or terminated."""
+    if failure["type"] in ("Terminated", "KeyboardInterrupt", "DistBackendError"):
+        return True
+    msg = failure["message"].lower()
+    return any(k in msg for k in ("connection reset", "connection closed", "gloo", "nccl", "broken pipe"))
 
 
 def _gpus() -> tuple[bool, int]:
@@ -270,9 +298,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--detach", action="store_true", help="fork; the first process exits at once")
     args = ap.parse_args(argv)
-    if args.detach and os.fork() > 0:
-        os._exit(0)
-    return Supervisor(args.run_dir.resolve(), args.resume).main()
+    sup = Supervisor(args.run_dir.resolve(), args.resume)
+    if not args.detach:
+        sup.announce(os.getpid())
+        return sup.main()
+    # Fork so the caller's child exits at once (nothing for it to reap) while the real
+    # supervisor is reparented. The parent records the new state before it exits, so the
+    # caller sees `starting`/`resuming` as soon as it returns; the child waits for that.
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid > 0:
+        os.close(r)
+        try:
+            sup.announce(pid)
+        finally:
+            os.close(w)
+            os._exit(0)
+    os.close(w)
+    os.read(r, 1)  # EOF once the parent has announced and closed its end
+    os.close(r)
+    return sup.main()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 import time
 import traceback
@@ -25,6 +26,7 @@ def main(run_dir: Path) -> None:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     _redirect_output(run_dir / "logs" / f"rank{rank}.log")
     _record_rank(run_dir, rank, local_rank)
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         train(run_dir, rank, world, local_rank)
     except BaseException as e:
@@ -250,6 +252,14 @@ def _seed(*parts: int) -> int:
     for p in parts:
         h = ((h ^ (p & 0xFFFFFFFF)) * 1099511628211) % 2**63
     return h
+
+
+class Terminated(BaseException):
+    """SIGTERM reached this rank (the launcher stops all ranks when one fails)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated("terminated by SIGTERM")
 
 
 def _redirect_output(path: Path) -> None:
