@@ -95,15 +95,17 @@ def _follow(run: Run) -> int:
 
 
 def _fmt_metrics(m: dict[str, Any]) -> str:
-    keys = [k for k in ("loss", "val_loss", "val_ppl", "lr", "grad_norm", "tokens_per_s") if m.get(k) is not None]
+    keys = [
+        k for k in ("loss", "val_loss", "val_ppl", "lr", "grad_norm", "tokens_per_s") if m.get(k) is not None
+    ]
     return f"step {m['step']}: " + " ".join(f"{k}={m[k]:.4g}" for k in keys)
 
 
 def _row(run: Run) -> dict[str, Any]:
     st = run.status()
     metrics = run.metrics()
-    last = next((m for m in reversed(metrics) if "loss" in m), {})
-    last_val = next((m for m in reversed(metrics) if "val_loss" in m), {})
+    last: dict[str, Any] = next((m for m in reversed(metrics) if "loss" in m), {})
+    last_val: dict[str, Any] = next((m for m in reversed(metrics) if "val_loss" in m), {})
     try:
         total = run.spec.train.max_steps
     except Exception:  # a damaged spec.yaml must not break the listing

@@ -186,9 +186,7 @@ class RunStore:
         exact = [r for r in runs if r.id == run_id]
         if exact:
             return exact[0]
-        matches = [r for r in runs if r.id.startswith(run_id)] or [
-            r for r in runs if r.name == run_id
-        ]
+        matches = [r for r in runs if r.id.startswith(run_id)] or [r for r in runs if r.name == run_id]
         if not matches:
             raise RunNotFound(f"no run {run_id!r} under {self.root}; `jupyter-llm runs` lists them")
         if len(matches) > 1 and not all(r.name == run_id for r in matches):
@@ -245,10 +243,14 @@ class Run:
         if st is None:
             raise RunNotFound(f"{self.path} is not a run folder (no status.json)")
         state = State(st["state"])
-        if not state.terminal and state != State.CREATED:
-            if not process_alive(st.get("pid"), st.get("pid_create_time")):
-                st = {**st, "state": State.FAILED.value, "lost": True,
-                      "error": st.get("error") or f"supervisor (pid {st.get('pid')}) is gone"}
+        lost = not state.terminal and state != State.CREATED
+        if lost and not process_alive(st.get("pid"), st.get("pid_create_time")):
+            st = {
+                **st,
+                "state": State.FAILED.value,
+                "lost": True,
+                "error": st.get("error") or f"supervisor (pid {st.get('pid')}) is gone",
+            }
         return st
 
     @property
@@ -349,8 +351,9 @@ class Run:
     def resume(self, overrides: list[str] | None = None) -> Run:
         """Start the job again; the ranks continue from the newest complete checkpoint."""
         if overrides:
-            raise UserError("resume takes no overrides: the spec of a run never changes; "
-                            "start a new run from it instead")
+            raise UserError(
+                "resume takes no overrides: the spec of a run never changes; start a new run from it instead"
+            )
         st = self.status()
         if not State(st["state"]).terminal:
             raise RunStateError(f"run {self.id} is {st['state']}; stop it before resuming")

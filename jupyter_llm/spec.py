@@ -60,9 +60,7 @@ class ModelSpec(_Section):
             return str(path)
         if _looks_like_hub_id(v) and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", ""):
             return v  # a hub id; only usable where a hub is reachable
-        raise ValueError(
-            f"folder not found: {path}; give a local folder saved with save_pretrained"
-        )
+        raise ValueError(f"folder not found: {path}; give a local folder saved with save_pretrained")
 
     @field_validator("config")
     @classmethod
@@ -240,9 +238,7 @@ class Spec(_Section):
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
-            raise SpecError(
-                [Problem("<yaml>", data, "the spec must be a mapping (key: value lines)")]
-            )
+            raise SpecError([Problem("<yaml>", data, "the spec must be a mapping (key: value lines)")])
         return cls.from_dict(data, overrides, base_dir)
 
     @classmethod
@@ -255,9 +251,7 @@ class Spec(_Section):
         return cls.from_yaml(p.read_text(encoding="utf-8"), overrides, base_dir=p.parent)
 
     @classmethod
-    def load(
-        cls, source: Any, overrides: list[str] | Mapping[str, Any] | None = None
-    ) -> Spec:
+    def load(cls, source: Any, overrides: list[str] | Mapping[str, Any] | None = None) -> Spec:
         """A Spec from a Spec, a dict, a path to a YAML file, or YAML text."""
         if isinstance(source, Spec):
             return cls.from_dict(source.to_dict(), overrides) if overrides else source
@@ -294,9 +288,7 @@ class Spec(_Section):
                 )
             )
         if d.offload == "optimizer+params" and d.zero_stage != 3:
-            out.append(
-                Problem("distributed.offload", d.offload, "parameter offload needs zero_stage: 3")
-            )
+            out.append(Problem("distributed.offload", d.offload, "parameter offload needs zero_stage: 3"))
         if d.offload != "none" and d.zero_stage == 0:
             out.append(Problem("distributed.offload", d.offload, "offload needs zero_stage 1-3"))
         if m.pretrained and m.config:
@@ -307,7 +299,11 @@ class Spec(_Section):
             out.append(Problem("model.lora", "...", "LoRA adapts a pretrained model: set model.pretrained"))
         if self.data.validation is None and self.data.val_fraction == 0 and t.eval_every > 0:
             out.append(
-                Problem("data.val_fraction", 0, "is 0 and data.validation is unset: set one, or train.eval_every: 0")
+                Problem(
+                    "data.val_fraction",
+                    0,
+                    "is 0 and data.validation is unset: set one, or train.eval_every: 0",
+                )
             )
         return out
 
@@ -429,15 +425,17 @@ def deepspeed_config(spec: Spec) -> dict[str, Any]:
     so the same config serves any number of ranks.
     """
     o, t, d = spec.optim, spec.train, spec.distributed
+    optimizer: dict[str, Any]
     if o.name == "sgd":
-        optimizer = {"type": "SGD", "params": {"lr": o.lr, "momentum": o.momentum, "weight_decay": o.weight_decay}}
-    else:
         optimizer = {
-            "type": "AdamW" if o.name == "adamw" else "Adam",
-            "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay},
+            "type": "SGD",
+            "params": {"lr": o.lr, "momentum": o.momentum, "weight_decay": o.weight_decay},
         }
+    else:
+        params: dict[str, Any] = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
         if o.name == "adam":
-            optimizer["params"]["adam_w_mode"] = False
+            params["adam_w_mode"] = False
+        optimizer = {"type": "AdamW" if o.name == "adamw" else "Adam", "params": params}
     warmup = min(o.warmup_steps, max(t.max_steps - 1, 0))
     min_ratio = o.min_lr / o.lr
     if o.scheduler == "cosine":
@@ -465,7 +463,12 @@ def deepspeed_config(spec: Spec) -> dict[str, Any]:
     else:
         scheduler = {
             "type": "WarmupLR",
-            "params": {"warmup_num_steps": warmup, "warmup_min_lr": 0.0, "warmup_max_lr": o.lr, "warmup_type": "linear"},
+            "params": {
+                "warmup_num_steps": warmup,
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": o.lr,
+                "warmup_type": "linear",
+            },
         }
     zero: dict[str, Any] = {"stage": d.zero_stage}
     if d.offload in ("optimizer", "optimizer+params"):

@@ -188,7 +188,9 @@ def test_kill_rank_then_resume_matches_uninterrupted(corpus: Path) -> None:
     for step, loss in after.items():
         assert loss == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
     val_ref = {m["step"]: m["val_loss"] for m in ref.metrics() if "val_loss" in m}
-    val_res = {m["step"]: m["val_loss"] for m in victim.metrics() if "val_loss" in m and m["step"] > resume_step}
+    val_res = {
+        m["step"]: m["val_loss"] for m in victim.metrics() if "val_loss" in m and m["step"] > resume_step
+    }
     for step, v in val_res.items():
         assert v == pytest.approx(val_ref[step], rel=1e-5)
     assert victim.status()["attempt"] == 2

@@ -95,7 +95,9 @@ def test_metrics_dedupe_keeps_newest_attempt(spec: Spec) -> None:
     run = RunStore().create(spec)
     for attempt, steps in ((1, [5, 10, 15]), (2, [15, 20])):
         for s in steps:
-            append_jsonl(run.path / "metrics.jsonl", {"step": s, "time": 0, "loss": float(attempt), "attempt": attempt})
+            append_jsonl(
+                run.path / "metrics.jsonl", {"step": s, "time": 0, "loss": float(attempt), "attempt": attempt}
+            )
     append_jsonl(run.path / "metrics.jsonl", {"step": 20, "time": 0, "val_loss": 1.0})
     m = run.metrics()
     assert [(x["step"], x.get("attempt")) for x in m] == [(5, 1), (10, 1), (15, 2), (20, 2), (20, None)]

@@ -137,7 +137,10 @@ def test_deepspeed_config(stage: int, corpus: Path) -> None:
     assert cfg["zero_optimization"]["stage"] == stage
     assert cfg["zero_optimization"]["reduce_bucket_size"] == 1000  # merged, not replaced
     assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
-    assert cfg["optimizer"] == {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}}
+    assert cfg["optimizer"] == {
+        "type": "AdamW",
+        "params": {"lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1},
+    }
     sched = cfg["scheduler"]
     assert sched["type"] == "WarmupCosineLR"
     assert sched["params"]["total_num_steps"] == 100 and sched["params"]["warmup_num_steps"] == 10
@@ -147,7 +150,9 @@ def test_deepspeed_config(stage: int, corpus: Path) -> None:
 
 def test_offload_and_schedulers(corpus: Path) -> None:
     base = {"data": {"train": str(corpus)}}
-    cfg = deepspeed_config(Spec.from_dict(base, ["distributed.zero_stage=3", "distributed.offload=optimizer+params"]))
+    cfg = deepspeed_config(
+        Spec.from_dict(base, ["distributed.zero_stage=3", "distributed.offload=optimizer+params"])
+    )
     assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert cfg["zero_optimization"]["offload_param"]["device"] == "cpu"
     cfg = deepspeed_config(Spec.from_dict(base, ["optim.scheduler=linear", "optim.name=sgd"]))

@@ -98,26 +98,27 @@ class Supervisor:
         self._write_manifest(argv, nprocs, port, attempt)
         if self.stop_requested_at is not None:
             return self._finish(State.STOPPED, 0, None)
-        log = open(self.dir / "logs" / "launcher.log", "ab")
-        log.write(f"\n== attempt {attempt} at {now_iso()}: {' '.join(argv)}\n".encode())
-        log.flush()
-        self.proc = subprocess.Popen(
-            argv, env=env, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: we signal exactly this job
-        )  # fmt: skip
+        with open(self.dir / "logs" / "launcher.log", "ab") as log:
+            log.write(f"\n== attempt {attempt} at {now_iso()}: {' '.join(argv)}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                argv, env=env, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: we signal exactly this job
+            )  # fmt: skip
         self.event("launched", attempt=attempt, ranks=nprocs, master_port=port, command=argv,
                    job_pgid=self.proc.pid)  # fmt: skip
         self.set_status(State.RUNNING, job_pgid=self.proc.pid, world_size=nprocs, master_port=port)
         rc = self._watch()
         self._kill_group()  # nothing of this job outlives it
-        log.close()
         final = (self.dir / "final" / "config.json").is_file()
         if rc == 0 and final:
             return self._finish(State.COMPLETED, rc, None)
         if self.stop_requested_at is not None:
             if self._stopped_cleanly():
                 return self._finish(State.STOPPED, rc, None)
-            return self._finish(State.STOPPED, rc, "stopped without a final checkpoint (grace period ran out)")
+            return self._finish(
+                State.STOPPED, rc, "stopped without a final checkpoint (grace period ran out)"
+            )
         if rc == 0:
             return self._fail("the job exited 0 but wrote no final model; see logs/", rc)
         return self._fail(self._diagnose(rc), rc)
@@ -168,7 +169,11 @@ class Supervisor:
             return
         for f in sorted((self.dir / "ranks").glob("rank*.json")):
             info = read_json(f)
-            if info and info.get("attempt") == self.attempt and not process_alive(info["pid"], info.get("create_time")):
+            if (
+                info
+                and info.get("attempt") == self.attempt
+                and not process_alive(info["pid"], info.get("create_time"))
+            ):
                 self.first_dead = {**info, "seen_at": time.time()}
                 return
 

@@ -65,7 +65,9 @@ def save(engine: Any, run_dir: Path, step: int, rank: int, keep: int, client: di
             ckpt_dir / tag / CKPT_MARKER,
             {"step": step, "time": now_iso(), "world_size": dist.get_world_size()},
         )
-        append_jsonl(run_dir / "events.jsonl", {"time": now_iso(), "event": "checkpoint", "step": step, "tag": tag})
+        append_jsonl(
+            run_dir / "events.jsonl", {"time": now_iso(), "event": "checkpoint", "step": step, "tag": tag}
+        )
         prune(ckpt_dir, keep)
     dist.barrier()
 

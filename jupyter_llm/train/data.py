@@ -51,7 +51,9 @@ def read_documents(files: list[str], text_field: str) -> Iterator[str]:
             with open(path, encoding="utf-8", newline="") as f:
                 reader = csv.DictReader(f)
                 if text_field not in (reader.fieldnames or []):
-                    raise DataError(f"{path}: no column {text_field!r} (data.text_field); columns: {reader.fieldnames}")
+                    raise DataError(
+                        f"{path}: no column {text_field!r} (data.text_field); columns: {reader.fieldnames}"
+                    )
                 for row in reader:
                     yield row[text_field]
         else:
@@ -91,13 +93,17 @@ def _train_tokenizer(kind: str, vocab_size: int, specials: list[str], spec: Spec
         tok = Tokenizer(models.WordLevel(unk_token=unk))
         tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
         tok.decoder = decoders.Fuse()
-        trainer: Any = trainers.WordLevelTrainer(vocab_size=10_000_000, min_frequency=1, special_tokens=specials)
+        trainer: Any = trainers.WordLevelTrainer(
+            vocab_size=10_000_000, min_frequency=1, special_tokens=specials
+        )
     elif kind == "bpe":
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+            vocab_size=vocab_size,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         )
     else:
         tok = Tokenizer(models.WordPiece(unk_token=unk))
@@ -122,10 +128,11 @@ def tokenize_to_files(spec: Spec, tok: Any, out_dir: Path) -> dict[str, Any]:
         n_val = int(len(train) * d.val_fraction)
         train, val = train[: len(train) - n_val], train[len(train) - n_val :]
     dtype = np.uint16 if len(tok) < 2**16 else np.uint32
-    index = {"dtype": np.dtype(dtype).name, "vocab_size": len(tok), "splits": {}}
+    splits: dict[str, dict[str, int]] = {}
     for split, ids in (("train", train), ("val", val)):
         np.asarray(ids, dtype=dtype).tofile(out_dir / f"{split}.bin")
-        index["splits"][split] = {"tokens": int(len(ids))}
+        splits[split] = {"tokens": len(ids)}
+    index = {"dtype": np.dtype(dtype).name, "vocab_size": len(tok), "splits": splits}
     (out_dir / "index.json").write_text(json.dumps(index, indent=1))
     return index
 

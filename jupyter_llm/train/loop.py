@@ -73,8 +73,10 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
     train_blocks = Blocks(data_dir / "train.bin", index["dtype"], body, spec.seed)
     val_blocks = Blocks(data_dir / "val.bin", index["dtype"], body, spec.seed)
     if train_blocks.n == 0:
-        raise ValueError(f"training text has {index['splits']['train']['tokens']} tokens: fewer than one block "
-                         f"of data.block_size={d.block_size}; add text or lower data.block_size")
+        raise ValueError(
+            f"training text has {index['splits']['train']['tokens']} tokens: fewer than one block "
+            f"of data.block_size={d.block_size}; add text or lower data.block_size"
+        )
     has_val = val_blocks.n > 0
 
     # -- model and engine -----------------------------------------------------------------
@@ -101,7 +103,9 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
 
     def train_batch(step: int, micro: int) -> dict[str, torch.Tensor]:
         g = (step - 1) * t.grad_accum + micro  # global micro-batch counter: the data position
-        return batch(train_blocks, g * per_step + rank * t.micro_batch_size, True, _seed(spec.seed, step, micro, rank))
+        return batch(
+            train_blocks, g * per_step + rank * t.micro_batch_size, True, _seed(spec.seed, step, micro, rank)
+        )
 
     def evaluate() -> dict[str, float]:
         engine.eval()
@@ -109,7 +113,9 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
         n_batches = max(1, min(t.eval_batches, val_blocks.n // per_step))
         with torch.no_grad():
             for i in range(n_batches):
-                b = batch(val_blocks, i * per_step + rank * t.micro_batch_size, False, _seed(spec.seed, -1, i, rank))
+                b = batch(
+                    val_blocks, i * per_step + rank * t.micro_batch_size, False, _seed(spec.seed, -1, i, rank)
+                )
                 logits = engine(input_ids=b["input_ids"]).logits.float()
                 labels = b["labels"]
                 if not masked:
@@ -122,7 +128,11 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
         dist.all_reduce(nll)
         engine.train()
         val_loss = (nll[0] / nll[1].clamp(min=1)).item()
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_acc": (nll[2] / nll[1].clamp(min=1)).item()}
+        return {
+            "val_loss": val_loss,
+            "val_ppl": math.exp(min(val_loss, 50.0)),
+            "val_acc": (nll[2] / nll[1].clamp(min=1)).item(),
+        }
 
     # -- resume ---------------------------------------------------------------------------
     start_step = 0
@@ -130,9 +140,14 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
     if resumed is not None:
         start_step = resumed[0]
         if master:
-            append_jsonl(run_dir / "events.jsonl", {"time": now_iso(), "event": "resumed_from", "step": start_step})
+            append_jsonl(
+                run_dir / "events.jsonl", {"time": now_iso(), "event": "resumed_from", "step": start_step}
+            )
     elif master and attempt > 1:
-        append_jsonl(run_dir / "events.jsonl", {"time": now_iso(), "event": "no_checkpoint", "detail": "starting fresh"})
+        append_jsonl(
+            run_dir / "events.jsonl",
+            {"time": now_iso(), "event": "no_checkpoint", "detail": "starting fresh"},
+        )
 
     # -- the loop -------------------------------------------------------------------------
     dev_name = torch.cuda.get_device_name(device) if cuda else None
@@ -146,7 +161,9 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
     if start_step == 0 and has_val:  # where the curve starts
         ev = evaluate()
         if master:
-            append_jsonl(run_dir / "metrics.jsonl", {"step": 0, "time": time.time(), "attempt": attempt, **ev})
+            append_jsonl(
+                run_dir / "metrics.jsonl", {"step": 0, "time": time.time(), "attempt": attempt, **ev}
+            )
     engine.train()
     window_start = time.perf_counter()
     for step in range(start_step + 1, t.max_steps + 1):
@@ -175,7 +192,8 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
                 "step_time_s": elapsed / window_steps,
                 "mfu": None if peak is None else fpt * tps / (peak * world),
                 "peak_flops": peak,
-                "mem_mb": (torch.cuda.max_memory_allocated(device) if cuda else proc.memory_info().rss) / 2**20,
+                "mem_mb": (torch.cuda.max_memory_allocated(device) if cuda else proc.memory_info().rss)
+                / 2**20,
                 "tokens": step * tokens_per_step,
             }
             if master:
@@ -187,18 +205,24 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
         if has_val and ((t.eval_every and step % t.eval_every == 0) or last):
             ev = evaluate()
             if master:
-                append_jsonl(run_dir / "metrics.jsonl", {"step": step, "time": time.time(), "attempt": attempt, **ev})
+                append_jsonl(
+                    run_dir / "metrics.jsonl", {"step": step, "time": time.time(), "attempt": attempt, **ev}
+                )
             window_start = time.perf_counter()  # eval time is not training time
         if stopped_at or (t.save_every and step % t.save_every == 0 and not last):
             checkpoint.save(engine, run_dir, step, rank, t.keep_checkpoints, {"attempt": attempt})
             window_start = time.perf_counter()
         if stopped_at:
             if master:
-                append_jsonl(run_dir / "events.jsonl", {"time": now_iso(), "event": "stopped_at", "step": step})
+                append_jsonl(
+                    run_dir / "events.jsonl", {"time": now_iso(), "event": "stopped_at", "step": step}
+                )
             return
 
     # -- final export ---------------------------------------------------------------------
-    probe = batch(val_blocks if has_val else train_blocks, 0, False, _seed(spec.seed, -2, 0, 0))["input_ids"][:2]
+    probe = batch(val_blocks if has_val else train_blocks, 0, False, _seed(spec.seed, -2, 0, 0))["input_ids"][
+        :2
+    ]
     engine.eval()
     with torch.no_grad():
         probe_logits = engine(input_ids=probe).logits.float().cpu()
@@ -206,7 +230,9 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
     if master:
         _export(engine.module, state, tok, run_dir)
         torch.save({"input_ids": probe.cpu(), "logits": probe_logits}, run_dir / "export_check.pt")
-        append_jsonl(run_dir / "events.jsonl", {"time": now_iso(), "event": "exported", "path": str(run_dir / "final")})
+        append_jsonl(
+            run_dir / "events.jsonl", {"time": now_iso(), "event": "exported", "path": str(run_dir / "final")}
+        )
     dist.barrier()
 
 
@@ -283,8 +309,14 @@ def _record_rank(run_dir: Path, rank: int, local_rank: int) -> None:
     me = psutil.Process()
     write_json_atomic(
         d / f"rank{rank}.json",
-        {"rank": rank, "local_rank": local_rank, "pid": me.pid, "create_time": me.create_time(),
-         "host": socket.gethostname(), "attempt": int(os.environ.get("JUPYTER_LLM_ATTEMPT", "1"))},
+        {
+            "rank": rank,
+            "local_rank": local_rank,
+            "pid": me.pid,
+            "create_time": me.create_time(),
+            "host": socket.gethostname(),
+            "attempt": int(os.environ.get("JUPYTER_LLM_ATTEMPT", "1")),
+        },
     )
 
 
@@ -293,7 +325,12 @@ def _record_failure(run_dir: Path, rank: int, e: BaseException) -> None:
     d.mkdir(exist_ok=True)
     write_json_atomic(
         d / f"rank{rank}.json",
-        {"rank": rank, "time": time.time(), "type": type(e).__name__, "message": str(e)[:2000],
-         "attempt": int(os.environ.get("JUPYTER_LLM_ATTEMPT", "1")),
-         "traceback": traceback.format_exc()[-4000:]},
+        {
+            "rank": rank,
+            "time": time.time(),
+            "type": type(e).__name__,
+            "message": str(e)[:2000],
+            "attempt": int(os.environ.get("JUPYTER_LLM_ATTEMPT", "1")),
+            "traceback": traceback.format_exc()[-4000:],
+        },
     )

@@ -34,7 +34,9 @@ def build_model(spec: Spec, tok: Any) -> Any:
         kwargs = dict(spec.model.config or DEFAULT_CONFIGS[spec.model.task])
         model_type = kwargs.pop("model_type")
         cfg = tf.AutoConfig.for_model(model_type, **kwargs)
-        cfg.vocab_size = len(tok)
+        # at least the tokenizer's vocabulary; a larger configured size pads it (e.g. 50304
+        # for GPT-2, a multiple of 64 that tensor cores like)
+        cfg.vocab_size = max(len(tok), int(kwargs.get("vocab_size") or 0))
         for attr in ("n_positions", "max_position_embeddings"):
             if getattr(cfg, attr, None) is not None and getattr(cfg, attr) < spec.data.block_size:
                 setattr(cfg, attr, spec.data.block_size)

