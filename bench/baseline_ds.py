@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import time
+from pathlib import Path
 
 import deepspeed
 import numpy as np
@@ -30,10 +31,10 @@ args = ap.parse_args()
 
 deepspeed.init_distributed()
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-cfg = json.load(open(args.ds_config))
+cfg = json.loads(Path(args.ds_config).read_text())
 B = cfg["train_micro_batch_size_per_gpu"]
 
-text = open(args.corpus, encoding="utf-8").read()
+text = Path(args.corpus).read_text(encoding="utf-8")
 chars = sorted(set(text))
 stoi = {c: i for i, c in enumerate(chars)}
 data = torch.tensor(np.array([stoi[c] for c in text], dtype=np.int64))
@@ -66,4 +67,4 @@ loss.item()
 elapsed = time.perf_counter() - t0
 tokens = (args.steps - args.warmup) * B * cfg["gradient_accumulation_steps"] * args.block * world
 if rank == 0:
-    json.dump({"tokens_per_s": tokens / elapsed}, open(args.out, "w"))
+    Path(args.out).write_text(json.dumps({"tokens_per_s": tokens / elapsed}))

@@ -83,7 +83,7 @@ def main() -> None:
         for world in (int(w) for w in args.worlds.split(",")):
             ours, base = [], []
             for rep in range(args.reps):
-                order = (("base", "ours") if rep % 2 == 0 else ("ours", "base"))
+                order = ("base", "ours") if rep % 2 == 0 else ("ours", "base")
                 for who in order:
                     if who == "base":
                         base.append(run_baseline(world, args.steps, Path(tmp)))

@@ -296,8 +296,12 @@ class Run:
         ck = self.path / "checkpoints"
         if not ck.is_dir():
             return []
-        done = [p for p in ck.iterdir() if p.is_dir() and (p / CKPT_MARKER).is_file()]
-        return sorted(done, key=lambda p: json.loads((p / CKPT_MARKER).read_text())["step"])
+        done = []
+        for p in ck.iterdir():
+            marker = read_json(p / CKPT_MARKER) if p.is_dir() else None
+            if marker and isinstance(marker.get("step"), int):
+                done.append((marker["step"], p))
+        return [p for _, p in sorted(done)]
 
     @property
     def final_model(self) -> Path | None:

@@ -432,7 +432,12 @@ def deepspeed_config(spec: Spec) -> dict[str, Any]:
             "params": {"lr": o.lr, "momentum": o.momentum, "weight_decay": o.weight_decay},
         }
     else:
-        params: dict[str, Any] = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
+        params: dict[str, Any] = {
+            "lr": o.lr,
+            "betas": list(o.betas),
+            "eps": o.eps,
+            "weight_decay": o.weight_decay,
+        }
         if o.name == "adam":
             params["adam_w_mode"] = False
         optimizer = {"type": "AdamW" if o.name == "adamw" else "Adam", "params": params}

@@ -15,7 +15,9 @@ BIN = Path(sys.executable).parent
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN / "jupyter-llm"), *args], capture_output=True, text=True, cwd=cwd, timeout=60)
+    return subprocess.run(
+        [str(BIN / "jupyter-llm"), *args], capture_output=True, text=True, cwd=cwd, timeout=60
+    )
 
 
 def test_help_everywhere() -> None:

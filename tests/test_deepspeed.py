@@ -178,6 +178,7 @@ def test_kill_rank_then_resume_matches_uninterrupted(corpus: Path) -> None:
     shutil.copytree(newest, fake)
     (fake / CKPT_MARKER).unlink()
 
+    assert len(victim.checkpoints()) == 2  # keep_checkpoints: older ones were pruned
     victim.resume()
     assert finished(victim)["state"] == "completed"
     resumed = [e for e in victim.events() if e["event"] == "resumed_from"]
@@ -211,9 +212,21 @@ def test_graceful_stop_saves_checkpoint_and_resumes(corpus: Path) -> None:
     assert stop_s < 60  # saved at the next log step; no escalation to signals needed
     assert not any(e["event"] == "signal" for e in run.events())
     assert not _job_alive(run)
+
+    # a complete-looking checkpoint with a damaged file is a hard error naming it, never a restart
+    states = next(ck[0].glob("*model_states.pt"))
+    good = states.read_bytes()
+    states.write_bytes(good[: len(good) // 3])
+    run.resume()
+    st = finished(run, 300)
+    assert st["state"] == "failed" and "CheckpointError" in st["error"] and ck[0].name in st["error"]
+    assert not any(m.get("attempt") == 2 and "loss" in m for m in run.metrics(dedupe=False))
+
+    states.write_bytes(good)
     run.resume()
     assert finished(run)["state"] == "completed"
     assert [e for e in run.events() if e["event"] == "resumed_from"][-1]["step"] == stopped
+    assert min(losses(run, attempt=3)) == stopped + 5
 
 
 def test_rank_exception_is_reported(tmp_path: Path) -> None:

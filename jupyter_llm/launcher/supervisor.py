@@ -41,6 +41,7 @@ class Supervisor:
         self.run = Run(run_dir)
         self.dir = run_dir
         self.resume = resume
+        self.stop_signal: int | None = None
         self.stop_requested_at: float | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.first_dead: dict[str, Any] | None = None
@@ -96,7 +97,7 @@ class Supervisor:
         port = free_port(want)  # picked just before launch: the window for a clash is short
         argv, env = build_command(self.dir, nprocs, port, attempt=attempt, cpu=not cuda)
         self._write_manifest(argv, nprocs, port, attempt)
-        if self.stop_requested_at is not None:
+        if self.stop_signal is not None:  # stopped before the job started
             return self._finish(State.STOPPED, 0, None)
         with open(self.dir / "logs" / "launcher.log", "ab") as log:
             log.write(f"\n== attempt {attempt} at {now_iso()}: {' '.join(argv)}\n".encode())
@@ -113,7 +114,7 @@ class Supervisor:
         final = (self.dir / "final" / "config.json").is_file()
         if rc == 0 and final:
             return self._finish(State.COMPLETED, rc, None)
-        if self.stop_requested_at is not None:
+        if self.stop_signal is not None:
             if self._stopped_cleanly():
                 return self._finish(State.STOPPED, rc, None)
             return self._finish(
@@ -130,6 +131,7 @@ class Supervisor:
         while (rc := self.proc.poll()) is None:
             time.sleep(POLL_S)
             self._track_ranks()
+            self._handle_stop()
             if self.stop_requested_at is None:
                 continue
             waited = time.monotonic() - self.stop_requested_at
@@ -142,15 +144,20 @@ class Supervisor:
         return rc
 
     def _on_stop_signal(self, signum: int, frame: Any) -> None:
-        if self.stop_requested_at is not None:
+        # only note it: the watch loop acts on it, so no file is written from a signal handler
+        self.stop_signal = self.stop_signal or signum
+
+    def _handle_stop(self) -> None:
+        """Turn a received stop signal into the stop request the ranks look for."""
+        if self.stop_signal is None or self.stop_requested_at is not None:
             return
         self.stop_requested_at = time.monotonic()
         # the ranks look for this file at their next log step, save a checkpoint and exit
-        write_json_atomic(self.dir / "control" / "stop", {"requested_at": now_iso(), "signal": signum})
-        self.event("stop_requested", signal=signal.Signals(signum).name)
-        st = read_json(self.dir / "status.json") or {}
-        if not State(st.get("state", "running")).terminal:
-            self.set_status(State.STOPPING)
+        write_json_atomic(
+            self.dir / "control" / "stop", {"requested_at": now_iso(), "signal": self.stop_signal}
+        )
+        self.event("stop_requested", signal=signal.Signals(self.stop_signal).name)
+        self.set_status(State.STOPPING)
 
     def _signal_group(self, sig: int) -> None:
         if self.proc is None:

@@ -1,0 +1,150 @@
+"""Pure pieces of the launcher and the worker, without starting DeepSpeed."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jupyter_llm.launcher.local import build_command, free_port, port_free
+from jupyter_llm.spec import Spec
+
+
+def test_build_command_is_exact(tmp_path: Path) -> None:
+    argv, env = build_command(tmp_path, 2, 29511, attempt=3, python="/py", base_env={"PATH": "/bin"}, cores=8)
+    assert argv == ["/py", "-u", "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                    "--master_addr", "127.0.0.1", "--master_port", "29511", "--no_local_rank",
+                    "--module", "jupyter_llm.train", str(tmp_path)]  # fmt: skip
+    assert env["OMP_NUM_THREADS"] == "4" and env["GLOO_SOCKET_IFNAME"] == "lo"
+    assert env["JUPYTER_LLM_ATTEMPT"] == "3" and env["JUPYTER_LLM_JOB"] == f"{tmp_path.name}:3"
+    assert env["PATH"] == "/bin"
+    _, gpu_env = build_command(tmp_path, 8, 1, cpu=False, base_env={})
+    assert "OMP_NUM_THREADS" not in gpu_env
+    _, user = build_command(tmp_path, 2, 1, base_env={"OMP_NUM_THREADS": "7"})
+    assert user["OMP_NUM_THREADS"] == "7"  # the user's setting wins
+
+
+def test_free_port_avoids_taken() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        assert not port_free(taken)
+        got = free_port(taken)
+        assert got != taken and port_free(got)
+
+
+@pytest.fixture
+def small_corpus(tmp_path: Path) -> Path:
+    f = tmp_path / "c.txt"
+    f.write_text(
+        "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 50 + "All:\nSpeak, speak.\n"
+    )
+    return f
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe", "wordpiece"])
+def test_trained_tokenizer_and_packing_match_reference(kind: str, small_corpus: Path, tmp_path: Path) -> None:
+    """The packed token stream equals a direct tokenization of the same text, token for token."""
+    from jupyter_llm.train.data import build_tokenizer, tokenize_to_files
+
+    task = "masked-lm" if kind == "wordpiece" else "causal-lm"
+    spec = Spec.from_dict({"model": {"task": task}, "tokenizer": {"train": {"kind": kind, "vocab_size": 120}},
+                           "data": {"train": str(small_corpus), "val_fraction": 0.2}})  # fmt: skip
+    tok = build_tokenizer(spec, tmp_path / "tok")
+    index = tokenize_to_files(spec, tok, tmp_path / "data")
+    text = small_corpus.read_text()
+    sep = tok.eos_token_id if task == "causal-lm" else tok.sep_token_id
+    reference = [*tok(text, add_special_tokens=False)["input_ids"], sep]
+    packed = np.concatenate(
+        [np.fromfile(tmp_path / "data" / f"{s}.bin", dtype=index["dtype"]) for s in ("train", "val")]
+    )
+    assert packed.tolist() == reference
+    assert index["dtype"] == "uint16"
+    assert index["splits"]["val"]["tokens"] == int(len(reference) * 0.2)
+    if kind != "wordpiece":  # wordpiece normalises whitespace away
+        assert tok.decode(reference[:-1]) == text
+    from transformers import AutoTokenizer
+
+    again = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert again(text, add_special_tokens=False)["input_ids"] == reference[:-1]
+
+
+def test_bad_jsonl_names_file_and_line(tmp_path: Path) -> None:
+    from jupyter_llm.train.data import DataError, read_documents
+
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:2: no string field 'text'"):
+        list(read_documents([str(f)], "text"))
+    f.write_text('{"text": "ok"}\n{broken\n')
+    with pytest.raises(DataError, match=r"d.jsonl:2: not valid JSON"):
+        list(read_documents([str(f)], "text"))
+    b = tmp_path / "b.txt"
+    b.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(DataError, match="not UTF-8"):
+        list(read_documents([str(b)], "text"))
+
+
+def test_blocks_order_is_a_pure_function_of_seed(tmp_path: Path) -> None:
+    from jupyter_llm.train.data import Blocks
+
+    f = tmp_path / "t.bin"
+    np.arange(1000, dtype=np.uint16).tofile(f)
+    a, b = Blocks(f, "uint16", 10, seed=7), Blocks(f, "uint16", 10, seed=7)
+    assert a.n == 100
+    first_epoch = a.batch(0, 100, shuffle=True)
+    assert sorted(first_epoch[:, 0].tolist()) == list(range(0, 1000, 10))  # each block once per epoch
+    assert np.array_equal(b.batch(37, 5, shuffle=True), first_epoch[37:42])  # resumable from any position
+    assert not np.array_equal(Blocks(f, "uint16", 10, seed=8).batch(0, 100, True), first_epoch)
+    assert np.array_equal(a.batch(100, 3, True), a.batch(100, 3, True))  # epoch 1 stable too
+
+
+def test_mlm_masking_is_seeded_and_spares_specials(tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    from conftest import minilm_path
+    from jupyter_llm.train.loop import _mask_tokens
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    ids = torch.tensor([tok("to be or not to be, that is the question " * 6)["input_ids"][:64]] * 8)
+    x1, y1 = _mask_tokens(ids, tok, 0.15, torch.Generator().manual_seed(1))
+    x2, y2 = _mask_tokens(ids, tok, 0.15, torch.Generator().manual_seed(1))
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    chosen = y1 != -100
+    assert 0.08 < chosen.float().mean() < 0.22
+    assert not chosen[:, 0].any()  # [CLS] never masked
+    assert torch.equal(y1[chosen], ids[chosen])
+    assert (x1[chosen] == tok.mask_token_id).float().mean() > 0.6
+
+
+def test_flops_per_token_matches_nanogpt_formula() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from jupyter_llm.train.model import flops_per_token, peak_flops
+
+    m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=100, n_positions=32))
+    n = sum(p.numel() for p in m.parameters()) - m.transformer.wpe.weight.numel()
+    assert flops_per_token(m, 32) == 6 * n + 12 * 2 * 4 * 16 * 32
+    assert peak_flops("NVIDIA H200") == 989e12 and peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops(None) is None and peak_flops("Some CPU") is None
+
+
+def test_checkpoint_listing_ignores_unmarked(tmp_path: Path) -> None:
+    from jupyter_llm.train.checkpoint import CheckpointError, complete_checkpoints, prune
+
+    ck = tmp_path / "checkpoints"
+    for step in (10, 20, 30, 40):
+        (ck / f"step{step:08d}").mkdir(parents=True)
+        if step != 40:
+            (ck / f"step{step:08d}" / "COMPLETE").write_text(json.dumps({"step": step}))
+    assert [s for s, _ in complete_checkpoints(ck)] == [10, 20, 30]
+    prune(ck, keep=2)
+    assert sorted(p.name for p in ck.iterdir()) == ["step00000020", "step00000030"]
+    (ck / "step00000030" / "COMPLETE").write_text("garbage")
+    with pytest.raises(CheckpointError, match="step00000030"):
+        complete_checkpoints(ck)
