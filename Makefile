@@ -34,10 +34,11 @@ format: venv
 	$(VENV)/bin/ruff format jupyter_llm tests bench
 
 test: venv lint
-	$(VENV)/bin/pytest -p no:cacheprovider -ra
+	# notebooks write their runs to a temporary runs root, not into the repo
+	JUPYTER_LLM_HOME=$$(mktemp -d) $(VENV)/bin/pytest -p no:cacheprovider -ra tests notebooks --nbval-lax
 
 test-fast: venv
-	$(VENV)/bin/pytest -p no:cacheprovider -m "not deepspeed" -q
+	$(VENV)/bin/pytest -p no:cacheprovider -m "not deepspeed" -q tests
 
 bench: venv
 	$(PY) bench/overhead.py

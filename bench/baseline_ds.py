@@ -27,6 +27,7 @@ ap.add_argument("--layers", type=int, required=True)
 ap.add_argument("--heads", type=int, required=True)
 ap.add_argument("--embd", type=int, required=True)
 ap.add_argument("--out", required=True)
+ap.add_argument("--first-step-file", help="write the wall-clock time the first step finished")
 args = ap.parse_args()
 
 deepspeed.init_distributed()
@@ -55,6 +56,7 @@ def get_batch() -> torch.Tensor:
     return torch.stack([train[i : i + args.block] for i in ix])
 
 
+t0 = time.perf_counter()
 for step in range(args.steps):
     if step == args.warmup:
         t0 = time.perf_counter()
@@ -63,6 +65,9 @@ for step in range(args.steps):
         loss = engine(input_ids=x, labels=x).loss
         engine.backward(loss)
         engine.step()
+    if step == 0 and args.first_step_file and rank == 0:
+        loss.item()
+        Path(args.first_step_file).write_text(str(time.time()))
 loss.item()
 elapsed = time.perf_counter() - t0
 tokens = (args.steps - args.warmup) * B * cfg["gradient_accumulation_steps"] * args.block * world

@@ -41,4 +41,11 @@ def get_run(run_id: str | None = None, root: str | None = None) -> Run:
     return RunStore(root).get(run_id)
 
 
-__all__ = ["Run", "RunStore", "Spec", "__version__", "get_run", "launch", "runs"]
+__all__ = ["Run", "RunStore", "Spec", "__version__", "get_run", "launch", "load_ipython_extension", "runs"]
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """`%load_ext jupyter_llm`: registers the magics; imports no torch."""
+    from .magics import load_ipython_extension as _load
+
+    _load(ipython)

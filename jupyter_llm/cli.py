@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -149,19 +148,8 @@ def _status(args: argparse.Namespace, store: RunStore) -> int:
 
 def _logs(args: argparse.Namespace, store: RunStore) -> int:
     run = store.get(args.run)
-    lines = run.log_tail(args.n, args.rank)
-    print("\n".join(lines))
-    if args.follow:
-        seen = len(run.log_tail(100_000, args.rank))
-        while True:
-            done = run.done
-            all_lines = run.log_tail(100_000, args.rank)
-            for line in all_lines[seen:]:
-                print(line, flush=True)
-            seen = len(all_lines)
-            if done:
-                return 0
-            time.sleep(0.5)
+    for line in run.logs(args.n, args.rank, follow=args.follow):
+        print(line, flush=True)
     return 0
 
 

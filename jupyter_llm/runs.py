@@ -291,6 +291,21 @@ class Run:
             return []
         return data.decode("utf-8", "replace").splitlines()[-n:]
 
+    def logs(
+        self, n: int = 40, rank: int | None = None, follow: bool = False, poll: float = 0.5
+    ) -> Iterator[str]:
+        """The last `n` log lines; with `follow`, then every new line until the run ends."""
+        seen = self.log_tail(1_000_000, rank)
+        yield from seen[-n:] if n else []
+        while follow:
+            done = self.done
+            now = self.log_tail(1_000_000, rank)
+            yield from now[len(seen) :]
+            seen = now
+            if done:
+                return
+            time.sleep(poll)
+
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
         ck = self.path / "checkpoints"
@@ -368,19 +383,24 @@ class Run:
         start(self, resume=True)
         return self
 
+    def summary(self) -> str:
+        from .display import run_text
+
+        return run_text(self)
+
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
         p.text(self.summary())
 
-    def summary(self) -> str:
-        st = self.status()
-        last = next((m for m in reversed(self.metrics()) if "loss" in m), None)
-        parts = [f"run {self.id}: {st['state']}"]
-        if last:
-            parts.append(f"step {last['step']}/{self.spec.train.max_steps} loss {last['loss']:.4f}")
-        if st.get("error"):
-            parts.append(f"error: {st['error']}")
-        parts.append(f"folder: {self.path}")
-        return "\n".join(parts)
+    def _repr_html_(self) -> str:
+        from .display import run_html
+
+        return run_html(self)
+
+    def _ipython_display_(self) -> None:
+        """In a notebook: a view that keeps updating until the run ends."""
+        from .display import LiveRun
+
+        LiveRun(self).show()
 
 
 class _CallableModule(types.ModuleType):

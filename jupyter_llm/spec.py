@@ -151,7 +151,7 @@ class OptimSpec(_Section):
     momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
     grad_clip: float = Field(1.0, ge=0)  # max global grad norm; 0 = no clipping
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = Field(100, ge=0)
+    warmup_steps: int | None = Field(None, ge=0)  # None: min(100, max_steps // 10)
 
     @field_validator("betas", mode="before")
     @classmethod
@@ -279,7 +279,7 @@ class Spec(_Section):
         o, t, m, d = self.optim, self.train, self.model, self.distributed
         if o.min_lr > o.lr:
             out.append(Problem("optim.min_lr", o.min_lr, f"must not exceed optim.lr ({o.lr})"))
-        if o.warmup_steps >= t.max_steps and t.max_steps > 1:
+        if o.warmup_steps is not None and o.warmup_steps >= t.max_steps and t.max_steps > 1:
             out.append(
                 Problem(
                     "optim.warmup_steps",
@@ -441,7 +441,8 @@ def deepspeed_config(spec: Spec) -> dict[str, Any]:
         if o.name == "adam":
             params["adam_w_mode"] = False
         optimizer = {"type": "AdamW" if o.name == "adamw" else "Adam", "params": params}
-    warmup = min(o.warmup_steps, max(t.max_steps - 1, 0))
+    warmup = min(100, t.max_steps // 10) if o.warmup_steps is None else o.warmup_steps
+    warmup = min(warmup, max(t.max_steps - 1, 0))
     min_ratio = o.min_lr / o.lr
     if o.scheduler == "cosine":
         scheduler = {

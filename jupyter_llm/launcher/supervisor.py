@@ -29,7 +29,7 @@ from ..runs import (
     read_json,
     write_json_atomic,
 )
-from .local import build_command, free_port, port_free
+from .local import build_command, free_port, gpu_count, port_free
 
 POLL_S = 0.25
 SIGINT_WAIT_S = 10.0  # after SIGINT, before SIGTERM
@@ -265,14 +265,9 @@ def _collateral(failure: dict[str, Any]) -> bool:
 
 
 def _gpus() -> tuple[bool, int]:
-    """(cuda available, GPU count), asked of NVML through torch without creating a context."""
-    try:
-        import torch
-
-        n = torch.cuda.device_count()
-        return n > 0, n
-    except Exception:
-        return False, 0
+    """(any GPU, GPU count), from nvidia-smi: no torch import, no CUDA context here."""
+    n = gpu_count()
+    return n > 0, n
 
 
 def _versions() -> dict[str, str | None]:

@@ -160,7 +160,9 @@ class Blocks:
     """Fixed-length blocks over a memory-mapped token file, in a seeded order per epoch."""
 
     def __init__(self, path: Path, dtype: str, block_size: int, seed: int):
-        self.tokens = np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
+        self.tokens: Any = (
+            np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
+        )
         self.block_size = block_size
         self.n = len(self.tokens) // block_size
         self.seed = seed

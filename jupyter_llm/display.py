@@ -1,0 +1,216 @@
+"""Rich display of runs for notebooks: plain HTML, and a live view that updates itself.
+
+The live view is a background thread that re-renders a display (by display_id) at most
+once a second until the run ends; it only reads the run folder.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import threading
+import time
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from .runs import Run, State
+
+if TYPE_CHECKING:
+    from .errors import SpecError
+    from .preflight import DryRun
+
+COLORS = {"completed": "#2e7d32", "failed": "#c62828", "stopped": "#6d4c41", "running": "#1565c0",
+          "starting": "#6a1b9a", "resuming": "#6a1b9a", "stopping": "#ef6c00", "created": "#616161"}  # fmt: skip
+UPDATE_S = 1.0  # at most one redraw a second
+
+
+def progress(run: Run) -> dict[str, Any]:
+    """Step, total, fraction, ETA (s) and the latest metrics, from the folder alone."""
+    st = run.status()
+    metrics = run.metrics()
+    train = [m for m in metrics if "loss" in m]
+    val = [m for m in metrics if "val_loss" in m]
+    try:
+        total = run.spec.train.max_steps
+    except Exception:
+        total = None
+    step = train[-1]["step"] if train else 0
+    eta = None
+    if total and len(train) >= 2 and not State(st["state"]).terminal:
+        a, b = train[max(0, len(train) - 5)], train[-1]
+        if b["step"] > a["step"]:
+            eta = (b["time"] - a["time"]) / (b["step"] - a["step"]) * (total - step)
+    return {
+        "state": st["state"],
+        "step": step,
+        "total": total,
+        "fraction": min(1.0, step / total) if total else 0.0,
+        "eta_s": eta,
+        "last": train[-1] if train else {},
+        "last_val": val[-1] if val else {},
+        "error": st.get("error"),
+        "n_metrics": len(metrics),
+    }
+
+
+def _badge(state: str) -> str:
+    color = COLORS.get(state, "#616161")
+    return (f'<span style="background:{color};color:white;padding:1px 7px;border-radius:8px;'
+            f'font-size:90%">{html.escape(state)}</span>')  # fmt: skip
+
+
+def _fmt_s(s: float | None) -> str:
+    if s is None:
+        return ""
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def run_html(run: Run) -> str:
+    p = progress(run)
+    pct = int(100 * p["fraction"])
+    eta = f" · ETA {_fmt_s(p['eta_s'])}" if p["eta_s"] is not None else ""
+    cells = []
+    for key, m in (("loss", p["last"]), ("lr", p["last"]), ("grad_norm", p["last"]), ("tokens_per_s", p["last"]),
+                   ("val_loss", p["last_val"]), ("val_ppl", p["last_val"])):  # fmt: skip
+        if m.get(key) is not None:
+            cells.append(f"<td><b>{key}</b> {m[key]:.4g}</td>")
+    err = f'<div style="color:#c62828">{html.escape(str(p["error"]))}</div>' if p["error"] else ""
+    return (
+        f'<div class="jupyter-llm-run"><b>{html.escape(run.id)}</b> {_badge(p["state"])}'
+        f'<div style="margin:4px 0"><progress value="{pct}" max="100" style="width:60%"></progress> '
+        f"step {p['step']}/{p['total'] or '?'} ({pct}%){eta}</div>"
+        f"<table><tr>{''.join(cells)}</tr></table>{err}"
+        f'<div style="color:#757575;font-size:85%">{html.escape(str(run.path))}</div></div>'
+    )
+
+
+def run_text(run: Run) -> str:
+    p = progress(run)
+    parts = [f"{run.id}: {p['state']}, step {p['step']}/{p['total'] or '?'}"]
+    if p["last"].get("loss") is not None:
+        parts.append(f"loss {p['last']['loss']:.4f}")
+    if p["last_val"].get("val_loss") is not None:
+        parts.append(f"val_loss {p['last_val']['val_loss']:.4f}")
+    if p["eta_s"] is not None:
+        parts.append(f"ETA {_fmt_s(p['eta_s'])}")
+    text = ", ".join(parts)
+    if p["error"]:
+        text += f"\n  error: {p['error']}"
+    return text + f"\n  folder: {run.path}"
+
+
+def runs_rows(runs: list[Run]) -> list[dict[str, Any]]:
+    rows = []
+    for r in runs:
+        try:
+            p, st = progress(r), r.status()
+        except Exception:  # a damaged folder must not break the table
+            continue
+        start, end = st.get("started_at"), st.get("ended_at")
+        duration = None
+        if start:
+            t1 = datetime.fromisoformat(end).timestamp() if end else time.time()
+            duration = t1 - datetime.fromisoformat(start).timestamp()
+        rows.append({"run_id": r.id, "name": st.get("name"), "state": p["state"], "step": p["step"],
+                     "total": p["total"], "loss": p["last"].get("loss"), "started": (start or "")[:19],
+                     "duration_s": duration})  # fmt: skip
+    return rows
+
+
+class RunsTable:
+    """`%llm_runs`: id, name, state, step/total, last loss, started, duration."""
+
+    def __init__(self, runs: list[Run]):
+        self.rows = runs_rows(runs)
+
+    def _repr_html_(self) -> str:
+        if not self.rows:
+            return "<i>no runs</i>"
+        head = "".join(
+            f"<th>{h}</th>" for h in ("run", "name", "state", "step", "loss", "started", "duration")
+        )
+        body = "".join(
+            f"<tr><td>{html.escape(r['run_id'])}</td><td>{html.escape(str(r['name']))}</td><td>{_badge(r['state'])}</td>"
+            f"<td>{r['step']}/{r['total'] or '?'}</td><td>{'' if r['loss'] is None else format(r['loss'], '.4f')}</td>"
+            f"<td>{r['started'].replace('T', ' ')}</td><td>{_fmt_s(r['duration_s'])}</td></tr>"
+            for r in self.rows
+        )
+        return f"<table><tr>{head}</tr>{body}</table>"
+
+    def __repr__(self) -> str:
+        if not self.rows:
+            return "no runs"
+        lines = [f"{'RUN':<44} {'STATE':<10} {'STEP':>11} {'LOSS':>8} {'STARTED':<19} DURATION"]
+        for r in self.rows:
+            loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
+            lines.append(f"{r['run_id']:<44} {r['state']:<10} {str(r['step']) + '/' + str(r['total']):>11} "
+                         f"{loss:>8} {r['started'].replace('T', ' '):<19} {_fmt_s(r['duration_s'])}")  # fmt: skip
+        return "\n".join(lines)
+
+
+def spec_error_text(err: SpecError) -> str:
+    """field → problem (given), aligned, for a UsageError."""
+    rows = err.table()
+    width = max(len(f) for f, _, _ in rows)
+    lines = [f"the spec has {len(rows)} problem(s):"]
+    lines += [f"  {f:<{width}}  {msg}" + (f" (given: {given})" if given else "") for f, given, msg in rows]
+    return "\n".join(lines)
+
+
+def dry_run_html(d: DryRun) -> str:
+    checks = "".join(
+        f"<tr><td>{'✅' if c.ok else '❌'}</td><td>{html.escape(c.name)}</td><td>{html.escape(c.detail)}</td></tr>"
+        for c in d.checks
+    )
+    mem = ""
+    if d.memory:
+        mem = "".join(
+            f"<tr><td>ZeRO {s}</td><td>{m['device']:.3f}</td><td>{m['cpu']:.3f}</td><td>{html.escape(m['source'])}</td></tr>"
+            for s, m in d.memory["per_rank_gib"].items()
+        )
+        mem = (f"<h4>Memory per rank ({d.memory['params']:,} parameters)</h4><table><tr><th>stage</th>"
+               f"<th>device GiB</th><th>CPU GiB</th><th>from</th></tr>{mem}</table>")  # fmt: skip
+    elif d.memory_error:
+        mem = f"<p>memory estimate unavailable: {html.escape(d.memory_error)}</p>"
+    return (
+        f"<h4>Dry run: {'ready' if d.ok else 'NOT ready'}</h4><table>{checks}</table>"
+        f"<h4>Command ({d.ranks} rank(s))</h4><pre>{html.escape(' '.join(d.command))}</pre>{mem}"
+        f"<details><summary>spec</summary><pre>{html.escape(d.spec.to_yaml())}</pre></details>"
+        f"<details><summary>DeepSpeed config</summary><pre>{html.escape(json.dumps(d.ds_config, indent=2))}</pre></details>"
+    )
+
+
+class LiveRun:
+    """Display a run and keep redrawing it (by display_id) until it ends."""
+
+    def __init__(self, run: Run):
+        self.run = run
+
+    def show(self) -> None:
+        from IPython.display import HTML, display
+
+        handle = display(HTML(run_html(self.run)), display_id=True)
+        if self.run.done or handle is None:
+            return
+        t = threading.Thread(
+            target=self._loop, args=(handle,), daemon=True, name=f"jupyter-llm-{self.run.id}"
+        )
+        t.start()
+
+    def _loop(self, handle: Any) -> None:
+        from IPython.display import HTML
+
+        last = ""
+        while True:
+            time.sleep(UPDATE_S)
+            try:
+                done = self.run.done
+                body = run_html(self.run)
+            except Exception:  # the folder may vanish; stop quietly
+                return
+            if body != last:
+                handle.update(HTML(body))
+                last = body
+            if done:
+                return

@@ -1,0 +1,191 @@
+"""IPython magics: parse, call the Python API, display. Nothing here trains or imports torch.
+
+%load_ext jupyter_llm
+%%llm_train [NAME] [--set k=v]... [--dry-run] [--wait]     (YAML spec body)
+%llm_train SPEC [--set k=v]... [--dry-run] [--wait]        (path, or a variable: dict / Spec)
+%llm_train --from RUN [--set k=v]...                       (clone an earlier run's spec)
+%llm_runs · %llm_status [RUN] · %llm_logs [RUN] [-n N] [--rank R] [--follow]
+%llm_stop [RUN] · %llm_resume [RUN] · %llm_attach [RUN]
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from .errors import SpecError, UserError
+from .runs import Run, RunStore
+
+
+def _usage(fn: Any) -> Any:
+    """Turn our user errors into short UsageErrors (no traceback)."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SpecError as e:
+            from .display import spec_error_text
+
+            raise UsageError(spec_error_text(e)) from None
+        except UserError as e:
+            raise UsageError(str(e)) from None
+
+    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+    wrapper.__wrapped__ = fn  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _parse(magic: Any, line: str) -> Any:
+    try:
+        return parse_argstring(magic, line)
+    except UsageError:
+        raise
+    except ValueError as e:  # shlex: unbalanced quotes
+        raise UsageError(f"could not parse the arguments: {e}") from None
+
+
+@magics_class
+class LLMMagics(Magics):
+    @property
+    def store(self) -> RunStore:
+        return RunStore()
+
+    def _run(self, run_id: str | None) -> Run:
+        return self.store.get(run_id)
+
+    # -- train ----------------------------------------------------------------------------
+
+    @line_cell_magic
+    @magic_arguments()
+    @argument("spec", nargs="?", help="cell magic: the run NAME; line magic: a spec path or a variable name")
+    @argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+              help="dotted override, e.g. --set optim.lr=3e-4 (repeatable)")  # fmt: skip
+    @argument("--from", dest="from_run", metavar="RUN", help="clone the spec of an earlier run")
+    @argument("--dry-run", action="store_true", help="validate and show the plan; start nothing")
+    @argument("--wait", action="store_true", help="block until the run ends")
+    @_usage
+    def llm_train(self, line: str, cell: str | None = None) -> Any:
+        """Validate a spec and start a detached DeepSpeed run; returns its Run handle at once."""
+        from .spec import Spec
+
+        args = _parse(self.llm_train, line)
+        overrides = list(args.overrides)
+        if cell is not None:
+            if args.from_run:
+                raise UsageError("use either a YAML cell body or --from RUN, not both")
+            if args.spec:
+                overrides.append(f"name={args.spec}")
+            spec = Spec.from_yaml(cell, overrides)
+        elif args.from_run:
+            if args.spec:
+                raise UsageError("use either SPEC or --from RUN, not both")
+            spec = Spec.from_dict(self._run(args.from_run).spec.to_dict(), overrides)
+        elif args.spec:
+            spec = Spec.load(self._resolve_spec(args.spec), overrides)
+        else:
+            raise UsageError(
+                "give a spec: %%llm_train with a YAML body, %llm_train path/to/spec.yaml, "
+                "%llm_train my_dict_variable, or %llm_train --from RUN"
+            )
+        if args.dry_run:
+            from .preflight import dry_run
+
+            return dry_run(spec)
+        from .launcher import launch
+
+        run = launch(spec)
+        if args.wait:
+            run.wait()
+        return run
+
+    def _resolve_spec(self, name: str) -> Any:
+        ns = self.shell.user_ns if self.shell is not None else {}
+        if name.isidentifier() and name in ns:
+            value = ns[name]
+            from .spec import Spec
+
+            if isinstance(value, Spec | Mapping):
+                return value
+            if isinstance(value, str | os.PathLike):
+                return value
+            raise UsageError(f"{name} is a {type(value).__name__}; give a dict, a Spec or a path")
+        if os.path.isfile(name):
+            return Path(name)  # loaded with from_file: relative data paths resolve against its folder
+        if name.isidentifier():
+            raise UsageError(f"{name!r} is neither a variable in this notebook nor a file")
+        raise UsageError(f"spec file not found: {name}")
+
+    # -- runs -----------------------------------------------------------------------------
+
+    @line_magic
+    @_usage
+    def llm_runs(self, line: str = "") -> Any:
+        """Table of runs: id, name, state, step/total, last loss, started, duration."""
+        from .display import RunsTable
+
+        return RunsTable(self.store.list())
+
+    @line_magic
+    @magic_arguments()
+    @argument("run", nargs="?", help="run id, id prefix or name (default: newest)")
+    @_usage
+    def llm_status(self, line: str = "") -> Any:
+        """State, progress and latest metrics of a run (a snapshot)."""
+        args = _parse(self.llm_status, line)
+        from IPython.display import HTML
+
+        from .display import run_html
+
+        return HTML(run_html(self._run(args.run)))
+
+    @line_magic
+    @magic_arguments()
+    @argument("run", nargs="?")
+    @argument("-n", type=int, default=40, help="lines (default 40)")
+    @argument("--rank", type=int, default=None, help="a rank's log instead of the launcher's")
+    @argument("--follow", action="store_true", help="keep printing until the run ends")
+    @_usage
+    def llm_logs(self, line: str = "") -> None:
+        """The tail of a run's log."""
+        args = _parse(self.llm_logs, line)
+        run = self._run(args.run)
+        for ln in run.logs(args.n, args.rank, follow=args.follow):
+            print(ln, flush=True)
+
+    @line_magic
+    @magic_arguments()
+    @argument("run", nargs="?")
+    @_usage
+    def llm_stop(self, line: str = "") -> str:
+        """Ask a run to stop; its ranks save a checkpoint first."""
+        run = self._run(_parse(self.llm_stop, line).run)
+        return f"{run.id}: {run.stop()}"
+
+    @line_magic
+    @magic_arguments()
+    @argument("run", nargs="?")
+    @_usage
+    def llm_resume(self, line: str = "") -> Run:
+        """Continue a stopped or failed run from its newest complete checkpoint."""
+        return self._run(_parse(self.llm_resume, line).run).resume()
+
+    @line_magic
+    @magic_arguments()
+    @argument("run", nargs="?")
+    @_usage
+    def llm_attach(self, line: str = "") -> Run:
+        """The Run handle of an existing run (after a kernel restart, say), shown live."""
+        return self._run(_parse(self.llm_attach, line).run)
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    ipython.register_magics(LLMMagics)
+
+
+__all__ = ["LLMMagics", "load_ipython_extension"]

@@ -1,0 +1,121 @@
+"""Dry run: what a launch would do, and whether it can, without starting anything.
+
+Shows the validated spec, the DeepSpeed config, the exact launch command, pre-flight checks
+and a memory estimate per ZeRO stage (DeepSpeed's estimators, run in a subprocess so the
+caller never imports torch).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .launcher.local import build_command, free_port, gpu_count, port_free
+from .spec import Spec, deepspeed_config
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class DryRun:
+    spec: Spec
+    ds_config: dict[str, Any]
+    command: list[str]
+    ranks: int
+    checks: list[Check]
+    memory: dict[str, Any] | None = None
+    memory_error: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def _repr_html_(self) -> str:
+        from .display import dry_run_html
+
+        return dry_run_html(self)
+
+    def __str__(self) -> str:
+        lines = ["spec:", self.spec.to_yaml(), "deepspeed config:", json.dumps(self.ds_config, indent=2),
+                 "command:", " ".join(self.command), "checks:"]  # fmt: skip
+        lines += [f"  [{'ok' if c.ok else 'FAIL'}] {c.name}: {c.detail}" for c in self.checks]
+        if self.memory:
+            lines.append(f"memory per rank (GiB), {self.memory['params']:,} parameters:")
+            for stage, m in self.memory["per_rank_gib"].items():
+                lines.append(f"  ZeRO {stage}: device {m['device']:.3f}, cpu {m['cpu']:.3f} ({m['source']})")
+        elif self.memory_error:
+            lines.append(f"memory estimate unavailable: {self.memory_error}")
+        return "\n".join(lines)
+
+
+def dry_run(spec: Spec, estimate_memory: bool = True) -> DryRun:
+    gpus = gpu_count()
+    pp = spec.distributed.procs_per_node
+    ranks = pp if isinstance(pp, int) else (gpus or 1)
+    checks = []
+    want = spec.distributed.master_port
+    if want is not None:
+        checks.append(
+            Check("master port", port_free(want), f"{want} {'free' if port_free(want) else 'in use'}")
+        )
+    else:
+        checks.append(Check("master port", True, f"picked just before launch (now e.g. {free_port()})"))
+    for mod in ("deepspeed", "torch", "transformers"):
+        found = importlib.util.find_spec(mod) is not None
+        checks.append(Check(f"{mod} importable", found, "found" if found else f"pip install {mod}"))
+    for f in [*spec.data.train, *(spec.data.validation or [])]:
+        size = os.path.getsize(f) if os.path.isfile(f) else None
+        checks.append(
+            Check(
+                "data file", size is not None, f"{f} ({_size(size)})" if size is not None else f"{f} missing"
+            )
+        )
+    if gpus:
+        checks.append(Check("ranks", ranks <= gpus, f"{ranks} rank(s) on {gpus} GPU(s)"))
+    else:
+        cores = os.cpu_count() or 1
+        checks.append(Check("ranks", True, f"{ranks} CPU rank(s) on {cores} core(s)"
+                            + (" (more ranks than cores: slow)" if ranks > cores else "")))  # fmt: skip
+    argv, env = build_command(Path("<run folder>"), ranks, want or 29500, cpu=not gpus)
+    memory, err = _estimate(spec, ranks) if estimate_memory else (None, None)
+    shown_env: dict[str, str] = {k: env[k] for k in ("OMP_NUM_THREADS", "GLOO_SOCKET_IFNAME") if k in env}
+    return DryRun(spec, deepspeed_config(spec), argv, ranks, checks, memory, err, shown_env)
+
+
+def _estimate(spec: Spec, ranks: int) -> tuple[dict[str, Any] | None, str | None]:
+    with tempfile.TemporaryDirectory() as tmp:
+        f = Path(tmp) / "spec.yaml"
+        f.write_text(spec.to_yaml())
+        try:
+            out = subprocess.run(
+                [sys.executable, "-m", "jupyter_llm.train.estimate", str(f), str(ranks)],
+                capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return None, "the estimate took over 120 s"
+    if out.returncode != 0:
+        return None, (out.stderr.strip().splitlines() or ["failed"])[-1]
+    return json.loads(out.stdout.strip().splitlines()[-1]), None
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
