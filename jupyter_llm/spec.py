@@ -144,7 +144,7 @@ class TrainSpec(_Section):
 class OptimSpec(_Section):
     name: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = Field(1.0e-3, gt=0, le=10)
-    min_lr: float = Field(1.0e-4, ge=0)  # floor of the cosine / linear decay
+    min_lr: float = Field(1.0e-4, ge=0)  # floor of the cosine decay (linear decays to 0)
     weight_decay: float = Field(0.1, ge=0, le=10)
     betas: tuple[float, float] = (0.9, 0.99)
     eps: float = Field(1.0e-8, gt=0)
@@ -443,6 +443,9 @@ def deepspeed_config(spec: Spec) -> dict[str, Any]:
         optimizer = {"type": "AdamW" if o.name == "adamw" else "Adam", "params": params}
     warmup = min(100, t.max_steps // 10) if o.warmup_steps is None else o.warmup_steps
     warmup = min(warmup, max(t.max_steps - 1, 0))
+    # DeepSpeed's schedulers need warmup_num_steps >= 1; "no warmup" is a flat warmup at full lr
+    flat = warmup == 0
+    warmup = max(warmup, 1)
     min_ratio = o.min_lr / o.lr
     if o.scheduler == "cosine":
         scheduler = {
@@ -450,7 +453,7 @@ def deepspeed_config(spec: Spec) -> dict[str, Any]:
             "params": {
                 "total_num_steps": t.max_steps,
                 "warmup_num_steps": warmup,
-                "warmup_min_ratio": 0.0,
+                "warmup_min_ratio": 1.0 if flat else 0.0,
                 "cos_min_ratio": min_ratio,
                 "warmup_type": "linear",
             },
@@ -461,7 +464,7 @@ def deepspeed_config(spec: Spec) -> dict[str, Any]:
             "params": {
                 "total_num_steps": t.max_steps,
                 "warmup_num_steps": warmup,
-                "warmup_min_lr": 0.0,
+                "warmup_min_lr": o.lr if flat else 0.0,
                 "warmup_max_lr": o.lr,
                 "warmup_type": "linear",
             },
@@ -471,7 +474,7 @@ def deepspeed_config(spec: Spec) -> dict[str, Any]:
             "type": "WarmupLR",
             "params": {
                 "warmup_num_steps": warmup,
-                "warmup_min_lr": 0.0,
+                "warmup_min_lr": o.lr if flat else 0.0,
                 "warmup_max_lr": o.lr,
                 "warmup_type": "linear",
             },

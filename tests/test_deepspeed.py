@@ -248,3 +248,23 @@ def _job_alive(run: Run) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_supervisor_killed_then_resume(corpus: Path) -> None:
+    """SIGKILL of the supervisor: the run reads as failed (lost); resume kills the orphaned
+    job by its environment tag, continues from the newest checkpoint and completes."""
+    run = launch(tiny_spec(corpus, name="orphan", train={"max_steps": 300, "save_every": 20, "log_every": 5}))
+    wait_for(lambda: run.checkpoints(), what="a checkpoint")
+    st = run.status()
+    os.kill(st["pid"], signal.SIGKILL)
+    wait_for(lambda: run.status().get("lost"), timeout=10, what="the run to read as lost")
+    assert run.state == "failed"
+    assert _job_alive(run)  # the orphaned ranks are still going
+    old_pgid = st["job_pgid"]
+    run.resume()
+    assert finished(run)["state"] == "completed"
+    reaped = [e for e in run.events() if e["event"] == "reaped_orphans"]
+    assert reaped and reaped[0]["pids"]
+    with pytest.raises(ProcessLookupError):
+        os.killpg(old_pgid, 0)
+    assert any(e["event"] == "resumed_from" for e in run.events())

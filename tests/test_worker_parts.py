@@ -148,3 +148,45 @@ def test_checkpoint_listing_ignores_unmarked(tmp_path: Path) -> None:
     (ck / "step00000030" / "COMPLETE").write_text("garbage")
     with pytest.raises(CheckpointError, match="step00000030"):
         complete_checkpoints(ck)
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "linear", "constant"])
+@pytest.mark.parametrize("warmup", [0, 1, 5, None])
+def test_derived_schedules_build_in_deepspeed(scheduler: str, warmup: int | None, corpus: Path) -> None:
+    """Every derived scheduler config is accepted by DeepSpeed's own classes; no warmup means
+    full lr from the first step, and cosine ends at min_lr."""
+    import torch
+    from deepspeed.runtime import lr_schedules
+
+    from jupyter_llm.spec import deepspeed_config
+
+    spec = Spec.from_dict({"data": {"train": str(corpus)}, "train": {"max_steps": 50},
+                           "optim": {"lr": 1e-3, "min_lr": 1e-4, "scheduler": scheduler, "warmup_steps": warmup}})  # fmt: skip
+    sched_cfg = deepspeed_config(spec)["scheduler"]
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = getattr(lr_schedules, sched_cfg["type"])(opt, **sched_cfg["params"])
+    lrs = []
+    for _ in range(50):
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    if warmup == 0:
+        assert lrs[0] == pytest.approx(1e-3)
+    else:
+        assert lrs[0] < 1e-3
+    assert max(lrs) == pytest.approx(1e-3, rel=0.01)
+    if scheduler == "cosine":
+        assert lrs[-1] == pytest.approx(1e-4, rel=0.05)
+
+
+def test_char_fast_path_handles_unseen_characters(small_corpus: Path, tmp_path: Path) -> None:
+    from jupyter_llm.train.data import build_tokenizer, tokenize_to_files
+
+    val = tmp_path / "val.txt"
+    val.write_text("Speak — speak, 你好! \x00 tab\there\n")
+    spec = Spec.from_dict({"tokenizer": {"train": {"kind": "char"}},
+                           "data": {"train": str(small_corpus), "validation": str(val)}})  # fmt: skip
+    tok = build_tokenizer(spec, tmp_path / "tok")
+    index = tokenize_to_files(spec, tok, tmp_path / "data")
+    got = np.fromfile(tmp_path / "data" / "val.bin", dtype=index["dtype"]).tolist()
+    assert got == [*tok(val.read_text(), add_special_tokens=False)["input_ids"], tok.eos_token_id]
+    assert tok.unk_token_id in got

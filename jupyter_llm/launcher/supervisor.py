@@ -9,6 +9,7 @@ records why a job failed and which rank it was.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import platform
@@ -86,6 +87,9 @@ class Supervisor:
 
     def _supervise(self, attempt: int) -> int:
         spec = self.run.spec
+        reaped = reap_orphans(self.run.id)
+        if reaped:  # an earlier attempt's job outlived its supervisor (SIGKILL, say)
+            self.event("reaped_orphans", pids=reaped)
         cuda, ngpu = _gpus()
         pp = spec.distributed.procs_per_node
         nprocs = pp if isinstance(pp, int) else (ngpu or 1)
@@ -262,6 +266,26 @@ def _collateral(failure: dict[str, Any]) -> bool:
         return True
     msg = failure["message"].lower()
     return any(k in msg for k in ("connection reset", "connection closed", "gloo", "nccl", "broken pipe"))
+
+
+def reap_orphans(run_id: str) -> list[int]:
+    """Kill processes of earlier attempts of this run, found by the job tag in their
+    environment (set by build_command), never by name pattern; returns their pids."""
+    import psutil
+
+    mine = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            tag = p.environ().get("JUPYTER_LLM_JOB", "")
+        except (psutil.Error, OSError):
+            continue
+        if tag.startswith(f"{run_id}:") and p.pid != os.getpid():
+            mine.append(p)
+    for p in mine:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(mine, timeout=10)
+    return [p.pid for p in mine]
 
 
 def _gpus() -> tuple[bool, int]:

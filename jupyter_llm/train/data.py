@@ -90,13 +90,18 @@ def _train_tokenizer(kind: str, vocab_size: int, specials: list[str], spec: Spec
 
     unk = "[UNK]" if "[UNK]" in specials else "<unk>"
     if kind == "char":
-        tok = Tokenizer(models.WordLevel(unk_token=unk))
+        # the vocabulary is the set of characters: collected directly, far faster than a
+        # trainer that sees every character as a pre-token
+        chars: set[str] = set()
+        for doc in read_documents(spec.data.train, spec.data.text_field):
+            chars.update(doc)
+        vocab = {t: i for i, t in enumerate([*specials, *sorted(chars - set(specials))])}
+        tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
         tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
         tok.decoder = decoders.Fuse()
-        trainer: Any = trainers.WordLevelTrainer(
-            vocab_size=10_000_000, min_frequency=1, special_tokens=specials
-        )
-    elif kind == "bpe":
+        return tok
+    trainer: Any
+    if kind == "bpe":
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
@@ -121,9 +126,10 @@ def tokenize_to_files(spec: Spec, tok: Any, out_dir: Path) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     d = spec.data
     sep = tok.eos_token_id if spec.model.task == "causal-lm" else tok.sep_token_id
-    train = _encode(read_documents(d.train, d.text_field), tok, sep)
+    encode = _char_encoder(tok) if spec.tokenizer.train and spec.tokenizer.train.kind == "char" else None
+    train = _encode(read_documents(d.train, d.text_field), tok, sep, encode)
     if d.validation:
-        val = _encode(read_documents(d.validation, d.text_field), tok, sep)
+        val = _encode(read_documents(d.validation, d.text_field), tok, sep, encode)
     else:
         n_val = int(len(train) * d.val_fraction)
         train, val = train[: len(train) - n_val], train[len(train) - n_val :]
@@ -137,13 +143,38 @@ def tokenize_to_files(spec: Spec, tok: Any, out_dir: Path) -> dict[str, Any]:
     return index
 
 
-def _encode(docs: Iterator[str], tok: Any, sep: int | None, batch: int = 256) -> np.ndarray:
+def _char_encoder(tok: Any) -> Any:
+    """Vectorised encoding for a character-level vocabulary: code point -> id by lookup.
+
+    Gives exactly what the tokenizer gives (tested), without a pre-token per character.
+    """
+    vocab = {t: i for t, i in tok.get_vocab().items() if len(t) == 1}
+    cps = np.array(sorted(ord(c) for c in vocab), dtype=np.uint32)
+    ids = np.array([vocab[chr(c)] for c in cps], dtype=np.int64)
+    unk = tok.unk_token_id
+
+    def encode(docs: list[str]) -> list[np.ndarray]:
+        out = []
+        for doc in docs:
+            a = np.frombuffer(doc.encode("utf-32-le"), dtype=np.uint32)
+            idx = np.minimum(np.searchsorted(cps, a), len(cps) - 1)
+            out.append(np.where(cps[idx] == a, ids[idx], unk))
+        return out
+
+    return encode
+
+
+def _encode(
+    docs: Iterator[str], tok: Any, sep: int | None, encode: Any = None, batch: int = 256
+) -> np.ndarray:
     parts: list[np.ndarray] = []
     buf: list[str] = []
+    tail = np.asarray([sep] if sep is not None else [], dtype=np.int64)
 
     def flush() -> None:
-        for ids in tok(buf, add_special_tokens=False)["input_ids"]:
-            parts.append(np.asarray(ids + ([sep] if sep is not None else []), dtype=np.int64))
+        encoded = encode(buf) if encode else tok(buf, add_special_tokens=False)["input_ids"]
+        for ids in encoded:
+            parts.append(np.concatenate([np.asarray(ids, dtype=np.int64), tail]))
         buf.clear()
 
     for doc in docs:

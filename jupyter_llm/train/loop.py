@@ -41,6 +41,7 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
     import psutil
     import torch
     import torch.distributed as dist
+    from transformers import AutoTokenizer  # every rank, in parallel: not after the barrier
 
     from ..spec import Spec
     from . import checkpoint
@@ -65,8 +66,6 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
         tok = build_tokenizer(spec, tok_dir)
         tokenize_to_files(spec, tok, data_dir)
     dist.barrier()
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(tok_dir)
     index = json.loads((data_dir / "index.json").read_text())
     body = d.block_size - 2 if masked else d.block_size  # masked blocks get [CLS] ... [SEP]
