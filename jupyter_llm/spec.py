@@ -139,6 +139,9 @@ class TrainSpec(_Section):
     save_every: int = Field(500, ge=0)  # steps between checkpoints; 0 = only on stop
     keep_checkpoints: int = Field(2, ge=1)  # newest complete checkpoints kept
     stop_grace_s: float = Field(120, ge=0)  # seconds a stop waits for the final checkpoint
+    # seconds without any sign of progress (metrics, events, rank logs), counted from the
+    # first logged step, before the job is declared hung and stopped; 0 = never
+    hang_timeout_s: float = Field(1800, ge=0)
 
 
 class OptimSpec(_Section):

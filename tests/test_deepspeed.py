@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -50,7 +51,10 @@ def losses(run: Run, attempt: int | None = None) -> dict[int, float]:
 
 def test_causal_char_lm_learns_via_cli(corpus: Path, tmp_path: Path) -> None:
     """CLI `train --wait` on Tiny Shakespeare: validation loss falls well below its start."""
-    spec = tiny_spec(corpus, train={"max_steps": 120, "eval_every": 40, "save_every": 0, "log_every": 10})
+    spec = tiny_spec(
+        corpus,
+        train={"max_steps": 120, "eval_every": 40, "save_every": 0, "log_every": 10, "micro_batch_size": 32},
+    )
     f = tmp_path / "spec.yaml"
     f.write_text(yaml.safe_dump(spec))
     t0 = time.monotonic()
@@ -237,7 +241,8 @@ def test_rank_exception_is_reported(tmp_path: Path) -> None:
                            train={"eval_every": 0}))  # fmt: skip
     st = finished(run, 300)
     assert st["state"] == "failed"
-    assert "rank 0 failed: ValueError" in st["error"] and "data.block_size" in st["error"]
+    assert re.match(r"rank [01] failed: ValueError: training text has \d+ tokens", st["error"]), st["error"]
+    assert "data.block_size" in st["error"]
     assert not _job_alive(run)
 
 
@@ -268,3 +273,16 @@ def test_supervisor_killed_then_resume(corpus: Path) -> None:
     with pytest.raises(ProcessLookupError):
         os.killpg(old_pgid, 0)
     assert any(e["event"] == "resumed_from" for e in run.events())
+
+
+def test_hung_job_is_reported_and_stopped(corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 0 stalls (fault injection) and rank 1 waits in a collective: no progress for
+    train.hang_timeout_s, so the supervisor stops the job and says it hung."""
+    monkeypatch.setenv("JUPYTER_LLM_FAULT", "hang_at_step:6")
+    run = launch(tiny_spec(corpus, name="hang", train={"max_steps": 100, "log_every": 1, "eval_every": 0,
+                                                        "save_every": 0, "hang_timeout_s": 6, "stop_grace_s": 0}))  # fmt: skip
+    st = finished(run, 300)
+    assert st["state"] == "failed" and st["error"].startswith("hung: no progress for 6 s"), st
+    assert max(losses(run)) == 5
+    assert any(e["event"] == "hung" for e in run.events())
+    assert not _job_alive(run)

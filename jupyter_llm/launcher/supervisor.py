@@ -46,6 +46,8 @@ class Supervisor:
         self.stop_requested_at: float | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.first_dead: dict[str, Any] | None = None
+        self.hung: str | None = None
+        self.launched_at = time.time()
 
     # -- status -------------------------------------------------------------------------
 
@@ -112,12 +114,15 @@ class Supervisor:
             )  # fmt: skip
         self.event("launched", attempt=attempt, ranks=nprocs, master_port=port, command=argv,
                    job_pgid=self.proc.pid)  # fmt: skip
+        self.launched_at = time.time()
         self.set_status(State.RUNNING, job_pgid=self.proc.pid, world_size=nprocs, master_port=port)
         rc = self._watch()
         self._kill_group()  # nothing of this job outlives it
         final = (self.dir / "final" / "config.json").is_file()
         if rc == 0 and final:
             return self._finish(State.COMPLETED, rc, None)
+        if self.hung:
+            return self._fail(self.hung, rc)
         if self.stop_signal is not None:
             if self._stopped_cleanly():
                 return self._finish(State.STOPPED, rc, None)
@@ -131,11 +136,17 @@ class Supervisor:
     def _watch(self) -> int:
         assert self.proc is not None
         grace = self.run.spec.train.stop_grace_s
+        hang_s = self.run.spec.train.hang_timeout_s
         sent: set[int] = set()
         while (rc := self.proc.poll()) is None:
             time.sleep(POLL_S)
             self._track_ranks()
             self._handle_stop()
+            if hang_s and self.hung is None and self._stalled(hang_s):
+                self.hung = f"hung: no progress for {hang_s:g} s (train.hang_timeout_s); stopped"
+                self.event("hung", timeout_s=hang_s)
+                self._signal_group(signal.SIGTERM)
+                self.stop_requested_at = self.stop_requested_at or time.monotonic() - grace - SIGINT_WAIT_S
             if self.stop_requested_at is None:
                 continue
             waited = time.monotonic() - self.stop_requested_at
@@ -146,6 +157,24 @@ class Supervisor:
                     self.event("signal", signal=signal.Signals(sig).name, after_s=round(waited, 1))
                     self._signal_group(sig)
         return rc
+
+    def _stalled(self, timeout_s: float) -> bool:
+        """No write by the job (metrics, events, rank logs) for `timeout_s`, counted from its
+        first metrics line of this attempt: start-up (op builds, data, downloads) may be long."""
+        try:
+            if (self.dir / "metrics.jsonl").stat().st_mtime < self.launched_at:
+                return False
+        except OSError:
+            return False
+        newest = self.launched_at
+        for p in [
+            self.dir / "metrics.jsonl",
+            self.dir / "events.jsonl",
+            *(self.dir / "logs").glob("rank*.log"),
+        ]:
+            with contextlib.suppress(OSError):
+                newest = max(newest, p.stat().st_mtime)
+        return time.time() - newest > timeout_s
 
     def _on_stop_signal(self, signum: int, frame: Any) -> None:
         # only note it: the watch loop acts on it, so no file is written from a signal handler
@@ -171,8 +200,18 @@ class Supervisor:
         except (ProcessLookupError, PermissionError):
             pass
 
-    def _kill_group(self) -> None:
+    def _kill_group(self, wait_s: float = 10.0) -> None:
+        """SIGKILL the job's process group and wait until it is gone (reaped)."""
         self._signal_group(signal.SIGKILL)
+        if self.proc is None:
+            return
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(self.proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
 
     def _track_ranks(self) -> None:
         """Remember the first rank whose process vanished: that one failed first."""

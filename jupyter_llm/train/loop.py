@@ -165,7 +165,10 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
             )
     engine.train()
     window_start = time.perf_counter()
+    hang_at = _fault("hang_at_step")
     for step in range(start_step + 1, t.max_steps + 1):
+        if hang_at == step and master:  # fault injection for the hang test: rank 0 stalls
+            time.sleep(3600)
         for micro in range(t.grad_accum):
             out = engine(**train_batch(step, micro))
             engine.backward(out.loss)
@@ -270,6 +273,12 @@ def _mask_tokens(ids: Any, tok: Any, prob: float, gen: Any) -> tuple[Any, Any]:
     rand = chosen & (roll >= 0.8) & (roll < 0.9)
     ids[rand] = torch.randint(len(tok), ids.shape, generator=gen)[rand]
     return ids, labels
+
+
+def _fault(name: str) -> int | None:
+    """Fault injection for tests: JUPYTER_LLM_FAULT=hang_at_step:N."""
+    kind, _, arg = os.environ.get("JUPYTER_LLM_FAULT", "").partition(":")
+    return int(arg) if kind == name and arg.isdigit() else None
 
 
 def _seed(*parts: int) -> int:
