@@ -90,6 +90,14 @@ class TokenizerSpec(_Section):
         return str(path)
 
 
+class CleanSpec(_Section):
+    normalize: Literal["NFC", "NFKC"] | None = None  # unicode normalisation form
+    strip_control: bool = False  # drop control characters except newline, tab, carriage return
+    min_chars: int = Field(1, ge=0)  # documents shorter than this (after cleaning) are dropped
+    max_chars: int | None = Field(None, ge=1)  # and longer than this
+    dedup: bool = False  # drop exact duplicate documents (by content hash)
+
+
 class DataSpec(_Section):
     train: list[str]  # files or globs
     validation: list[str] | None = None  # None: split val_fraction off the training text
@@ -97,6 +105,7 @@ class DataSpec(_Section):
     text_field: str = "text"  # JSONL key / CSV column holding the text
     block_size: int = Field(64, ge=4, le=131072)  # tokens per training sequence
     mlm_probability: float = Field(0.15, gt=0, lt=1)  # masked-lm only
+    clean: CleanSpec = CleanSpec()
 
     @field_validator("train", "validation", mode="before")
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -190,3 +191,102 @@ def test_char_fast_path_handles_unseen_characters(small_corpus: Path, tmp_path: 
     got = np.fromfile(tmp_path / "data" / "val.bin", dtype=index["dtype"]).tolist()
     assert got == [*tok(val.read_text(), add_special_tokens=False)["input_ids"], tok.eos_token_id]
     assert tok.unk_token_id in got
+
+
+def _prep_spec(corpus: Path, **clean: Any) -> Spec:
+    return Spec.from_dict({"tokenizer": {"train": {"kind": "char"}},
+                           "data": {"train": str(corpus), "clean": clean}})  # fmt: skip
+
+
+def test_prepare_cache_hits_and_misses(small_corpus: Path, tmp_path: Path) -> None:
+    from jupyter_llm.train.data import build_tokenizer, prepare
+
+    spec = _prep_spec(small_corpus)
+    tok = build_tokenizer(spec, tmp_path / "tok")
+    cache = tmp_path / "cache"
+    first, hit1 = prepare(spec, tok, cache)
+    mtime = (first / "train.bin").stat().st_mtime_ns
+    again, hit2 = prepare(spec, tok, cache)
+    assert (hit1, hit2) == (False, True) and again == first
+    assert (first / "train.bin").stat().st_mtime_ns == mtime  # not rewritten
+    # the same bytes under another name still hit: the key is the content, not the path
+    copy = tmp_path / "copy.txt"
+    copy.write_bytes(small_corpus.read_bytes())
+    assert prepare(_prep_spec(copy), tok, cache) == (first, True)
+    # one byte changed: a miss, a new folder
+    data = bytearray(small_corpus.read_bytes())
+    data[10] = ord("X") if data[10] != ord("X") else ord("Y")
+    copy.write_bytes(bytes(data))
+    changed, hit3 = prepare(_prep_spec(copy), tok, cache)
+    assert not hit3 and changed != first
+    # cleaning parameters are part of the key too
+    assert prepare(_prep_spec(small_corpus, dedup=True), tok, cache)[0] not in (first, changed)
+    assert sorted(p.name for p in cache.iterdir() if p.name.startswith(".")) == []
+
+
+def test_prepare_killed_midway_leaves_nothing_valid(small_corpus: Path, tmp_path: Path) -> None:
+    """SIGKILL while half the files are written: no folder under the key's name; a rerun
+    removes the leftover and gives the same result as an uninterrupted preparation."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from jupyter_llm.train.data import build_tokenizer, cache_key, prepare
+
+    spec = _prep_spec(small_corpus)
+    tok = build_tokenizer(spec, tmp_path / "tok")
+    cache = tmp_path / "cache"
+    code = (
+        "import sys; from pathlib import Path; from transformers import AutoTokenizer\n"
+        "from jupyter_llm.spec import Spec; from jupyter_llm.train.data import prepare\n"
+        f"spec = Spec.from_yaml({spec.to_yaml()!r})\n"
+        f"prepare(spec, AutoTokenizer.from_pretrained({str(tmp_path / 'tok')!r}), Path({str(cache)!r}))\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], env=dict(os.environ, JUPYTER_LLM_FAULT="stall_prepare")
+    )
+    deadline = time.monotonic() + 60
+    while not list(cache.glob(".*.tmp-*/train.bin")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(cache.glob(".*.tmp-*/train.bin")), "preparation never got half way"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    key = cache_key(spec, tok)
+    assert not (cache / key).exists()  # nothing that looks valid
+    path, hit = prepare(spec, tok, cache)
+    assert not hit and path == cache / key
+    assert not list(cache.glob(".*.tmp-*"))  # the dead writer's leftovers are gone
+    ref, _ = prepare(spec, tok, tmp_path / "clean-cache")
+    for f in ("train.bin", "val.bin"):
+        assert (path / f).read_bytes() == (ref / f).read_bytes()
+
+
+def test_cleaning_steps_and_stats(tmp_path: Path) -> None:
+    import json as _json
+
+    from jupyter_llm.train.data import build_tokenizer, prepare
+
+    f = tmp_path / "docs.jsonl"
+    docs = [
+        "ﬁne café",
+        "ﬁne café",
+        "tiny",
+        "ctrl\x07chars\x1b here",
+        "a" * 500,
+        "keep this one",
+        "keep this one",
+    ]
+    f.write_text("".join(_json.dumps({"text": d}) + "\n" for d in docs))
+    spec = _prep_spec(f, normalize="NFKC", strip_control=True, min_chars=5, max_chars=100, dedup=True)
+    tok = build_tokenizer(spec, tmp_path / "tok")
+    path, _ = prepare(spec, tok, tmp_path / "cache")
+    index = _json.loads((path / "index.json").read_text())
+    assert index["stats"] == {"documents_read": 7, "documents": 3, "duplicates": 2, "dropped_length": 2}
+    assert sum(index["length_histogram"].values()) == 3
+    ids = np.concatenate([np.fromfile(path / f"{s}.bin", dtype=index["dtype"]) for s in ("train", "val")])
+    text = tok.decode(ids.tolist(), skip_special_tokens=True)
+    assert "fine café" in text and "ﬁ" not in text  # NFKC folded the ligature
+    assert "ctrlchars here" in text and "\x07" not in text
+    assert text.count("keep this one") == 1 and "tiny" not in text and "aaaa" not in text

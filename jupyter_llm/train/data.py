@@ -1,14 +1,24 @@
-"""Worker-side data: read documents, build or train the tokenizer, pack token blocks.
+"""Worker-side data: read and clean documents, build or train the tokenizer, pack blocks.
 
-A plain in-process version: rank 0 tokenizes once into `data/*.bin` (uint16 when the
-vocabulary fits) and every rank memory-maps the result. Which samples a rank sees at a
-given step is a pure function of (seed, step), so resuming needs only the step.
+Rank 0 tokenizes once into a cache folder keyed by a hash of the inputs' contents, the
+tokenizer and the parameters (`prepare`), written under a temporary name and renamed into
+place, so a rerun is instant and an interrupted one leaves nothing that looks valid. Every
+rank memory-maps the token files (uint16 when the vocabulary fits). Which samples a rank
+sees at a given step is a pure function of (seed, step), so resuming needs only the step.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import os
+import re
+import secrets
+import shutil
+import time
+import unicodedata
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -63,6 +73,35 @@ def read_documents(files: list[str], text_field: str) -> Iterator[str]:
                 raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
+FORMAT = 1  # bump when the layout of prepared data changes: old cache entries stop matching
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def documents(spec: Spec, files: list[str], stats: Counter[str] | None = None) -> Iterator[str]:
+    """Cleaned documents of `files` as the spec's `data.clean` asks; counts into `stats`."""
+    c = spec.data.clean
+    stats = Counter() if stats is None else stats
+    seen: set[bytes] = set()
+    for doc in read_documents(files, spec.data.text_field):
+        stats["documents_read"] += 1
+        if c.normalize:
+            doc = unicodedata.normalize(c.normalize, doc)
+        if c.strip_control:
+            doc = _CONTROL.sub("", doc)
+        if len(doc) < max(c.min_chars, 1) or (c.max_chars and len(doc) > c.max_chars):
+            stats["dropped_length"] += 1
+            continue
+        if c.dedup:
+            digest = hashlib.blake2b(doc.encode(), digest_size=16).digest()
+            if digest in seen:
+                stats["duplicates"] += 1
+                continue
+            seen.add(digest)
+        stats["documents"] += 1
+        stats[f"len_2^{len(doc).bit_length()}"] += 1  # histogram of lengths, power-of-two bins
+        yield doc
+
+
 def build_tokenizer(spec: Spec, out_dir: Path) -> Any:
     """Load the tokenizer the spec names, or train one on the training text; save to out_dir."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -93,7 +132,7 @@ def _train_tokenizer(kind: str, vocab_size: int, specials: list[str], spec: Spec
         # the vocabulary is the set of characters: collected directly, far faster than a
         # trainer that sees every character as a pre-token
         chars: set[str] = set()
-        for doc in read_documents(spec.data.train, spec.data.text_field):
+        for doc in documents(spec, spec.data.train):
             chars.update(doc)
         vocab = {t: i for i, t in enumerate([*specials, *sorted(chars - set(specials))])}
         tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
@@ -116,9 +155,67 @@ def _train_tokenizer(kind: str, vocab_size: int, specials: list[str], spec: Spec
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
         trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials)
-    docs = read_documents(spec.data.train, spec.data.text_field)
-    tok.train_from_iterator(docs, trainer=trainer)
+    tok.train_from_iterator(documents(spec, spec.data.train), trainer=trainer)
     return tok
+
+
+def cache_key(spec: Spec, tok: Any) -> str:
+    """Hash of what the prepared data depends on: input contents (not paths), cleaning and
+    split parameters, the task, and the tokenizer's full definition."""
+    h = hashlib.sha256()
+    d = spec.data
+    params = {"format": FORMAT, "task": spec.model.task, "text_field": d.text_field,
+              "val_fraction": None if d.validation else d.val_fraction, "clean": d.clean.model_dump()}  # fmt: skip
+    h.update(json.dumps(params, sort_keys=True).encode())
+    for group in (d.train, d.validation or []):
+        h.update(b"\x00group")
+        for f in group:
+            h.update(file_sha256(f).encode())
+    h.update(tok.backend_tokenizer.to_str().encode())
+    h.update(json.dumps(tok.special_tokens_map, sort_keys=True).encode())
+    return h.hexdigest()[:32]
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def prepare(spec: Spec, tok: Any, cache_root: Path) -> tuple[Path, bool]:
+    """The prepared-data folder for (spec, tok), and whether it came from the cache.
+
+    Built under a temporary dot-name and renamed into place: a folder named by its key is
+    always complete. Leftovers of killed writers (their pid gone) are removed.
+    """
+    cache_root.mkdir(parents=True, exist_ok=True)
+    key = cache_key(spec, tok)
+    final = cache_root / key
+    if (final / "index.json").is_file():
+        return final, True
+    _remove_stale(cache_root)
+    tmp = cache_root / f".{key}.tmp-{os.getpid()}-{secrets.token_hex(3)}"
+    try:
+        tokenize_to_files(spec, tok, tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another writer finished first: theirs is identical
+            if not (final / "index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final, False
+
+
+def _remove_stale(cache_root: Path) -> None:
+    import psutil
+
+    for p in cache_root.glob(".*.tmp-*"):
+        pid = p.name.rsplit(".tmp-", 1)[1].split("-")[0]
+        if not (pid.isdigit() and psutil.pid_exists(int(pid))):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def tokenize_to_files(spec: Spec, tok: Any, out_dir: Path) -> dict[str, Any]:
@@ -127,9 +224,11 @@ def tokenize_to_files(spec: Spec, tok: Any, out_dir: Path) -> dict[str, Any]:
     d = spec.data
     sep = tok.eos_token_id if spec.model.task == "causal-lm" else tok.sep_token_id
     encode = _char_encoder(tok) if spec.tokenizer.train and spec.tokenizer.train.kind == "char" else None
-    train = _encode(read_documents(d.train, d.text_field), tok, sep, encode)
+    stats: Counter[str] = Counter()
+    t0 = time.perf_counter()
+    train = _encode(documents(spec, d.train, stats), tok, sep, encode)
     if d.validation:
-        val = _encode(read_documents(d.validation, d.text_field), tok, sep, encode)
+        val = _encode(documents(spec, d.validation, stats), tok, sep, encode)
     else:
         n_val = int(len(train) * d.val_fraction)
         train, val = train[: len(train) - n_val], train[len(train) - n_val :]
@@ -138,9 +237,28 @@ def tokenize_to_files(spec: Spec, tok: Any, out_dir: Path) -> dict[str, Any]:
     for split, ids in (("train", train), ("val", val)):
         np.asarray(ids, dtype=dtype).tofile(out_dir / f"{split}.bin")
         splits[split] = {"tokens": len(ids)}
-    index = {"dtype": np.dtype(dtype).name, "vocab_size": len(tok), "splits": splits}
-    (out_dir / "index.json").write_text(json.dumps(index, indent=1))
+        if _fault_stall():  # half written: train.bin exists, val.bin and index.json do not
+            time.sleep(3600)
+    if not splits["train"]["tokens"]:
+        raise DataError(f"no training text left in {', '.join(d.train)} after cleaning: {dict(stats)}")
+    index = {
+        "format": FORMAT,
+        "dtype": np.dtype(dtype).name,
+        "vocab_size": len(tok),
+        "splits": splits,
+        "stats": {k: v for k, v in sorted(stats.items()) if not k.startswith("len_")},
+        "length_histogram": {
+            k[4:]: v for k, v in sorted(stats.items(), key=lambda kv: len(kv[0])) if k.startswith("len_")
+        },
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    (out_dir / "index.json").write_text(json.dumps(index, indent=1))  # written last: marks the folder whole
     return index
+
+
+def _fault_stall() -> bool:
+    """Fault injection for the interrupted-preparation test: JUPYTER_LLM_FAULT=stall_prepare."""
+    return os.environ.get("JUPYTER_LLM_FAULT") == "stall_prepare"
 
 
 def _char_encoder(tok: Any) -> Any:
