@@ -190,6 +190,8 @@ def test_kill_rank_then_resume_matches_uninterrupted(corpus: Path) -> None:
     after = losses(victim, attempt=2)
     assert min(after) == resume_step + 5 and max(after) == 200
     reference = losses(ref)
+    before = {s: v for s, v in losses(victim, attempt=1).items() if s <= resume_step}
+    assert before == {s: reference[s] for s in before}  # same spec and seed: identical losses
     for step, loss in after.items():
         assert loss == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
     val_ref = {m["step"]: m["val_loss"] for m in ref.metrics() if "val_loss" in m}
