@@ -6,6 +6,7 @@ ranks. This module never imports torch; a `Run` can be rebuilt from its folder a
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -220,8 +221,9 @@ class Run:
     def name(self) -> str:
         return str((self.status_raw() or {}).get("name") or self.id)
 
-    @property
+    @functools.cached_property
     def spec(self) -> Spec:
+        """The run's spec (spec.yaml never changes after launch, so it is read once)."""
         from .spec import Spec
 
         return Spec.from_yaml((self.path / "spec.yaml").read_text(encoding="utf-8"))

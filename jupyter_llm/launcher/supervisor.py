@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -334,6 +333,8 @@ def _gpus() -> tuple[bool, int]:
 
 
 def _versions() -> dict[str, str | None]:
+    from importlib import metadata  # lazy: the spawner that the caller waits for skips it
+
     out: dict[str, str | None] = {"python": platform.python_version()}
     for dist in ("jupyter-llm", "torch", "deepspeed", "transformers", "tokenizers"):
         try:
