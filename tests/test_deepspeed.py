@@ -91,6 +91,9 @@ def test_causal_char_lm_learns_via_cli(corpus: Path, tmp_path: Path) -> None:
     assert "deepspeed.launcher.runner" in man["attempts"][0]["command"]
     events = [e["event"] for e in run.events()]
     assert events[:2] == ["created", "launched"] and events[-1] == "completed"
+    # DeepSpeed's CPU shm all-reduce never unlinks its ~70 MB per-rank buffers; the supervisor does
+    port = run.status()["master_port"]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     # status through the CLI
     st = subprocess.run([sys.executable, "-m", "jupyter_llm.cli", "status", run.id, "--json"],
                         capture_output=True, text=True, check=True)  # fmt: skip

@@ -15,13 +15,14 @@ from jupyter_llm.spec import Spec
 
 
 def test_build_command_is_exact(tmp_path: Path) -> None:
-    argv, env = build_command(tmp_path, 2, 29511, attempt=3, python="/py", base_env={"PATH": "/bin"}, cores=8)
-    assert argv == ["/py", "-u", "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+    argv, env = build_command(tmp_path, 2, 29511, attempt=3, python="/venv/bin/py",
+                              base_env={"PATH": "/bin:/venv/bin"}, cores=8)  # fmt: skip
+    assert argv == ["/venv/bin/py", "-u", "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
                     "--master_addr", "127.0.0.1", "--master_port", "29511", "--no_local_rank",
                     "--module", "jupyter_llm.train", str(tmp_path)]  # fmt: skip
     assert env["OMP_NUM_THREADS"] == "4" and env["GLOO_SOCKET_IFNAME"] == "lo"
     assert env["JUPYTER_LLM_ATTEMPT"] == "3" and env["JUPYTER_LLM_JOB"] == f"{tmp_path.name}:3"
-    assert env["PATH"] == "/bin"
+    assert env["PATH"] == "/venv/bin:/bin"  # the venv's tools (ninja for DeepSpeed's JIT ops) first
     _, gpu_env = build_command(tmp_path, 8, 1, cpu=False, base_env={})
     assert "OMP_NUM_THREADS" not in gpu_env
     _, user = build_command(tmp_path, 2, 1, base_env={"OMP_NUM_THREADS": "7"})

@@ -33,8 +33,13 @@ def build_command(
         str(run_dir),
     ]  # fmt: skip
     env = dict(os.environ if base_env is None else base_env)
+    # the interpreter's bin folder first, as an activated venv would have it: DeepSpeed's JIT
+    # builds then find the venv's ninja, the one its ops were prebuilt with (no rebuild)
+    bindir = os.path.dirname(python)
+    path = env.get("PATH", os.defpath).split(os.pathsep)
     env.update(
         {
+            "PATH": os.pathsep.join([bindir, *[p for p in path if p != bindir]]),
             "PYTHONUNBUFFERED": "1",
             "JUPYTER_LLM_RUN_DIR": str(run_dir),
             "JUPYTER_LLM_JOB": f"{run_dir.name}:{attempt}",  # tags every process of this job

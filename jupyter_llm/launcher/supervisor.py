@@ -91,6 +91,8 @@ class Supervisor:
         reaped = reap_orphans(self.run.id)
         if reaped:  # an earlier attempt's job outlived its supervisor (SIGKILL, say)
             self.event("reaped_orphans", pids=reaped)
+        if self.run.status().get("master_port"):  # and maybe left its shm buffers behind
+            _unlink_shm(self.run.status()["master_port"])
         cuda, ngpu = _gpus()
         pp = spec.distributed.procs_per_node
         nprocs = pp if isinstance(pp, int) else (ngpu or 1)
@@ -117,6 +119,7 @@ class Supervisor:
         self.set_status(State.RUNNING, job_pgid=self.proc.pid, world_size=nprocs, master_port=port)
         rc = self._watch()
         self._kill_group()  # nothing of this job outlives it
+        _unlink_shm(port)
         final = (self.dir / "final" / "config.json").is_file()
         if rc == 0 and final:
             return self._finish(State.COMPLETED, rc, None)
@@ -304,6 +307,21 @@ def _collateral(failure: dict[str, Any]) -> bool:
         return True
     msg = failure["message"].lower()
     return any(k in msg for k in ("connection reset", "connection closed", "gloo", "nccl", "broken pipe"))
+
+
+def _unlink_shm(port: int, addr: str = "127.0.0.1") -> list[str]:
+    """Remove the /dev/shm all-reduce buffers of DeepSpeed's CPU shm backend for this job.
+
+    DeepSpeed creates one ~70 MB segment per rank, named after uid, master address and port,
+    and never unlinks them: left alone, every CPU run leaks RAM until the machine swaps.
+    """
+    shm = Path("/dev/shm")
+    gone = []
+    for f in shm.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_*"):
+        with contextlib.suppress(OSError):
+            f.unlink()
+            gone.append(f.name)
+    return gone
 
 
 def reap_orphans(run_id: str) -> list[int]:
