@@ -27,7 +27,22 @@ from pydantic import (
 
 from .errors import _MISSING, Problem, SpecError
 
-DATA_SUFFIXES = (".txt", ".md", ".text", ".jsonl", ".csv")
+DATA_SUFFIXES = (".txt", ".md", ".text", ".jsonl", ".csv", ".parquet")
+
+
+def _check_saved_dataset(path: str) -> None:
+    """A folder is accepted as a dataset written by `datasets.Dataset.save_to_disk`."""
+    if os.path.isfile(os.path.join(path, "dataset_dict.json")):
+        splits = sorted(p.name for p in Path(path).iterdir() if p.is_dir())
+        raise ValueError(
+            f"{path} is a DatasetDict; name one split's folder, one of: "
+            + ", ".join(os.path.join(path, s) for s in splits)
+        )
+    if not os.path.isfile(os.path.join(path, "state.json")):
+        raise ValueError(
+            f"{path} is a folder but not a dataset saved with datasets' save_to_disk "
+            "(no state.json); name files or a glob instead"
+        )
 
 
 class _Section(BaseModel):
@@ -123,10 +138,13 @@ class DataSpec(_Section):
         for pattern in v:
             full = str(_resolve(pattern, info))
             matches = sorted(glob.glob(full)) if glob.has_magic(full) else [full]
-            matches = [m for m in matches if os.path.isfile(m)]
+            matches = [m for m in matches if os.path.isfile(m) or os.path.isdir(m)]
             if not matches:
                 raise ValueError(f"no file matches {full!r}")
             for m in matches:
+                if os.path.isdir(m):
+                    _check_saved_dataset(m)
+                    continue
                 if not m.endswith(DATA_SUFFIXES):
                     raise ValueError(
                         f"unsupported file type {Path(m).suffix!r} ({m}); "

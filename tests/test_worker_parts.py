@@ -75,20 +75,130 @@ def test_trained_tokenizer_and_packing_match_reference(kind: str, small_corpus: 
     assert again(text, add_special_tokens=False)["input_ids"] == reference[:-1]
 
 
-def test_bad_jsonl_names_file_and_line(tmp_path: Path) -> None:
-    from jupyter_llm.train.data import DataError, read_documents
+def _read(path: Path, field: str = "text") -> list[str]:
+    from jupyter_llm.train.data import read_documents
+
+    return ["".join(d()) if callable(d) else d for d in read_documents([str(path)], field)]
+
+
+def test_bad_data_names_file_and_line(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    from jupyter_llm.train.data import DataError
 
     f = tmp_path / "d.jsonl"
     f.write_text('{"text": "ok"}\n{"body": "no text"}\n')
     with pytest.raises(DataError, match=r"d.jsonl:2: no string field 'text'"):
-        list(read_documents([str(f)], "text"))
+        _read(f)
     f.write_text('{"text": "ok"}\n{broken\n')
     with pytest.raises(DataError, match=r"d.jsonl:2: not valid JSON"):
-        list(read_documents([str(f)], "text"))
+        _read(f)
+    f.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:2: not UTF-8"):
+        _read(f)
     b = tmp_path / "b.txt"
     b.write_bytes(b"\xff\xfe\x00binary")
-    with pytest.raises(DataError, match="not UTF-8"):
-        list(read_documents([str(b)], "text"))
+    with pytest.raises(DataError, match=r"b.txt: not UTF-8 text \(byte 0\)"):
+        _read(b)
+    b.write_bytes(b"fine text\n" * 10 + b"\x89PNG")
+    with pytest.raises(DataError, match=r"b.txt: not UTF-8 text \(byte 100\)"):
+        _read(b)
+    c = tmp_path / "d.csv"
+    c.write_text("title,body\na,b\n")
+    with pytest.raises(DataError, match=r"d.csv: no column 'text'.*\['title', 'body'\]"):
+        _read(c)
+    pqf = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"body": ["x"]}), pqf)
+    with pytest.raises(DataError, match=r"d.parquet: no column 'text'.*\['body'\]"):
+        _read(pqf)
+    pq.write_table(pa.table({"text": ["x", None]}), pqf)
+    with pytest.raises(DataError, match=r"d.parquet: row 2: 'text' is None"):
+        _read(pqf)
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match=r"junk.parquet: not a readable Parquet file"):
+        _read(tmp_path / "junk.parquet")
+    Dataset.from_dict({"body": ["x"]}).save_to_disk(tmp_path / "ds")
+    with pytest.raises(DataError, match=r"ds: no column 'text'.*\['body'\]"):
+        _read(tmp_path / "ds")
+
+
+def test_data_folders_are_checked_by_the_spec(tmp_path: Path) -> None:
+    from datasets import Dataset, DatasetDict
+
+    from jupyter_llm.errors import SpecError
+
+    d = Dataset.from_dict({"text": ["a b c"]})
+    DatasetDict({"train": d, "test": d}).save_to_disk(tmp_path / "dd")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "empty.txt").write_text("")
+    for path, msg in (("dd", "is a DatasetDict; name one split's folder"), ("plain", "no state.json"),
+                      ("empty.txt", "file is empty")):  # fmt: skip
+        with pytest.raises(SpecError, match=msg):
+            Spec.from_dict({"data": {"train": str(tmp_path / path)}})
+    spec = Spec.from_dict({"data": {"train": str(tmp_path / "dd" / "train")}})
+    assert spec.data.train == [str(tmp_path / "dd" / "train")]
+
+
+@pytest.mark.parametrize("source", ["parquet", "saved-dataset", "csv"])
+def test_table_sources_pack_like_reference(source: str, small_corpus: Path, tmp_path: Path) -> None:
+    """Rows of Parquet files, saved datasets and CSV become documents, token for token."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    from jupyter_llm.train.data import build_tokenizer, tokenize_to_files
+
+    rows = [ln for ln in small_corpus.read_text().split("\n\n") if ln.strip()]
+    path = tmp_path / {"parquet": "d.parquet", "saved-dataset": "ds", "csv": "d.csv"}[source]
+    if source == "parquet":
+        pq.write_table(pa.table({"id": list(range(len(rows))), "body": rows}), path, row_group_size=7)
+    elif source == "saved-dataset":
+        Dataset.from_dict({"body": rows}).save_to_disk(path)
+    else:
+        import csv
+
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerows([["body"], *[[r] for r in rows]])
+    spec = Spec.from_dict({"tokenizer": {"train": {"kind": "bpe", "vocab_size": 300}},
+                           "data": {"train": str(path), "text_field": "body", "val_fraction": 0},
+                           "train": {"eval_every": 0}})  # fmt: skip
+    tok = build_tokenizer(spec, tmp_path / "tok")
+    index = tokenize_to_files(spec, tok, tmp_path / "data")
+    reference = [t for r in rows for t in [*tok(r, add_special_tokens=False)["input_ids"], tok.eos_token_id]]
+    assert np.fromfile(tmp_path / "data" / "train.bin", dtype=index["dtype"]).tolist() == reference
+    assert index["stats"]["documents"] == len(rows)
+
+
+def test_large_text_streams_in_pieces_token_for_token(corpus: Path, tmp_path: Path, monkeypatch: Any) -> None:
+    """A text file read in small pieces (cut after newlines) packs exactly like the whole text,
+    Windows newlines included; filters see the whole document."""
+    from jupyter_llm.train import data
+
+    text = corpus.read_text()[:60_000]
+    small_corpus = tmp_path / "part.txt"
+    small_corpus.write_text(text)
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(text.replace("\n", "\r\n").encode())
+    spec = Spec.from_dict({"tokenizer": {"train": {"kind": "bpe", "vocab_size": 300}},
+                           "data": {"train": [str(small_corpus), str(crlf)], "val_fraction": 0.1,
+                                    "clean": {"dedup": True}}})  # fmt: skip
+    tok = data.build_tokenizer(spec, tmp_path / "tok")
+    monkeypatch.setattr(data, "PIECE_CHARS", 1000)
+    monkeypatch.setattr(data, "BATCH_CHARS", 3000)
+    pieces = list(data.documents(spec, spec.data.train))
+    assert (
+        len(pieces) > 50 and max(len(p) for p, _ in pieces) < 2000 and [e for _, e in pieces].count(True) == 1
+    )
+    index = data.tokenize_to_files(spec, tok, tmp_path / "data")
+    assert index["stats"] == {"documents": 1, "documents_read": 2, "duplicates": 1}  # crlf.txt == corpus
+    reference = [*tok(text, add_special_tokens=False)["input_ids"], tok.eos_token_id]
+    packed = np.concatenate(
+        [np.fromfile(tmp_path / "data" / f"{s}.bin", dtype=index["dtype"]) for s in ("train", "val")]
+    )
+    assert packed.tolist() == reference
+    assert index["splits"]["val"]["tokens"] == int(len(reference) * 0.1)
 
 
 def test_blocks_order_is_a_pure_function_of_seed(tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import os
 import platform
 import signal
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..hashing import content_sha256
 from ..runs import (
     Run,
     State,
@@ -371,14 +371,10 @@ def _git_sha(cwd: str | None) -> str | None:
 
 
 def _sha256(path: str) -> str | None:
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        return content_sha256(path)
     except OSError:
         return None
-    return h.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,9 @@ sees at a given step is a pure function of (seed, step), so resuming needs only 
 
 from __future__ import annotations
 
+import codecs
 import csv
+import functools
 import hashlib
 import json
 import os
@@ -19,12 +21,13 @@ import shutil
 import time
 import unicodedata
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..hashing import content_sha256
 from ..spec import Spec
 
 CAUSAL_SPECIALS = {"eos_token": "<|endoftext|>", "unk_token": "<unk>"}
@@ -41,22 +44,20 @@ class DataError(ValueError):
     """Bad training data: the message names the file and line."""
 
 
-def read_documents(files: list[str], text_field: str) -> Iterator[str]:
-    """Documents from .txt/.md (one per file), .jsonl (one per line) and .csv (one per row)."""
+Doc = str | Callable[[], Iterator[str]]  # one string, or a text file's pieces (re-readable)
+PIECE_CHARS = 1 << 20  # a text file is read and tokenized in pieces of about this many characters
+
+
+def read_documents(files: list[str], text_field: str) -> Iterator[Doc]:
+    """Documents, streamed: .txt/.md (one per file, in pieces), .jsonl (one per line),
+    .csv (one per row), .parquet (one per row of `text_field`), and datasets saved with
+    `save_to_disk` (one per row)."""
     for name in files:
         path = Path(name)
-        if path.suffix == ".jsonl":
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                    if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-                        raise DataError(f"{path}:{lineno}: no string field {text_field!r} (data.text_field)")
-                    yield obj[text_field]
+        if path.is_dir():
+            yield from _saved_dataset(path, text_field)
+        elif path.suffix == ".jsonl":
+            yield from _jsonl(path, text_field)
         elif path.suffix == ".csv":
             with open(path, encoding="utf-8", newline="") as f:
                 reader = csv.DictReader(f)
@@ -66,40 +67,167 @@ def read_documents(files: list[str], text_field: str) -> Iterator[str]:
                     )
                 for row in reader:
                     yield row[text_field]
+        elif path.suffix == ".parquet":
+            yield from _parquet(path, text_field)
         else:
+            yield functools.partial(_text_pieces, path)
+
+
+def _jsonl(path: Path, text_field: str) -> Iterator[str]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
             try:
-                yield path.read_text(encoding="utf-8")
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line)") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
+                raise DataError(f"{path}:{lineno}: no string field {text_field!r} (data.text_field)")
+            yield obj[text_field]
 
 
-FORMAT = 1  # bump when the layout of prepared data changes: old cache entries stop matching
+def _parquet(path: Path, text_field: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        f = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid and friends for a damaged file
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    names = f.schema_arrow.names
+    if text_field not in names:
+        raise DataError(f"{path}: no column {text_field!r} (data.text_field); columns: {names}")
+    row = 0
+    for batch in f.iter_batches(batch_size=4096, columns=[text_field]):
+        for value in batch.column(0).to_pylist():
+            row += 1
+            if not isinstance(value, str):
+                raise DataError(f"{path}: row {row}: {text_field!r} is {value!r}, not a string")
+            yield value
+
+
+def _saved_dataset(path: Path, text_field: str) -> Iterator[str]:
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(path))  # memory-mapped Arrow: rows are streamed, not loaded
+    if text_field not in ds.column_names:
+        raise DataError(f"{path}: no column {text_field!r} (data.text_field); columns: {ds.column_names}")
+    row = 0
+    for batch in ds.select_columns([text_field]).iter(batch_size=4096):
+        for value in batch[text_field]:
+            row += 1
+            if not isinstance(value, str):
+                raise DataError(f"{path}: row {row}: {text_field!r} is {value!r}, not a string")
+            yield value
+
+
+def _text_pieces(path: Path) -> Iterator[str]:
+    """A text file's content in pieces of about PIECE_CHARS, with universal newlines.
+
+    Pieces end after a newline that is followed by a non-space character, where byte-level
+    BPE, WordPiece and character tokenizers split anyway: tokenizing the pieces gives the
+    tokens of the whole text. The file is never held in memory whole.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    done = 0  # bytes decoded before the current block
+    carry = ""
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(PIECE_CHARS)
+            try:
+                text = carry + decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: not UTF-8 text (byte {done + e.start})") from None
+            done += len(raw)
+            if not raw:
+                if text:
+                    yield _newlines(text)
+                return
+            cut = _safe_cut(text)
+            if cut:
+                yield _newlines(text[:cut])
+            carry = text[cut:]
+
+
+_CUT = re.compile(r"\n(?=\S)")
+
+
+def _safe_cut(text: str) -> int:
+    """Index just after the last newline followed by a non-space character (0: none)."""
+    start = max(0, len(text) - PIECE_CHARS // 2)
+    for m in reversed(list(_CUT.finditer(text, start))):
+        return m.end()
+    return len(text) if len(text) > 64 * PIECE_CHARS else 0  # no cut point at all: force one
+
+
+def _newlines(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+
+
+FORMAT = 2  # bump when the layout of prepared data changes: old cache entries stop matching
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
-def documents(spec: Spec, files: list[str], stats: Counter[str] | None = None) -> Iterator[str]:
-    """Cleaned documents of `files` as the spec's `data.clean` asks; counts into `stats`."""
+def documents(spec: Spec, files: list[str], stats: Counter[str] | None = None) -> Iterator[tuple[str, bool]]:
+    """Cleaned documents of `files` as the spec's `data.clean` asks, as (piece, ends document)
+    pairs in order; counts into `stats`. A text file is filtered and de-duplicated as one
+    document, from a first streaming pass over it when a filter needs its length or hash."""
     c = spec.data.clean
     stats = Counter() if stats is None else stats
     seen: set[bytes] = set()
+
+    def clean(piece: str) -> str:
+        if c.normalize:
+            piece = unicodedata.normalize(c.normalize, piece)
+        return _CONTROL.sub("", piece) if c.strip_control else piece
+
+    def keep(pieces: Iterable[str]) -> bool:
+        n, h = 0, hashlib.blake2b(digest_size=16)
+        for p in pieces:
+            n += len(p)
+            if c.dedup:
+                h.update(p.encode())
+        if n < max(c.min_chars, 1) or (c.max_chars and n > c.max_chars):
+            stats["dropped_length"] += 1
+            return False
+        if c.dedup:
+            if h.digest() in seen:
+                stats["duplicates"] += 1
+                return False
+            seen.add(h.digest())
+        return True
+
+    whole = c.dedup or c.max_chars is not None or c.min_chars > 1
     for doc in read_documents(files, spec.data.text_field):
         stats["documents_read"] += 1
-        if c.normalize:
-            doc = unicodedata.normalize(c.normalize, doc)
-        if c.strip_control:
-            doc = _CONTROL.sub("", doc)
-        if len(doc) < max(c.min_chars, 1) or (c.max_chars and len(doc) > c.max_chars):
+        pieces: Iterable[str]
+        if isinstance(doc, str):
+            pieces = [clean(doc)]
+            if not keep(pieces):
+                continue
+        else:
+            if whole and not keep(map(clean, doc())):
+                continue
+            pieces = map(clean, doc())
+        n = 0
+        last: str | None = None
+        for p in pieces:  # emitted one behind, to flag the last piece
+            if not p:
+                continue
+            if last is not None:
+                yield last, False
+            n += len(p)
+            last = p
+        if last is None:  # an empty text file
             stats["dropped_length"] += 1
             continue
-        if c.dedup:
-            digest = hashlib.blake2b(doc.encode(), digest_size=16).digest()
-            if digest in seen:
-                stats["duplicates"] += 1
-                continue
-            seen.add(digest)
+        yield last, True
         stats["documents"] += 1
-        stats[f"len_2^{len(doc).bit_length()}"] += 1  # histogram of lengths, power-of-two bins
-        yield doc
+        stats[f"len_2^{n.bit_length()}"] += 1  # histogram of lengths, power-of-two bins
 
 
 def build_tokenizer(spec: Spec, out_dir: Path) -> Any:
@@ -132,8 +260,8 @@ def _train_tokenizer(kind: str, vocab_size: int, specials: list[str], spec: Spec
         # the vocabulary is the set of characters: collected directly, far faster than a
         # trainer that sees every character as a pre-token
         chars: set[str] = set()
-        for doc in documents(spec, spec.data.train):
-            chars.update(doc)
+        for piece, _ in documents(spec, spec.data.train):
+            chars.update(piece)
         vocab = {t: i for i, t in enumerate([*specials, *sorted(chars - set(specials))])}
         tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
         tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
@@ -155,7 +283,7 @@ def _train_tokenizer(kind: str, vocab_size: int, specials: list[str], spec: Spec
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
         trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials)
-    tok.train_from_iterator(documents(spec, spec.data.train), trainer=trainer)
+    tok.train_from_iterator((p for p, _ in documents(spec, spec.data.train)), trainer=trainer)
     return tok
 
 
@@ -170,18 +298,10 @@ def cache_key(spec: Spec, tok: Any) -> str:
     for group in (d.train, d.validation or []):
         h.update(b"\x00group")
         for f in group:
-            h.update(file_sha256(f).encode())
+            h.update(content_sha256(f).encode())
     h.update(tok.backend_tokenizer.to_str().encode())
     h.update(json.dumps(tok.special_tokens_map, sort_keys=True).encode())
     return h.hexdigest()[:32]
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def prepare(spec: Spec, tok: Any, cache_root: Path) -> tuple[Path, bool]:
@@ -219,33 +339,37 @@ def _remove_stale(cache_root: Path) -> None:
 
 
 def tokenize_to_files(spec: Spec, tok: Any, out_dir: Path) -> dict[str, Any]:
-    """Tokenize train (and validation) text into flat token files; returns the index."""
+    """Tokenize train (and validation) text into flat token files; returns the index.
+
+    Streams: documents are read, cleaned and tokenized in batches and appended to the token
+    file, so memory stays bounded whatever the corpus size. Without validation files the
+    last `val_fraction` of the training tokens becomes the validation split.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     d = spec.data
     sep = tok.eos_token_id if spec.model.task == "causal-lm" else tok.sep_token_id
     encode = _char_encoder(tok) if spec.tokenizer.train and spec.tokenizer.train.kind == "char" else None
+    encode = encode or _batch_encoder(tok)
+    dtype = np.uint16 if len(tok) < 2**16 else np.uint32
     stats: Counter[str] = Counter()
     t0 = time.perf_counter()
-    train = _encode(documents(spec, d.train, stats), tok, sep, encode)
+    train_bin, val_bin = out_dir / "train.bin", out_dir / "val.bin"
+    n_train = _encode_to(train_bin, documents(spec, d.train, stats), encode, sep, dtype)
+    if _fault_stall():  # half written: train.bin exists, val.bin and index.json do not
+        time.sleep(3600)
     if d.validation:
-        val = _encode(documents(spec, d.validation, stats), tok, sep, encode)
+        n_val = _encode_to(val_bin, documents(spec, d.validation, stats), encode, sep, dtype)
     else:
-        n_val = int(len(train) * d.val_fraction)
-        train, val = train[: len(train) - n_val], train[len(train) - n_val :]
-    dtype = np.uint16 if len(tok) < 2**16 else np.uint32
-    splits: dict[str, dict[str, int]] = {}
-    for split, ids in (("train", train), ("val", val)):
-        np.asarray(ids, dtype=dtype).tofile(out_dir / f"{split}.bin")
-        splits[split] = {"tokens": len(ids)}
-        if _fault_stall():  # half written: train.bin exists, val.bin and index.json do not
-            time.sleep(3600)
-    if not splits["train"]["tokens"]:
+        n_val = int(n_train * d.val_fraction)
+        n_train -= n_val
+        _move_tail(train_bin, val_bin, n_train * np.dtype(dtype).itemsize)
+    if not n_train:
         raise DataError(f"no training text left in {', '.join(d.train)} after cleaning: {dict(stats)}")
     index = {
         "format": FORMAT,
         "dtype": np.dtype(dtype).name,
         "vocab_size": len(tok),
-        "splits": splits,
+        "splits": {"train": {"tokens": n_train}, "val": {"tokens": n_val}},
         "stats": {k: v for k, v in sorted(stats.items()) if not k.startswith("len_")},
         "length_histogram": {
             k[4:]: v for k, v in sorted(stats.items(), key=lambda kv: len(kv[0])) if k.startswith("len_")
@@ -254,6 +378,15 @@ def tokenize_to_files(spec: Spec, tok: Any, out_dir: Path) -> dict[str, Any]:
     }
     (out_dir / "index.json").write_text(json.dumps(index, indent=1))  # written last: marks the folder whole
     return index
+
+
+def _move_tail(src: Path, dst: Path, keep_bytes: int) -> None:
+    """Move src's bytes after `keep_bytes` into dst (in chunks), then truncate src."""
+    with open(src, "rb") as f, open(dst, "wb") as out:
+        f.seek(keep_bytes)
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            out.write(chunk)
+    os.truncate(src, keep_bytes)
 
 
 def _fault_stall() -> bool:
@@ -282,27 +415,55 @@ def _char_encoder(tok: Any) -> Any:
     return encode
 
 
-def _encode(
-    docs: Iterator[str], tok: Any, sep: int | None, encode: Any = None, batch: int = 256
-) -> np.ndarray:
-    parts: list[np.ndarray] = []
-    buf: list[str] = []
+def _batch_encoder(tok: Any) -> Any:
+    """Batched encoding with the fast tokenizer's Rust core (parallel over all cores)."""
+    from tokenizers import Tokenizer
+
+    core = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    core.no_truncation()  # as `tok(text)` does: a saved tokenizer may carry these settings
+    core.no_padding()
+
+    def encode(pieces: list[str]) -> list[np.ndarray]:
+        return [
+            np.asarray(e.ids, dtype=np.int64) for e in core.encode_batch(pieces, add_special_tokens=False)
+        ]
+
+    return encode
+
+
+BATCH_CHARS = 1 << 22  # characters per tokenizer batch: bounds memory, keeps all cores busy
+
+
+def _encode_to(path: Path, docs: Iterator[tuple[str, bool]], encode: Any, sep: int | None, dtype: Any) -> int:
+    """Append the tokens of `docs` (a separator after each document) to `path`; token count."""
+    pieces: list[str] = []
+    ends: list[bool] = []
+    chars = total = 0
     tail = np.asarray([sep] if sep is not None else [], dtype=np.int64)
+    with open(path, "wb") as out:
 
-    def flush() -> None:
-        encoded = encode(buf) if encode else tok(buf, add_special_tokens=False)["input_ids"]
-        for ids in encoded:
-            parts.append(np.concatenate([np.asarray(ids, dtype=np.int64), tail]))
-        buf.clear()
+        def flush() -> int:
+            parts = []
+            for ids, end in zip(encode(pieces), ends, strict=True):
+                parts.append(ids)
+                if end:
+                    parts.append(tail)
+            pieces.clear()
+            ends.clear()
+            flat = np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+            flat.tofile(out)
+            return len(flat)
 
-    for doc in docs:
-        if doc:
-            buf.append(doc)
-        if len(buf) >= batch:
-            flush()
-    if buf:
-        flush()
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        for piece, end in docs:
+            pieces.append(piece)
+            ends.append(end)
+            chars += len(piece)
+            if chars >= BATCH_CHARS or len(pieces) >= 4096:
+                total += flush()
+                chars = 0
+        if pieces:
+            total += flush()
+    return total
 
 
 class Blocks:
