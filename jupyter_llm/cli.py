@@ -31,6 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--wait", action="store_true", help="follow the run; exit 0 only if it completed")
     t.add_argument("--dry-run", action="store_true", help="validate and print the DeepSpeed config")
 
+    pr = sub.add_parser("prepare", help="prepare a spec's data (tokenizer, cleaning, packing) as a job")
+    pr.add_argument("spec", help="YAML spec file")
+    pr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    pr.add_argument("--wait", action="store_true", help="wait and print the data stats as JSON")
+
     r = sub.add_parser("runs", help="list runs")
     r.add_argument("--json", action="store_true")
 
@@ -82,6 +87,25 @@ def _train(args: argparse.Namespace, store: RunStore) -> int:
     print(run.id)
     sys.stdout.flush()
     return _follow(run) if args.wait else 0
+
+
+def _prepare(args: argparse.Namespace, store: RunStore) -> int:
+    from .launcher import prepare
+    from .spec import Spec
+
+    run = prepare(Spec.from_file(args.spec, args.overrides), root=store.root)
+    print(run.id)
+    sys.stdout.flush()
+    if not args.wait:
+        return 0
+    run.wait()
+    st = run.status()
+    if st["state"] != State.COMPLETED.value:
+        print(f"{run.id}: {st['state']}" + (f" ({st['error']})" if st.get("error") else ""), file=sys.stderr)
+        return 1
+    ready = next(e for e in reversed(run.events()) if e["event"] == "data_ready")
+    print(json.dumps({k: v for k, v in ready.items() if k not in ("time", "event")}, indent=1))
+    return 0
 
 
 def _follow(run: Run) -> int:
@@ -169,6 +193,7 @@ def _resume(args: argparse.Namespace, store: RunStore) -> int:
 
 COMMANDS = {
     "train": _train,
+    "prepare": _prepare,
     "runs": _runs,
     "status": _status,
     "logs": _logs,

@@ -4,6 +4,7 @@
 %%llm_train [NAME] [--set k=v]... [--dry-run] [--wait]     (YAML spec body)
 %llm_train SPEC [--set k=v]... [--dry-run] [--wait]        (path, or a variable: dict / Spec)
 %llm_train --from RUN [--set k=v]...                       (clone an earlier run's spec)
+%%llm_prepare / %llm_prepare SPEC [--wait]                 (the data step alone, detached)
 %llm_runs · %llm_status [RUN] · %llm_logs [RUN] [-n N] [--rank R] [--follow]
 %llm_stop [RUN] · %llm_resume [RUN] · %llm_attach [RUN]
 """
@@ -72,27 +73,8 @@ class LLMMagics(Magics):
     @_usage
     def llm_train(self, line: str, cell: str | None = None) -> Any:
         """Validate a spec and start a detached DeepSpeed run; returns its Run handle at once."""
-        from .spec import Spec
-
         args = _parse(self.llm_train, line)
-        overrides = list(args.overrides)
-        if cell is not None:
-            if args.from_run:
-                raise UsageError("use either a YAML cell body or --from RUN, not both")
-            if args.spec:
-                overrides.append(f"name={args.spec}")
-            spec = Spec.from_yaml(cell, overrides)
-        elif args.from_run:
-            if args.spec:
-                raise UsageError("use either SPEC or --from RUN, not both")
-            spec = Spec.from_dict(self._run(args.from_run).spec.to_dict(), overrides)
-        elif args.spec:
-            spec = Spec.load(self._resolve_spec(args.spec), overrides)
-        else:
-            raise UsageError(
-                "give a spec: %%llm_train with a YAML body, %llm_train path/to/spec.yaml, "
-                "%llm_train my_dict_variable, or %llm_train --from RUN"
-            )
+        spec = self._spec(args, cell, "llm_train")
         if args.dry_run:
             from .preflight import dry_run
 
@@ -103,6 +85,46 @@ class LLMMagics(Magics):
         if args.wait:
             run.wait()
         return run
+
+    @line_cell_magic
+    @magic_arguments()
+    @argument("spec", nargs="?", help="cell magic: the run NAME; line magic: a spec path or a variable name")
+    @argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    @argument("--from", dest="from_run", metavar="RUN", help="the spec of an earlier run")
+    @argument("--wait", action="store_true", help="block until the data is ready")
+    @_usage
+    def llm_prepare(self, line: str, cell: str | None = None) -> Any:
+        """Prepare a spec's data (tokenizer, cleaning, packing into the cache) as a detached
+        job; a later %llm_train of the same spec starts from the cache."""
+        from .launcher import prepare
+
+        args = _parse(self.llm_prepare, line)
+        run = prepare(self._spec(args, cell, "llm_prepare"))
+        if args.wait:
+            run.wait()
+        return run
+
+    def _spec(self, args: Any, cell: str | None, magic: str) -> Any:
+        """The Spec that a cell body, a path, a variable or --from RUN gives, with overrides."""
+        from .spec import Spec
+
+        overrides = list(args.overrides)
+        if cell is not None:
+            if args.from_run:
+                raise UsageError("use either a YAML cell body or --from RUN, not both")
+            if args.spec:
+                overrides.append(f"name={args.spec}")
+            return Spec.from_yaml(cell, overrides)
+        if args.from_run:
+            if args.spec:
+                raise UsageError("use either SPEC or --from RUN, not both")
+            return Spec.from_dict(self._run(args.from_run).spec.to_dict(), overrides)
+        if args.spec:
+            return Spec.load(self._resolve_spec(args.spec), overrides)
+        raise UsageError(
+            f"give a spec: %%{magic} with a YAML body, %{magic} path/to/spec.yaml, "
+            f"%{magic} my_dict_variable, or %{magic} --from RUN"
+        )
 
     def _resolve_spec(self, name: str) -> Any:
         ns = self.shell.user_ns if self.shell is not None else {}

@@ -130,7 +130,8 @@ class RunStore:
     def __init__(self, root: str | os.PathLike[str] | None = None):
         self.root = Path(root).expanduser().resolve() if root else default_root().resolve()
 
-    def create(self, spec: Spec) -> Run:
+    def create(self, spec: Spec, job: str = "train") -> Run:
+        """A new run folder for `spec`; `job` is "train" or "prepare" (data preparation only)."""
         from .spec import deepspeed_config
 
         self.root.mkdir(parents=True, exist_ok=True)
@@ -161,6 +162,7 @@ class RunStore:
                 "ended_at": None,
                 "exit_code": None,
                 "error": None,
+                "job": job,
             },
         )
         append_jsonl(path / "events.jsonl", {"time": now_iso(), "event": "created"})

@@ -114,10 +114,10 @@ class CleanSpec(_Section):
 
 
 class DataSpec(_Section):
-    train: list[str]  # files or globs
+    train: list[str]  # files (.txt .md .jsonl .csv .parquet), globs, or save_to_disk folders
     validation: list[str] | None = None  # None: split val_fraction off the training text
     val_fraction: float = Field(0.1, ge=0, le=0.5)
-    text_field: str = "text"  # JSONL key / CSV column holding the text
+    text_field: str = "text"  # JSONL key / CSV, Parquet or dataset column holding the text
     block_size: int = Field(64, ge=4, le=131072)  # tokens per training sequence
     mlm_probability: float = Field(0.15, gt=0, lt=1)  # masked-lm only
     clean: CleanSpec = CleanSpec()

@@ -18,6 +18,16 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session")
+def ip() -> Any:
+    """IPython's real test shell (one per process) with the extension loaded."""
+    from IPython.testing.globalipapp import start_ipython
+
+    shell = start_ipython()
+    shell.run_line_magic("load_ext", "jupyter_llm")
+    return shell
+
+
 @pytest.fixture
 def corpus(tmp_path: Path) -> Path:
     """A small slice of Tiny Shakespeare (the whole 1.1 MB is for the demo)."""

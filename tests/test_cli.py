@@ -21,7 +21,7 @@ def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]
 
 
 def test_help_everywhere() -> None:
-    for verb in ([], ["train"], ["runs"], ["status"], ["logs"], ["stop"], ["resume"]):
+    for verb in ([], ["train"], ["prepare"], ["runs"], ["status"], ["logs"], ["stop"], ["resume"]):
         out = cli(*verb, "--help")
         assert out.returncode == 0 and "usage: jupyter-llm" in out.stdout
 

@@ -57,6 +57,10 @@ def test_causal_char_lm_learns_via_cli(corpus: Path, tmp_path: Path) -> None:
     )
     f = tmp_path / "spec.yaml"
     f.write_text(yaml.safe_dump(spec))
+    # the data step first, as its own job: the training run then starts from its cache
+    prep = subprocess.run([sys.executable, "-m", "jupyter_llm.cli", "prepare", str(f), "--wait"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert prep.returncode == 0, prep.stderr[-3000:]
     t0 = time.monotonic()
     out = subprocess.run([sys.executable, "-m", "jupyter_llm.cli", "train", str(f), "--wait"],
                          capture_output=True, text=True, timeout=900)  # fmt: skip
@@ -91,6 +95,8 @@ def test_causal_char_lm_learns_via_cli(corpus: Path, tmp_path: Path) -> None:
     assert "deepspeed.launcher.runner" in man["attempts"][0]["command"]
     events = [e["event"] for e in run.events()]
     assert events[:2] == ["created", "launched"] and events[-1] == "completed"
+    ready = next(e for e in run.events() if e["event"] == "data_ready")
+    assert ready["cached"] is True and ready["path"] == json.loads(prep.stdout.split("\n", 1)[1])["path"]
     # DeepSpeed's CPU shm all-reduce never unlinks its ~70 MB per-rank buffers; the supervisor does
     port = run.status()["master_port"]
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))

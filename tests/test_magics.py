@@ -10,18 +10,10 @@ from typing import Any
 import pytest
 import yaml
 from IPython.core.error import UsageError
-from IPython.testing.globalipapp import start_ipython
 
 from jupyter_llm.preflight import DryRun
 from jupyter_llm.runs import Run, RunStore, write_json_atomic
 from jupyter_llm.spec import Spec
-
-
-@pytest.fixture(scope="module")
-def ip() -> Any:
-    shell = start_ipython()
-    shell.run_line_magic("load_ext", "jupyter_llm")
-    return shell
 
 
 @pytest.fixture
@@ -37,7 +29,9 @@ def test_magics_registered(ip: Any) -> None:
     magics = ip.magics_manager.magics
     for name in ("llm_train", "llm_runs", "llm_status", "llm_logs", "llm_stop", "llm_resume", "llm_attach"):
         assert name in magics["line"], name
-    assert "llm_train" in magics["cell"]
+    assert (
+        "llm_train" in magics["cell"] and "llm_prepare" in magics["cell"] and "llm_prepare" in magics["line"]
+    )
 
 
 @pytest.mark.parametrize(

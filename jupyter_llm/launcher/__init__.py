@@ -18,20 +18,34 @@ def launch(
     root: str | os.PathLike[str] | None = None,
     wait: bool = False,
     timeout: float | None = None,
+    job: str = "train",
 ) -> Run:
     """Validate `spec` (Spec, dict, YAML text or path), create its run folder and start it.
 
     Returns at once with the `Run` handle (or after the run ends with `wait=True`).
-    Spec problems raise `SpecError` before anything is written or started.
+    Spec problems raise `SpecError` before anything is written or started. `job="prepare"`
+    runs only the data step (tokenizer, cleaning, packing into the cache), detached too.
     """
     from ..spec import Spec  # lazy: the supervisor's spawner imports this package
 
     spec = Spec.load(spec, overrides)
-    run = RunStore(root).create(spec)
+    run = RunStore(root).create(spec, job=job)
     start(run)
     if wait:
         run.wait(timeout)
     return run
+
+
+def prepare(
+    spec: Any,
+    overrides: list[str] | Mapping[str, Any] | None = None,
+    *,
+    root: str | os.PathLike[str] | None = None,
+    wait: bool = False,
+    timeout: float | None = None,
+) -> Run:
+    """Prepare the spec's data as a detached job; a later run of the spec hits the cache."""
+    return launch(spec, overrides, root=root, wait=wait, timeout=timeout, job="prepare")
 
 
 def start(run: Run, resume: bool = False) -> None:
@@ -51,4 +65,4 @@ def start(run: Run, resume: bool = False) -> None:
         )  # fmt: skip
 
 
-__all__ = ["launch", "start"]
+__all__ = ["launch", "prepare", "start"]

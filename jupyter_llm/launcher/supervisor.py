@@ -47,6 +47,7 @@ class Supervisor:
         self.first_dead: dict[str, Any] | None = None
         self.hung: str | None = None
         self.launched_at = time.time()
+        self.prepare_only = (read_json(run_dir / "status.json") or {}).get("job") == "prepare"
 
     # -- status -------------------------------------------------------------------------
 
@@ -93,6 +94,8 @@ class Supervisor:
             self.event("reaped_orphans", pids=reaped)
         if self.run.status().get("master_port"):  # and maybe left its shm buffers behind
             _unlink_shm(self.run.status()["master_port"])
+        if self.prepare_only:
+            return self._supervise_prepare(attempt)
         cuda, ngpu = _gpus()
         pp = spec.distributed.procs_per_node
         nprocs = pp if isinstance(pp, int) else (ngpu or 1)
@@ -135,9 +138,35 @@ class Supervisor:
             return self._fail("the job exited 0 but wrote no final model; see logs/", rc)
         return self._fail(self._diagnose(rc), rc)
 
+    def _supervise_prepare(self, attempt: int) -> int:
+        """A data-preparation job: one process, no ranks; stop means SIGINT at once."""
+        argv = [sys.executable, "-u", "-m", "jupyter_llm.train.prepare", str(self.dir)]
+        env = dict(os.environ, PYTHONUNBUFFERED="1", JUPYTER_LLM_JOB=f"{self.dir.name}:{attempt}",
+                   JUPYTER_LLM_ATTEMPT=str(attempt))  # fmt: skip
+        self._write_manifest(argv, 1, 0, attempt)
+        if self.stop_signal is not None:
+            return self._finish(State.STOPPED, 0, None)
+        with open(self.dir / "logs" / "launcher.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                argv, env=env, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        self.event("launched", attempt=attempt, job="prepare", command=argv, job_pgid=self.proc.pid)
+        self.set_status(State.RUNNING, job_pgid=self.proc.pid, world_size=1)
+        rc = self._watch()
+        self._kill_group()
+        if rc == 0 and (self.dir / "data.json").is_file():
+            return self._finish(State.COMPLETED, rc, None)
+        if self.stop_signal is not None:
+            return self._finish(State.STOPPED, rc, None)  # nothing half-written looks valid
+        failure = read_json(self.dir / "failures" / "rank0.json")
+        if failure and failure.get("attempt") == attempt:
+            return self._fail(f"preparation failed: {failure['type']}: {failure['message']}".strip(), rc)
+        return self._fail(f"preparation exited with code {rc}; see logs/prepare.log", rc)
+
     def _watch(self) -> int:
         assert self.proc is not None
-        grace = self.run.spec.train.stop_grace_s
+        grace = 0.0 if self.prepare_only else self.run.spec.train.stop_grace_s
         hang_s = self.run.spec.train.hang_timeout_s
         sent: set[int] = set()
         while (rc := self.proc.poll()) is None:

@@ -329,6 +329,24 @@ def prepare(spec: Spec, tok: Any, cache_root: Path) -> tuple[Path, bool]:
     return final, False
 
 
+def data_stage(run_dir: Path, spec: Spec) -> dict[str, Any]:
+    """A run's data step: its tokenizer (kept in the run folder), prepared data from the
+    cache (or made now), `data.json` naming the folder, and a `data_ready` event; the index."""
+    from transformers import AutoTokenizer
+
+    from ..runs import append_jsonl, now_iso, write_json_atomic
+
+    tok_dir = run_dir / "tokenizer"
+    tok = AutoTokenizer.from_pretrained(tok_dir) if tok_dir.is_dir() else build_tokenizer(spec, tok_dir)
+    cache_root = Path(os.environ.get("JUPYTER_LLM_DATA_CACHE") or run_dir.parent / ".cache" / "data")
+    data_dir, hit = prepare(spec, tok, cache_root)
+    write_json_atomic(run_dir / "data.json", {"path": str(data_dir), "cached": hit})
+    index: dict[str, Any] = json.loads((data_dir / "index.json").read_text())
+    append_jsonl(run_dir / "events.jsonl", {"time": now_iso(), "event": "data_ready", "path": str(data_dir),
+                                            "cached": hit, "tokens": index["splits"], **index["stats"]})  # fmt: skip
+    return index
+
+
 def _remove_stale(cache_root: Path) -> None:
     import psutil
 
@@ -423,10 +441,11 @@ def _batch_encoder(tok: Any) -> Any:
     core.no_truncation()  # as `tok(text)` does: a saved tokenizer may carry these settings
     core.no_padding()
 
+    # encode_batch_fast (tokenizers >= 0.20) skips character offsets, which packing never needs
+    batch = getattr(core, "encode_batch_fast", core.encode_batch)
+
     def encode(pieces: list[str]) -> list[np.ndarray]:
-        return [
-            np.asarray(e.ids, dtype=np.int64) for e in core.encode_batch(pieces, add_special_tokens=False)
-        ]
+        return [np.asarray(e.ids, dtype=np.int64) for e in batch(pieces, add_special_tokens=False)]
 
     return encode
 

@@ -45,7 +45,7 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
 
     from ..spec import Spec
     from . import checkpoint
-    from .data import Blocks, build_tokenizer, prepare
+    from .data import Blocks, data_stage
     from .model import build_model, flops_per_token, param_groups, peak_flops
 
     spec = Spec.from_yaml((run_dir / "spec.yaml").read_text())
@@ -63,13 +63,7 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
     # -- tokenizer and data: rank 0 prepares once, the others wait and reuse ---------------
     tok_dir = run_dir / "tokenizer"
     if master:
-        tok = AutoTokenizer.from_pretrained(tok_dir) if tok_dir.is_dir() else build_tokenizer(spec, tok_dir)
-        cache_root = Path(os.environ.get("JUPYTER_LLM_DATA_CACHE") or run_dir.parent / ".cache" / "data")
-        data_dir, hit = prepare(spec, tok, cache_root)
-        write_json_atomic(run_dir / "data.json", {"path": str(data_dir), "cached": hit})
-        index = json.loads((data_dir / "index.json").read_text())
-        append_jsonl(run_dir / "events.jsonl", {"time": now_iso(), "event": "data_ready", "path": str(data_dir),
-                                                "cached": hit, "tokens": index["splits"], **index["stats"]})  # fmt: skip
+        data_stage(run_dir, spec)  # a cache hit when a prepare job (or an earlier run) did it
     dist.barrier()
     tok = AutoTokenizer.from_pretrained(tok_dir)
     data_dir = Path(json.loads((run_dir / "data.json").read_text())["path"])
