@@ -5,6 +5,7 @@
 %llm_train SPEC [--set k=v]... [--dry-run] [--wait]        (path, or a variable: dict / Spec)
 %llm_train --from RUN [--set k=v]...                       (clone an earlier run's spec)
 %%llm_prepare / %llm_prepare SPEC [--wait]                 (the data step alone, detached)
+    both take --transform FUNCTION: a notebook function applied to every document
 %llm_runs · %llm_status [RUN] · %llm_logs [RUN] [-n N] [--rank R] [--follow]
 %llm_stop [RUN] · %llm_resume [RUN] · %llm_attach [RUN]
 """
@@ -70,6 +71,7 @@ class LLMMagics(Magics):
     @argument("--from", dest="from_run", metavar="RUN", help="clone the spec of an earlier run")
     @argument("--dry-run", action="store_true", help="validate and show the plan; start nothing")
     @argument("--wait", action="store_true", help="block until the run ends")
+    @argument("--transform", metavar="FUNCTION", help="a notebook function applied to every document")
     @_usage
     def llm_train(self, line: str, cell: str | None = None) -> Any:
         """Validate a spec and start a detached DeepSpeed run; returns its Run handle at once."""
@@ -81,7 +83,7 @@ class LLMMagics(Magics):
             return dry_run(spec)
         from .launcher import launch
 
-        run = launch(spec)
+        run = launch(spec, transform=self._transform(args.transform))
         if args.wait:
             run.wait()
         return run
@@ -92,6 +94,7 @@ class LLMMagics(Magics):
     @argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     @argument("--from", dest="from_run", metavar="RUN", help="the spec of an earlier run")
     @argument("--wait", action="store_true", help="block until the data is ready")
+    @argument("--transform", metavar="FUNCTION", help="a notebook function applied to every document")
     @_usage
     def llm_prepare(self, line: str, cell: str | None = None) -> Any:
         """Prepare a spec's data (tokenizer, cleaning, packing into the cache) as a detached
@@ -99,10 +102,20 @@ class LLMMagics(Magics):
         from .launcher import prepare
 
         args = _parse(self.llm_prepare, line)
-        run = prepare(self._spec(args, cell, "llm_prepare"))
+        run = prepare(self._spec(args, cell, "llm_prepare"), transform=self._transform(args.transform))
         if args.wait:
             run.wait()
         return run
+
+    def _transform(self, name: str | None) -> Any:
+        if name is None:
+            return None
+        ns = self.shell.user_ns if self.shell is not None else {}
+        if name not in ns:
+            raise UsageError(f"--transform {name}: no such variable in the notebook")
+        if not callable(ns[name]):
+            raise UsageError(f"--transform {name}: a {type(ns[name]).__name__}, not a function")
+        return ns[name]
 
     def _spec(self, args: Any, cell: str | None, magic: str) -> Any:
         """The Spec that a cell body, a path, a variable or --from RUN gives, with overrides."""

@@ -297,3 +297,29 @@ def test_hung_job_is_reported_and_stopped(corpus: Path, monkeypatch: pytest.Monk
     assert max(losses(run)) == 5
     assert any(e["event"] == "hung" for e in run.events())
     assert not _job_alive(run)
+
+
+def test_pairs_learn_the_response_only(tmp_path: Path, corpus: Path) -> None:
+    """Prompts of random letters (unlearnable, ~3.3 nats/char) and a fixed response: with the
+    loss on responses only, validation loss falls far below what any loss that counted the
+    prompts could reach."""
+    import random
+
+    rng = random.Random(0)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    rows = [{"prompt": "".join(rng.choices(letters, k=20)) + "?", "response": "yes"} for _ in range(1500)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = tiny_spec(
+        corpus,
+        name="pairs",
+        data={"train": [str(data)], "format": "pairs", "val_fraction": 0.1, "block_size": 32},
+        train={"max_steps": 60, "log_every": 10, "eval_every": 30, "save_every": 0, "micro_batch_size": 8},
+    )
+    run = launch(spec, wait=True, timeout=600)
+    assert run.state == "completed", (run.status(), run.log_tail(40))
+    val = [m for m in run.metrics() if "val_loss" in m]
+    train = [m for m in run.metrics() if "loss" in m]
+    # per response token: near zero once "?" -> "yes<eos>" is learnt; prompts would add ~3.3 nats
+    assert val[0]["val_loss"] > 2.0 and val[-1]["val_loss"] < 0.5, val
+    assert val[-1]["val_acc"] > 0.8 and train[-1]["loss"] < 0.8, train[-1]

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 from IPython.core.error import UsageError
@@ -78,3 +79,52 @@ def test_prepare_stopped_midway_leaves_no_valid_data(corpus: Path, monkeypatch: 
     assert again.state == "completed" and _ready(again)["cached"] is False
     assert [p.name for p in cache.iterdir()] == [Path(_ready(again)["path"]).name]
     assert os.path.isfile(Path(_ready(again)["path"]) / "index.json")
+
+
+def test_notebook_transform_travels_to_the_job(ip: Any, tmp_path: Path, corpus: Path) -> None:
+    """A function defined in the notebook (by value, with cloudpickle) shapes the documents in
+    the detached job: dropped, rewritten and multiplied exactly as it says, token for token."""
+    paras = [p for p in corpus.read_text().split("\n\n") if p.strip()][:200]
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": p}) + "\n" for p in paras))
+    ip.run_cell(
+        "import re\n"
+        "def shout(text):\n"
+        "    if 'Citizen' in text:\n"
+        "        return None\n"
+        "    loud = re.sub(r'\\s+', ' ', text.upper())\n"
+        "    return [loud, loud[::-1]] if 'ROME' in loud else loud\n"
+    )
+    shout = ip.user_ns["shout"]
+    assert shout.__module__ == "__main__"  # what a notebook gives: not importable by the job
+    ip.user_ns["spec"] = tiny_spec(corpus, data={"train": [str(rows)], "val_fraction": 0.1, "block_size": 32})
+    run = ip.run_line_magic("llm_prepare", "spec --transform shout --wait")
+    assert run.state == "completed", run.status()
+    assert len(run.manifest()["transform_sha256"]) == 64  # recorded with the run
+    ready = _ready(run)
+    expected = [
+        d
+        for p in paras
+        for d in ([] if shout(p) is None else [shout(p)] if isinstance(shout(p), str) else shout(p))
+    ]
+    assert ready["dropped_transform"] == sum("Citizen" in p for p in paras) > 0
+    assert ready["documents"] == len(expected) > len(paras) - ready["dropped_transform"]  # some doubled
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(run.path / "tokenizer")
+    assert not any(
+        c.islower() for c in tok.get_vocab() if len(c) == 1
+    )  # the tokenizer was trained on the transformed text
+    data = Path(ready["path"])
+    packed = np.concatenate([np.fromfile(data / f"{s}.bin", dtype=np.uint16) for s in ("train", "val")])
+    reference = [
+        t for d in expected for t in [*tok(d, add_special_tokens=False)["input_ids"], tok.eos_token_id]
+    ]
+    assert packed.tolist() == reference
+    # a transform that raises fails the job with the reason; a bad name is a usage error
+    ip.run_cell("def broken(text):\n    return 1 / 0\n")
+    bad = ip.run_line_magic("llm_prepare", "spec --transform broken --wait")
+    assert bad.state == "failed" and "the data transform raised ZeroDivisionError" in bad.status()["error"]
+    for arg, msg in (("nope", "no such variable"), ("spec", "not a function")):
+        with pytest.raises(UsageError, match=msg):
+            ip.run_line_magic("llm_prepare", f"spec --transform {arg}")

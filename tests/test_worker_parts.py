@@ -401,3 +401,44 @@ def test_cleaning_steps_and_stats(tmp_path: Path) -> None:
     assert "fine café" in text and "ﬁ" not in text  # NFKC folded the ligature
     assert "ctrlchars here" in text and "\x07" not in text
     assert text.count("keep this one") == 1 and "tiny" not in text and "aaaa" not in text
+
+
+def test_pairs_pack_with_a_response_only_loss_mask(tmp_path: Path) -> None:
+    """Prompt/response pairs: tokens are prompt + response + EOS; the mask beside them is 0 on
+    prompts and 1 on responses (and their EOS), through the validation split and the worker's
+    block reader."""
+    from jupyter_llm.train.data import Blocks, DataError, build_tokenizer, tokenize_to_files
+
+    pairs = [{"prompt": f"q{i}: what is {i}+{i}?", "response": f" {2 * i}"} for i in range(300)]
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    spec = Spec.from_dict({"tokenizer": {"train": {"kind": "char"}},
+                           "data": {"train": str(f), "format": "pairs", "val_fraction": 0.2, "block_size": 16}})  # fmt: skip
+    tok = build_tokenizer(spec, tmp_path / "tok")
+    index = tokenize_to_files(spec, tok, tmp_path / "data")
+    assert index["loss_mask"] is True
+    enc = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ref_ids = [t for p in pairs for t in [*enc(p["prompt"]), *enc(p["response"]), tok.eos_token_id]]
+    ref_mask = [m for p in pairs for m in [0] * len(enc(p["prompt"])) + [1] * (len(enc(p["response"])) + 1)]
+    d = tmp_path / "data"
+    ids = np.concatenate([np.fromfile(d / f"{s}.bin", dtype=index["dtype"]) for s in ("train", "val")])
+    mask = np.concatenate([np.fromfile(d / f"{s}.mask", dtype=np.uint8) for s in ("train", "val")])
+    assert ids.tolist() == ref_ids and mask.tolist() == ref_mask
+    assert (
+        index["splits"]["val"]["tokens"]
+        == int(len(ref_ids) * 0.2)
+        == len(np.fromfile(d / "val.mask", np.uint8))
+    )
+    blocks = Blocks(d / "train.bin", index["dtype"], 16, seed=3)
+    got, got_mask = blocks.batch(5, 4, True), blocks.mask_batch(5, 4, True)
+    assert got_mask is not None and got.shape == got_mask.shape == (4, 16)
+    for row, m in zip(got, got_mask, strict=True):
+        # each masked position is a response character, EOS or digit/space; prompts never are
+        chars = [tok.convert_ids_to_tokens(int(t)) for t in row[m]]
+        assert all(c == tok.eos_token or c.isdigit() or c == " " for c in chars)
+        assert not any(c == "?" for c in chars)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", "answer": "b"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: no string field 'response' \(data.response_field\)"):
+        tokenize_to_files(Spec.from_dict({"tokenizer": {"train": {"kind": "char"}},
+                                          "data": {"train": str(bad), "format": "pairs"}}), tok, tmp_path / "x")  # fmt: skip

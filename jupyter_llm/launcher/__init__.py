@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from ..errors import UserError
 from ..runs import Run, RunStore
 
 
@@ -19,17 +20,28 @@ def launch(
     wait: bool = False,
     timeout: float | None = None,
     job: str = "train",
+    transform: Callable[[str], Any] | None = None,
 ) -> Run:
     """Validate `spec` (Spec, dict, YAML text or path), create its run folder and start it.
 
     Returns at once with the `Run` handle (or after the run ends with `wait=True`).
     Spec problems raise `SpecError` before anything is written or started. `job="prepare"`
     runs only the data step (tokenizer, cleaning, packing into the cache), detached too.
+    `transform(text) -> str | None | list[str]` is applied to every document before cleaning;
+    it travels to the job with cloudpickle, so a function defined in a notebook works.
     """
     from ..spec import Spec  # lazy: the supervisor's spawner imports this package
 
     spec = Spec.load(spec, overrides)
+    if transform is not None and not callable(transform):
+        raise UserError(
+            f"transform must be a function str -> str | None | list[str], not {type(transform).__name__}"
+        )
     run = RunStore(root).create(spec, job=job)
+    if transform is not None:
+        import cloudpickle
+
+        (run.path / "transform.pkl").write_bytes(cloudpickle.dumps(transform))
     start(run)
     if wait:
         run.wait(timeout)
@@ -43,9 +55,10 @@ def prepare(
     root: str | os.PathLike[str] | None = None,
     wait: bool = False,
     timeout: float | None = None,
+    transform: Callable[[str], Any] | None = None,
 ) -> Run:
     """Prepare the spec's data as a detached job; a later run of the spec hits the cache."""
-    return launch(spec, overrides, root=root, wait=wait, timeout=timeout, job="prepare")
+    return launch(spec, overrides, root=root, wait=wait, timeout=timeout, job="prepare", transform=transform)
 
 
 def start(run: Run, resume: bool = False) -> None:

@@ -324,6 +324,7 @@ class Supervisor:
             "git_sha": _git_sha(os.environ.get("JUPYTER_LLM_CALLER_CWD")),
             "host": platform.node(),
             "data_files": {f: _sha256(f) for f in files} if not prev else prev.get("data_files"),
+            "transform_sha256": _sha256(str(self.dir / "transform.pkl")),  # a notebook data transform
             "attempts": [*prev.get("attempts", []),
                          {"attempt": attempt, "time": now_iso(), "command": argv, "ranks": nprocs, "master_port": port}],
         }  # fmt: skip

@@ -172,7 +172,9 @@ FORMAT = 2  # bump when the layout of prepared data changes: old cache entries s
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
-def documents(spec: Spec, files: list[str], stats: Counter[str] | None = None) -> Iterator[tuple[str, bool]]:
+def documents(
+    spec: Spec, files: list[str], stats: Counter[str] | None = None, transform: Transform | None = None
+) -> Iterator[tuple[str, bool]]:
     """Cleaned documents of `files` as the spec's `data.clean` asks, as (piece, ends document)
     pairs in order; counts into `stats`. A text file is filtered and de-duplicated as one
     document, from a first streaming pass over it when a filter needs its length or hash."""
@@ -201,18 +203,7 @@ def documents(spec: Spec, files: list[str], stats: Counter[str] | None = None) -
             seen.add(h.digest())
         return True
 
-    whole = c.dedup or c.max_chars is not None or c.min_chars > 1
-    for doc in read_documents(files, spec.data.text_field):
-        stats["documents_read"] += 1
-        pieces: Iterable[str]
-        if isinstance(doc, str):
-            pieces = [clean(doc)]
-            if not keep(pieces):
-                continue
-        else:
-            if whole and not keep(map(clean, doc())):
-                continue
-            pieces = map(clean, doc())
+    def emit(pieces: Iterable[str]) -> Iterator[tuple[str, bool]]:
         n = 0
         last: str | None = None
         for p in pieces:  # emitted one behind, to flag the last piece
@@ -224,13 +215,81 @@ def documents(spec: Spec, files: list[str], stats: Counter[str] | None = None) -
             last = p
         if last is None:  # an empty text file
             stats["dropped_length"] += 1
-            continue
+            return
         yield last, True
         stats["documents"] += 1
         stats[f"len_2^{n.bit_length()}"] += 1  # histogram of lengths, power-of-two bins
 
+    whole = c.dedup or c.max_chars is not None or c.min_chars > 1
+    for doc in read_documents(files, spec.data.text_field):
+        stats["documents_read"] += 1
+        if isinstance(doc, str):
+            for text in _transformed(transform, doc, stats):
+                if keep(pieces := [clean(text)]):
+                    yield from emit(pieces)
+        else:
 
-def build_tokenizer(spec: Spec, out_dir: Path) -> Any:
+            def read(doc: Any = doc) -> Iterator[str]:
+                for piece in doc():
+                    yield from (clean(t) for t in _transformed(transform, piece, stats, joined=True))
+
+            if whole and not keep(read()):
+                continue
+            yield from emit(read())
+
+
+class Transform:
+    """A user function applied to every document before cleaning, shipped to the detached job
+    with cloudpickle (so a function defined in a notebook works there). It returns the new
+    text, None to drop the document, or a list of texts (several documents; for a text file's
+    pieces, joined). `digest` (of the pickled bytes) is part of the cache key."""
+
+    FILE = "transform.pkl"
+
+    def __init__(self, fn: Callable[[str], Any], blob: bytes):
+        self.fn, self.digest = fn, hashlib.sha256(blob).hexdigest()
+
+    @classmethod
+    def load(cls, run_dir: Path) -> Transform | None:
+        import pickle
+
+        f = run_dir / cls.FILE
+        if not f.is_file():
+            return None
+        blob = f.read_bytes()
+        try:
+            return cls(pickle.loads(blob), blob)
+        except Exception as e:
+            raise DataError(
+                f"could not load the data transform ({type(e).__name__}: {e}); a module it uses "
+                "must be importable by the job's Python too"
+            ) from None
+
+
+def _transformed(
+    transform: Transform | None, text: str, stats: Counter[str], joined: bool = False
+) -> list[str]:
+    if transform is None:
+        return [text]
+    try:
+        out = transform.fn(text)
+    except Exception as e:
+        raise DataError(
+            f"the data transform raised {type(e).__name__}: {e} (on document {stats['documents_read']})"
+        ) from None
+    if out is None:
+        stats["dropped_transform"] += 1
+        return []
+    if isinstance(out, str):
+        return [out]
+    if isinstance(out, list | tuple) and all(isinstance(t, str) for t in out):
+        return ["".join(out)] if joined else list(out)
+    raise DataError(
+        f"the data transform returned a {type(out).__name__}; return a str, None or a list of str"
+    )
+
+
+def build_tokenizer(spec: Spec, out_dir: Path, transform: Transform | None = None) -> Any:
     """Load the tokenizer the spec names, or train one on the training text; save to out_dir."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -241,7 +300,7 @@ def build_tokenizer(spec: Spec, out_dir: Path) -> Any:
         train = spec.tokenizer.train
         kind, vocab = (train.kind, train.vocab_size) if train else ("char", 0)
         specials = MASKED_SPECIALS if spec.model.task == "masked-lm" else CAUSAL_SPECIALS
-        raw = _train_tokenizer(kind, vocab, list(specials.values()), spec)
+        raw = _train_tokenizer(kind, vocab, list(specials.values()), spec, transform)
         tok = PreTrainedTokenizerFast(tokenizer_object=raw, **specials)
         if spec.model.task == "causal-lm":
             tok.bos_token = tok.pad_token = tok.eos_token
@@ -252,7 +311,9 @@ def build_tokenizer(spec: Spec, out_dir: Path) -> Any:
     return tok
 
 
-def _train_tokenizer(kind: str, vocab_size: int, specials: list[str], spec: Spec) -> Any:
+def _train_tokenizer(
+    kind: str, vocab_size: int, specials: list[str], spec: Spec, transform: Transform | None = None
+) -> Any:
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     unk = "[UNK]" if "[UNK]" in specials else "<unk>"
@@ -260,7 +321,7 @@ def _train_tokenizer(kind: str, vocab_size: int, specials: list[str], spec: Spec
         # the vocabulary is the set of characters: collected directly, far faster than a
         # trainer that sees every character as a pre-token
         chars: set[str] = set()
-        for piece, _ in documents(spec, spec.data.train):
+        for piece in _training_texts(spec, transform):
             chars.update(piece)
         vocab = {t: i for i, t in enumerate([*specials, *sorted(chars - set(specials))])}
         tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
@@ -283,42 +344,44 @@ def _train_tokenizer(kind: str, vocab_size: int, specials: list[str], spec: Spec
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
         trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials)
-    tok.train_from_iterator((p for p, _ in documents(spec, spec.data.train)), trainer=trainer)
+    tok.train_from_iterator(_training_texts(spec, transform), trainer=trainer)
     return tok
 
 
-def cache_key(spec: Spec, tok: Any) -> str:
+def cache_key(spec: Spec, tok: Any, transform: Transform | None = None) -> str:
     """Hash of what the prepared data depends on: input contents (not paths), cleaning and
     split parameters, the task, and the tokenizer's full definition."""
     h = hashlib.sha256()
     d = spec.data
     params = {"format": FORMAT, "task": spec.model.task, "text_field": d.text_field,
-              "val_fraction": None if d.validation else d.val_fraction, "clean": d.clean.model_dump()}  # fmt: skip
+              "val_fraction": None if d.validation else d.val_fraction, "clean": d.clean.model_dump(),
+              "data_format": d.format, "fields": [d.prompt_field, d.response_field] if d.format == "pairs" else None}  # fmt: skip
     h.update(json.dumps(params, sort_keys=True).encode())
     for group in (d.train, d.validation or []):
         h.update(b"\x00group")
         for f in group:
             h.update(content_sha256(f).encode())
     h.update(tok.backend_tokenizer.to_str().encode())
+    h.update(f"transform:{transform.digest if transform else None}".encode())
     h.update(json.dumps(tok.special_tokens_map, sort_keys=True).encode())
     return h.hexdigest()[:32]
 
 
-def prepare(spec: Spec, tok: Any, cache_root: Path) -> tuple[Path, bool]:
+def prepare(spec: Spec, tok: Any, cache_root: Path, transform: Transform | None = None) -> tuple[Path, bool]:
     """The prepared-data folder for (spec, tok), and whether it came from the cache.
 
     Built under a temporary dot-name and renamed into place: a folder named by its key is
     always complete. Leftovers of killed writers (their pid gone) are removed.
     """
     cache_root.mkdir(parents=True, exist_ok=True)
-    key = cache_key(spec, tok)
+    key = cache_key(spec, tok, transform)
     final = cache_root / key
     if (final / "index.json").is_file():
         return final, True
     _remove_stale(cache_root)
     tmp = cache_root / f".{key}.tmp-{os.getpid()}-{secrets.token_hex(3)}"
     try:
-        tokenize_to_files(spec, tok, tmp)
+        tokenize_to_files(spec, tok, tmp, transform)
         try:
             os.rename(tmp, final)
         except OSError:  # another writer finished first: theirs is identical
@@ -337,9 +400,14 @@ def data_stage(run_dir: Path, spec: Spec) -> dict[str, Any]:
     from ..runs import append_jsonl, now_iso, write_json_atomic
 
     tok_dir = run_dir / "tokenizer"
-    tok = AutoTokenizer.from_pretrained(tok_dir) if tok_dir.is_dir() else build_tokenizer(spec, tok_dir)
+    transform = Transform.load(run_dir)
+    tok = (
+        AutoTokenizer.from_pretrained(tok_dir)
+        if tok_dir.is_dir()
+        else build_tokenizer(spec, tok_dir, transform)
+    )
     cache_root = Path(os.environ.get("JUPYTER_LLM_DATA_CACHE") or run_dir.parent / ".cache" / "data")
-    data_dir, hit = prepare(spec, tok, cache_root)
+    data_dir, hit = prepare(spec, tok, cache_root, transform)
     write_json_atomic(run_dir / "data.json", {"path": str(data_dir), "cached": hit})
     index: dict[str, Any] = json.loads((data_dir / "index.json").read_text())
     append_jsonl(run_dir / "events.jsonl", {"time": now_iso(), "event": "data_ready", "path": str(data_dir),
@@ -356,7 +424,9 @@ def _remove_stale(cache_root: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def tokenize_to_files(spec: Spec, tok: Any, out_dir: Path) -> dict[str, Any]:
+def tokenize_to_files(
+    spec: Spec, tok: Any, out_dir: Path, transform: Transform | None = None
+) -> dict[str, Any]:
     """Tokenize train (and validation) text into flat token files; returns the index.
 
     Streams: documents are read, cleaned and tokenized in batches and appended to the token
@@ -372,15 +442,26 @@ def tokenize_to_files(spec: Spec, tok: Any, out_dir: Path) -> dict[str, Any]:
     stats: Counter[str] = Counter()
     t0 = time.perf_counter()
     train_bin, val_bin = out_dir / "train.bin", out_dir / "val.bin"
-    n_train = _encode_to(train_bin, documents(spec, d.train, stats), encode, sep, dtype)
+    pairs = d.format == "pairs"
+    if pairs and transform is not None:
+        raise DataError("a data transform applies to text documents; data.format pairs does not take one")
+
+    def write(files: list[str], path: Path) -> int:
+        if pairs:
+            return _encode_pairs_to(path, _pairs(spec, files, stats), encode, sep, dtype)
+        return _encode_to(path, documents(spec, files, stats, transform), encode, sep, dtype)
+
+    n_train = write(d.train, train_bin)
     if _fault_stall():  # half written: train.bin exists, val.bin and index.json do not
         time.sleep(3600)
     if d.validation:
-        n_val = _encode_to(val_bin, documents(spec, d.validation, stats), encode, sep, dtype)
+        n_val = write(d.validation, val_bin)
     else:
         n_val = int(n_train * d.val_fraction)
         n_train -= n_val
         _move_tail(train_bin, val_bin, n_train * np.dtype(dtype).itemsize)
+        if pairs:
+            _move_tail(train_bin.with_suffix(".mask"), val_bin.with_suffix(".mask"), n_train)
     if not n_train:
         raise DataError(f"no training text left in {', '.join(d.train)} after cleaning: {dict(stats)}")
     index = {
@@ -388,6 +469,7 @@ def tokenize_to_files(spec: Spec, tok: Any, out_dir: Path) -> dict[str, Any]:
         "dtype": np.dtype(dtype).name,
         "vocab_size": len(tok),
         "splits": {"train": {"tokens": n_train}, "val": {"tokens": n_val}},
+        "loss_mask": pairs,  # train.mask/val.mask: 1 where the loss counts (response tokens)
         "stats": {k: v for k, v in sorted(stats.items()) if not k.startswith("len_")},
         "length_histogram": {
             k[4:]: v for k, v in sorted(stats.items(), key=lambda kv: len(kv[0])) if k.startswith("len_")
@@ -396,6 +478,89 @@ def tokenize_to_files(spec: Spec, tok: Any, out_dir: Path) -> dict[str, Any]:
     }
     (out_dir / "index.json").write_text(json.dumps(index, indent=1))  # written last: marks the folder whole
     return index
+
+
+def _pairs(spec: Spec, files: list[str], stats: Counter[str]) -> Iterator[tuple[str, str]]:
+    """(prompt, response) from JSONL lines, cleaned as `data.clean` asks (filters and
+    de-duplication see the pair as a whole)."""
+    d, c = spec.data, spec.data.clean
+    seen: set[bytes] = set()
+    for name in files:
+        with open(name, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    obj = json.loads(raw.decode("utf-8")) if raw.strip() else None
+                except UnicodeDecodeError:
+                    raise DataError(f"{name}:{lineno}: not UTF-8 text") from None
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{name}:{lineno}: not valid JSON ({e.msg})") from None
+                if obj is None:
+                    continue
+                for key in (d.prompt_field, d.response_field):
+                    if not isinstance(obj, dict) or not isinstance(obj.get(key), str):
+                        field = "prompt_field" if key == d.prompt_field else "response_field"
+                        raise DataError(f"{name}:{lineno}: no string field {key!r} (data.{field})")
+                stats["documents_read"] += 1
+                prompt, response = obj[d.prompt_field], obj[d.response_field]
+                if c.normalize:
+                    prompt, response = (unicodedata.normalize(c.normalize, t) for t in (prompt, response))
+                if c.strip_control:
+                    prompt, response = _CONTROL.sub("", prompt), _CONTROL.sub("", response)
+                n = len(prompt) + len(response)
+                if not response or n < c.min_chars or (c.max_chars and n > c.max_chars):
+                    stats["dropped_length"] += 1
+                    continue
+                if c.dedup:
+                    h = hashlib.blake2b(f"{len(prompt)}:{prompt}{response}".encode(), digest_size=16).digest()
+                    if h in seen:
+                        stats["duplicates"] += 1
+                        continue
+                    seen.add(h)
+                stats["documents"] += 1
+                stats[f"len_2^{n.bit_length()}"] += 1
+                yield prompt, response
+
+
+def _encode_pairs_to(path: Path, pairs: Iterator[tuple[str, str]], encode: Any, sep: int, dtype: Any) -> int:
+    """prompt + response + EOS per pair into `path`, and a uint8 loss mask beside it
+    (`path` with suffix .mask): 0 on prompt tokens, 1 on the response and its EOS."""
+    total = 0
+    with open(path, "wb") as out, open(path.with_suffix(".mask"), "wb") as mask_out:
+        for chunk in _batched(pairs, 1024):
+            prompts = encode([p for p, _ in chunk])
+            responses = encode([r for _, r in chunk])
+            ids: list[np.ndarray] = []
+            mask: list[np.ndarray] = []
+            for p, r in zip(prompts, responses, strict=True):
+                ids += [p, r, np.asarray([sep])]
+                mask += [np.zeros(len(p), np.uint8), np.ones(len(r) + 1, np.uint8)]
+            flat = np.concatenate(ids).astype(dtype)
+            flat.tofile(out)
+            np.concatenate(mask).tofile(mask_out)
+            total += len(flat)
+    return total
+
+
+def _batched(items: Iterator[Any], n: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for x in items:
+        batch.append(x)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _training_texts(spec: Spec, transform: Transform | None) -> Iterator[str]:
+    """The text a tokenizer is trained on: document pieces, or prompts and responses."""
+    if spec.data.format == "pairs":
+        for prompt, response in _pairs(spec, spec.data.train, Counter()):
+            yield prompt
+            yield response
+    else:
+        for piece, _ in documents(spec, spec.data.train, transform=transform):
+            yield piece
 
 
 def _move_tail(src: Path, dst: Path, keep_bytes: int) -> None:
@@ -486,12 +651,19 @@ def _encode_to(path: Path, docs: Iterator[tuple[str, bool]], encode: Any, sep: i
 
 
 class Blocks:
-    """Fixed-length blocks over a memory-mapped token file, in a seeded order per epoch."""
+    """Fixed-length blocks over a memory-mapped token file, in a seeded order per epoch; with
+    the loss mask beside it (`train.mask`) when the data has one (prompt/response pairs)."""
 
     def __init__(self, path: Path, dtype: str, block_size: int, seed: int):
         self.tokens: Any = (
             np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
         )
+        mask = path.with_suffix(".mask")
+        self.mask: Any = None
+        if mask.is_file():
+            self.mask = (
+                np.memmap(mask, dtype=np.uint8, mode="r") if mask.stat().st_size else np.zeros(0, np.uint8)
+            )
         self.block_size = block_size
         self.n = len(self.tokens) // block_size
         self.seed = seed
@@ -500,13 +672,28 @@ class Blocks:
     def block(self, i: int) -> np.ndarray:
         return np.asarray(self.tokens[i * self.block_size : (i + 1) * self.block_size], dtype=np.int64)
 
-    def shuffled(self, k: int) -> np.ndarray:
-        """The k-th sample of the endless shuffled stream (epoch = k // n)."""
+    def index(self, k: int, shuffle: bool) -> int:
+        """The block that sample k of the stream is (epoch = k // n; shuffled per epoch)."""
+        if not shuffle:
+            return k % self.n
         epoch, pos = divmod(k, self.n)
         if self._perm is None or self._perm[0] != epoch:
             self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
-        return self.block(int(self._perm[1][pos]))
+        return int(self._perm[1][pos])
+
+    def shuffled(self, k: int) -> np.ndarray:
+        """The k-th sample of the endless shuffled stream."""
+        return self.block(self.index(k, True))
 
     def batch(self, first: int, count: int, shuffle: bool) -> np.ndarray:
-        get = self.shuffled if shuffle else (lambda k: self.block(k % self.n))
-        return np.stack([get(k) for k in range(first, first + count)])
+        return np.stack([self.block(self.index(k, shuffle)) for k in range(first, first + count)])
+
+    def mask_batch(self, first: int, count: int, shuffle: bool) -> np.ndarray | None:
+        """The loss mask of the same samples as `batch` (None without a mask)."""
+        if self.mask is None:
+            return None
+        b = self.block_size
+        return np.stack(
+            [np.asarray(self.mask[(i := self.index(k, shuffle)) * b : (i + 1) * b], dtype=bool)
+             for k in range(first, first + count)]
+        )  # fmt: skip

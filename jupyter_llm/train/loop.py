@@ -91,7 +91,18 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
     def batch(blocks: Blocks, first: int, shuffle: bool, mask_seed: int) -> dict[str, torch.Tensor]:
         ids = torch.from_numpy(blocks.batch(first, t.micro_batch_size, shuffle))
         if not masked:
-            return {"input_ids": ids.to(device), "labels": ids.to(device)}
+            loss_mask = blocks.mask_batch(first, t.micro_batch_size, shuffle)
+            if loss_mask is None:
+                return {"input_ids": ids.to(device), "labels": ids.to(device)}
+            # prompt/response pairs: the loss counts response tokens only; a sum over the
+            # counted tokens, divided by their number (at least 1: a block may hold none)
+            labels = ids.masked_fill(~torch.from_numpy(loss_mask), -100)
+            n = (labels[:, 1:] != -100).sum().clamp(min=1)
+            return {
+                "input_ids": ids.to(device),
+                "labels": labels.to(device),
+                "num_items_in_batch": n.to(device),
+            }
         ids = torch.cat(
             [torch.full((len(ids), 1), tok.cls_token_id), ids, torch.full((len(ids), 1), tok.sep_token_id)], 1
         )
