@@ -11,6 +11,7 @@ import json
 import threading
 import time
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .runs import Run, State
@@ -66,7 +67,74 @@ def _fmt_s(s: float | None) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def prepare_progress(run: Run) -> dict[str, Any]:
+    """A prepare job's state, progress (input bytes read) and, once ready, its data stats."""
+    from .runs import read_json
+
+    st = run.status()
+    prog = read_json(run.path / "progress.json") or {}
+    ready = next((e for e in reversed(run.events()) if e.get("event") == "data_ready"), None)
+    index = read_json(Path(ready["path"]) / "index.json") if ready else None
+    total = prog.get("bytes_total") or 0
+    frac = 1.0 if ready else (min(1.0, prog.get("bytes_done", 0) / total) if total else 0.0)
+    return {"state": st["state"], "phase": prog.get("phase", "starting"), "fraction": frac,
+            "tokens": prog.get("tokens", 0), "ready": ready, "index": index, "error": st.get("error")}  # fmt: skip
+
+
+def _stats_rows(ready: dict[str, Any]) -> list[tuple[str, Any]]:
+    rows = [("cached", ready["cached"]), ("train tokens", ready["tokens"]["train"]["tokens"]),
+            ("validation tokens", ready["tokens"]["val"]["tokens"])]  # fmt: skip
+    for k in ("documents_read", "documents", "dropped_length", "duplicates", "dropped_transform"):
+        if k in ready:
+            rows.append((k.replace("_", " "), ready[k]))
+    return rows
+
+
+def histogram_html(hist: dict[str, int]) -> str:
+    """Document lengths in power-of-two bins, as plain HTML bars."""
+    if not hist:
+        return ""
+    top = max(hist.values())
+    bars = "".join(
+        f'<tr><td style="text-align:right">&lt; {2 ** int(k[2:]):,}</td><td><div style="background:#1565c0;'
+        f'height:10px;width:{max(1, int(200 * v / top))}px"></div></td><td>{v:,}</td></tr>'
+        for k, v in sorted(hist.items(), key=lambda kv: int(kv[0][2:]))
+    )
+    return f"<table><tr><th>chars</th><th>documents</th><th></th></tr>{bars}</table>"
+
+
+def _prepare_html(run: Run) -> str:
+    p = prepare_progress(run)
+    pct = int(100 * p["fraction"])
+    body = (
+        f'<div style="margin:4px 0"><progress value="{pct}" max="100" style="width:60%"></progress> '
+        f"{html.escape(p['phase'])} ({pct}% of the input, {p['tokens']:,} tokens)</div>"
+    )
+    if p["ready"]:
+        rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:,}</td></tr>" if isinstance(v, int) and not
+                       isinstance(v, bool) else f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>"
+                       for k, v in _stats_rows(p["ready"]))  # fmt: skip
+        body = f"<table>{rows}</table>" + histogram_html((p["index"] or {}).get("length_histogram", {}))
+    err = f'<div style="color:#c62828">{html.escape(str(p["error"]))}</div>' if p["error"] else ""
+    return (
+        f'<div class="jupyter-llm-run"><b>{html.escape(run.id)}</b> (prepare) {_badge(p["state"])}'
+        f'{body}{err}<div style="color:#757575;font-size:85%">{html.escape(str(run.path))}</div></div>'
+    )
+
+
+def _prepare_text(run: Run) -> str:
+    p = prepare_progress(run)
+    text = f"{run.id} (prepare): {p['state']}, {p['phase']} {int(100 * p['fraction'])}%"
+    if p["ready"]:
+        text += "; " + ", ".join(f"{k} {v}" for k, v in _stats_rows(p["ready"]))
+    if p["error"]:
+        text += f"\n  error: {p['error']}"
+    return text + f"\n  folder: {run.path}"
+
+
 def run_html(run: Run) -> str:
+    if run.status().get("job") == "prepare":
+        return _prepare_html(run)
     p = progress(run)
     pct = int(100 * p["fraction"])
     eta = f" · ETA {_fmt_s(p['eta_s'])}" if p["eta_s"] is not None else ""
@@ -86,6 +154,8 @@ def run_html(run: Run) -> str:
 
 
 def run_text(run: Run) -> str:
+    if run.status().get("job") == "prepare":
+        return _prepare_text(run)
     p = progress(run)
     parts = [f"{run.id}: {p['state']}, step {p['step']}/{p['total'] or '?'}"]
     if p["last"].get("loss") is not None:

@@ -40,6 +40,17 @@ def test_prepare_magic_is_detached_and_the_api_hits_its_cache(ip: Any, corpus: P
     assert index["splits"] == first["tokens"] and index["dtype"] == "uint16"
     assert (run.path / "tokenizer" / "tokenizer.json").is_file()
     assert '"length_histogram"' in (run.path / "logs" / "prepare.log").read_text()  # stats shown
+    prog = json.loads((run.path / "progress.json").read_text())
+    assert prog["phase"] == "done" and prog["bytes_done"] == prog["bytes_total"] == corpus.stat().st_size
+    assert prog["tokens"] == sum(v["tokens"] for v in index["splits"].values())
+    from jupyter_llm.display import run_html, run_text
+
+    view = run_html(run)
+    assert (
+        "(prepare)" in view and "train tokens" in view and f"{index['splits']['train']['tokens']:,}" in view
+    )
+    assert "&lt; 262,144" in view  # the one document (200,000 chars) in its length bin
+    assert "documents 1" in run_text(run)
     # the same spec again, through the Python API: the cache answers, same folder
     again = jupyter_llm.prepare(yaml.safe_load(body), wait=True, timeout=120)
     assert again.state == "completed" and _ready(again)["cached"] is True

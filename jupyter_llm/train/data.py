@@ -44,6 +44,12 @@ class DataError(ValueError):
     """Bad training data: the message names the file and line."""
 
 
+class Meter:
+    """Input bytes consumed so far, counted by the readers: the progress of a preparation."""
+
+    bytes_read = 0
+
+
 Doc = str | Callable[[], Iterator[str]]  # one string, or a text file's pieces (re-readable)
 PIECE_CHARS = 1 << 20  # a text file is read and tokenized in pieces of about this many characters
 
@@ -56,6 +62,7 @@ def read_documents(files: list[str], text_field: str) -> Iterator[Doc]:
         path = Path(name)
         if path.is_dir():
             yield from _saved_dataset(path, text_field)
+            Meter.bytes_read += _size(path)
         elif path.suffix == ".jsonl":
             yield from _jsonl(path, text_field)
         elif path.suffix == ".csv":
@@ -67,15 +74,26 @@ def read_documents(files: list[str], text_field: str) -> Iterator[Doc]:
                     )
                 for row in reader:
                     yield row[text_field]
+            Meter.bytes_read += path.stat().st_size
         elif path.suffix == ".parquet":
             yield from _parquet(path, text_field)
+            Meter.bytes_read += path.stat().st_size
         else:
             yield functools.partial(_text_pieces, path)
+
+
+def _size(path: Path) -> int:
+    return (
+        sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        if path.is_dir()
+        else path.stat().st_size
+    )
 
 
 def _jsonl(path: Path, text_field: str) -> Iterator[str]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
+            Meter.bytes_read += len(raw)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -143,6 +161,7 @@ def _text_pieces(path: Path) -> Iterator[str]:
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}: not UTF-8 text (byte {done + e.start})") from None
             done += len(raw)
+            Meter.bytes_read += len(raw)
             if not raw:
                 if text:
                     yield _newlines(text)
@@ -367,7 +386,13 @@ def cache_key(spec: Spec, tok: Any, transform: Transform | None = None) -> str:
     return h.hexdigest()[:32]
 
 
-def prepare(spec: Spec, tok: Any, cache_root: Path, transform: Transform | None = None) -> tuple[Path, bool]:
+def prepare(
+    spec: Spec,
+    tok: Any,
+    cache_root: Path,
+    transform: Transform | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[Path, bool]:
     """The prepared-data folder for (spec, tok), and whether it came from the cache.
 
     Built under a temporary dot-name and renamed into place: a folder named by its key is
@@ -381,7 +406,7 @@ def prepare(spec: Spec, tok: Any, cache_root: Path, transform: Transform | None 
     _remove_stale(cache_root)
     tmp = cache_root / f".{key}.tmp-{os.getpid()}-{secrets.token_hex(3)}"
     try:
-        tokenize_to_files(spec, tok, tmp, transform)
+        tokenize_to_files(spec, tok, tmp, transform, progress)
         try:
             os.rename(tmp, final)
         except OSError:  # another writer finished first: theirs is identical
@@ -401,15 +426,30 @@ def data_stage(run_dir: Path, spec: Spec) -> dict[str, Any]:
 
     tok_dir = run_dir / "tokenizer"
     transform = Transform.load(run_dir)
+    files = [Path(f) for f in [*spec.data.train, *(spec.data.validation or [])]]
+    total = sum(_size(f) for f in files)
+    last = [0.0]
+
+    def report(phase: str, tokens: int = 0, force: bool = False) -> None:
+        now = time.time()
+        if force or now - last[0] >= 1.0:  # at most once a second
+            last[0] = now
+            write_json_atomic(run_dir / "progress.json", {"phase": phase, "bytes_done": Meter.bytes_read,
+                              "bytes_total": total, "tokens": tokens, "time": now})  # fmt: skip
+
+    Meter.bytes_read = 0
+    report("tokenizer", force=True)
     tok = (
         AutoTokenizer.from_pretrained(tok_dir)
         if tok_dir.is_dir()
         else build_tokenizer(spec, tok_dir, transform)
     )
     cache_root = Path(os.environ.get("JUPYTER_LLM_DATA_CACHE") or run_dir.parent / ".cache" / "data")
-    data_dir, hit = prepare(spec, tok, cache_root, transform)
-    write_json_atomic(run_dir / "data.json", {"path": str(data_dir), "cached": hit})
+    Meter.bytes_read = 0  # training a tokenizer read the data once already
+    data_dir, hit = prepare(spec, tok, cache_root, transform, progress=lambda n: report("tokenize", n))
     index: dict[str, Any] = json.loads((data_dir / "index.json").read_text())
+    report("done", sum(v["tokens"] for v in index["splits"].values()), force=True)
+    write_json_atomic(run_dir / "data.json", {"path": str(data_dir), "cached": hit})
     append_jsonl(run_dir / "events.jsonl", {"time": now_iso(), "event": "data_ready", "path": str(data_dir),
                                             "cached": hit, "tokens": index["splits"], **index["stats"]})  # fmt: skip
     return index
@@ -425,7 +465,11 @@ def _remove_stale(cache_root: Path) -> None:
 
 
 def tokenize_to_files(
-    spec: Spec, tok: Any, out_dir: Path, transform: Transform | None = None
+    spec: Spec,
+    tok: Any,
+    out_dir: Path,
+    transform: Transform | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Tokenize train (and validation) text into flat token files; returns the index.
 
@@ -446,16 +490,17 @@ def tokenize_to_files(
     if pairs and transform is not None:
         raise DataError("a data transform applies to text documents; data.format pairs does not take one")
 
-    def write(files: list[str], path: Path) -> int:
+    def write(files: list[str], path: Path, before: int = 0) -> int:
+        report = (lambda n: progress(before + n)) if progress else None
         if pairs:
-            return _encode_pairs_to(path, _pairs(spec, files, stats), encode, sep, dtype)
-        return _encode_to(path, documents(spec, files, stats, transform), encode, sep, dtype)
+            return _encode_pairs_to(path, _pairs(spec, files, stats), encode, sep, dtype, report)
+        return _encode_to(path, documents(spec, files, stats, transform), encode, sep, dtype, report)
 
     n_train = write(d.train, train_bin)
     if _fault_stall():  # half written: train.bin exists, val.bin and index.json do not
         time.sleep(3600)
     if d.validation:
-        n_val = write(d.validation, val_bin)
+        n_val = write(d.validation, val_bin, n_train)
     else:
         n_val = int(n_train * d.val_fraction)
         n_train -= n_val
@@ -488,6 +533,7 @@ def _pairs(spec: Spec, files: list[str], stats: Counter[str]) -> Iterator[tuple[
     for name in files:
         with open(name, "rb") as f:
             for lineno, raw in enumerate(f, 1):
+                Meter.bytes_read += len(raw)
                 try:
                     obj = json.loads(raw.decode("utf-8")) if raw.strip() else None
                 except UnicodeDecodeError:
@@ -521,7 +567,14 @@ def _pairs(spec: Spec, files: list[str], stats: Counter[str]) -> Iterator[tuple[
                 yield prompt, response
 
 
-def _encode_pairs_to(path: Path, pairs: Iterator[tuple[str, str]], encode: Any, sep: int, dtype: Any) -> int:
+def _encode_pairs_to(
+    path: Path,
+    pairs: Iterator[tuple[str, str]],
+    encode: Any,
+    sep: int,
+    dtype: Any,
+    progress: Callable[[int], None] | None = None,
+) -> int:
     """prompt + response + EOS per pair into `path`, and a uint8 loss mask beside it
     (`path` with suffix .mask): 0 on prompt tokens, 1 on the response and its EOS."""
     total = 0
@@ -538,6 +591,8 @@ def _encode_pairs_to(path: Path, pairs: Iterator[tuple[str, str]], encode: Any, 
             flat.tofile(out)
             np.concatenate(mask).tofile(mask_out)
             total += len(flat)
+            if progress:
+                progress(total)
     return total
 
 
@@ -618,7 +673,14 @@ def _batch_encoder(tok: Any) -> Any:
 BATCH_CHARS = 1 << 22  # characters per tokenizer batch: bounds memory, keeps all cores busy
 
 
-def _encode_to(path: Path, docs: Iterator[tuple[str, bool]], encode: Any, sep: int | None, dtype: Any) -> int:
+def _encode_to(
+    path: Path,
+    docs: Iterator[tuple[str, bool]],
+    encode: Any,
+    sep: int | None,
+    dtype: Any,
+    progress: Callable[[int], None] | None = None,
+) -> int:
     """Append the tokens of `docs` (a separator after each document) to `path`; token count."""
     pieces: list[str] = []
     ends: list[bool] = []
@@ -645,6 +707,8 @@ def _encode_to(path: Path, docs: Iterator[tuple[str, bool]], encode: Any, sep: i
             if chars >= BATCH_CHARS or len(pieces) >= 4096:
                 total += flush()
                 chars = 0
+                if progress:
+                    progress(total)
         if pieces:
             total += flush()
     return total
