@@ -93,6 +93,7 @@ class TokenizerTrainSpec(_Section):
 class TokenizerSpec(_Section):
     path: str | None = None  # defaults to model.pretrained
     train: TokenizerTrainSpec | None = None
+    chat_template: str | None = None  # Jinja template for data.format chat (else the tokenizer's own)
 
     @field_validator("path")
     @classmethod
@@ -118,10 +119,13 @@ class DataSpec(_Section):
     validation: list[str] | None = None  # None: split val_fraction off the training text
     val_fraction: float = Field(0.1, ge=0, le=0.5)
     text_field: str = "text"  # JSONL key / CSV, Parquet or dataset column holding the text
-    # "pairs": JSONL lines with a prompt and a response; the loss counts response tokens only
-    format: Literal["text", "pairs"] = "text"
+    # "pairs": JSONL lines with a prompt and a response; "chat": JSONL lines with a list of
+    # {role, content} messages rendered by the chat template. The loss counts responses
+    # (assistant turns) only.
+    format: Literal["text", "pairs", "chat"] = "text"
     prompt_field: str = "prompt"
     response_field: str = "response"
+    messages_field: str = "messages"
     block_size: int = Field(64, ge=4, le=131072)  # tokens per training sequence
     mlm_probability: float = Field(0.15, gt=0, lt=1)  # masked-lm only
     clean: CleanSpec = CleanSpec()
@@ -331,13 +335,17 @@ class Spec(_Section):
             out.append(Problem("tokenizer.train", "...", "give tokenizer.path or tokenizer.train, not both"))
         if m.lora and not m.pretrained:
             out.append(Problem("model.lora", "...", "LoRA adapts a pretrained model: set model.pretrained"))
-        if self.data.format == "pairs":
+        if self.data.format != "text":
+            fmt = self.data.format
             if m.task != "causal-lm":
-                out.append(Problem("data.format", "pairs", "prompt/response pairs train a causal-lm"))
+                out.append(Problem("data.format", fmt, "prompt/response data trains a causal-lm"))
             for key in ("train", "validation"):
                 for f in getattr(self.data, key) or []:
                     if not f.endswith(".jsonl"):
-                        out.append(Problem(f"data.{key}", f, "data.format pairs reads .jsonl files"))
+                        out.append(Problem(f"data.{key}", f, f"data.format {fmt} reads .jsonl files"))
+            if fmt == "chat" and self.tokenizer.train and not self.tokenizer.chat_template:
+                out.append(Problem("tokenizer.chat_template", None,
+                                   "a trained tokenizer has no chat template: give one for data.format chat"))  # fmt: skip
         if self.data.validation is None and self.data.val_fraction == 0 and t.eval_every > 0:
             out.append(
                 Problem(

@@ -442,3 +442,41 @@ def test_pairs_pack_with_a_response_only_loss_mask(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"bad.jsonl:2: no string field 'response' \(data.response_field\)"):
         tokenize_to_files(Spec.from_dict({"tokenizer": {"train": {"kind": "char"}},
                                           "data": {"train": str(bad), "format": "pairs"}}), tok, tmp_path / "x")  # fmt: skip
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def test_chat_messages_count_assistant_turns_only(tmp_path: Path) -> None:
+    """Chat lines rendered by the chat template: the mask covers exactly the assistant turns."""
+    from transformers import AutoTokenizer
+
+    from jupyter_llm.train.data import DataError, build_tokenizer, tokenize_to_files
+
+    convs = [
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Add {i} and 1."},
+                      {"role": "assistant", "content": f"{i + 1}."}, {"role": "user", "content": "Thanks!"},
+                      {"role": "assistant", "content": "Welcome."}]}
+        for i in range(50)
+    ]  # fmt: skip
+    f = tmp_path / "chat.jsonl"
+    f.write_text("".join(json.dumps(c) + "\n" for c in convs))
+    spec = Spec.from_dict({"tokenizer": {"train": {"kind": "char"}, "chat_template": CHAT_TEMPLATE},
+                           "data": {"train": str(f), "format": "chat", "validation": str(f)}})  # fmt: skip
+    tok = build_tokenizer(spec, tmp_path / "tok")
+    assert AutoTokenizer.from_pretrained(tmp_path / "tok").chat_template == CHAT_TEMPLATE  # saved with it
+    index = tokenize_to_files(spec, tok, tmp_path / "data")
+    ids = np.fromfile(tmp_path / "data" / "train.bin", dtype=index["dtype"])
+    mask = np.fromfile(tmp_path / "data" / "train.mask", dtype=np.uint8).astype(bool)
+    eos = tok.eos_token_id
+    counted = tok.decode(ids[mask & (ids != eos)].tolist())
+    assert counted == "".join(f"{i + 1}.\nWelcome.\n" for i in range(50))
+    assert tok.decode(ids[~mask].tolist()).count("<user>Thanks!\n<assistant>") == 50
+    assert int((ids[mask] == eos).sum()) == 50 and not (ids[~mask] == eos).any()
+    assert index["stats"]["documents"] == 100 and index["splits"]["val"]["tokens"] == len(ids)  # train + val
+    f.write_text('{"messages": [{"role": "user"}]}\n')
+    with pytest.raises(DataError, match=r"chat.jsonl:1: no list of \{role, content\} messages"):
+        tokenize_to_files(spec, tok, tmp_path / "bad")

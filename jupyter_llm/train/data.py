@@ -326,6 +326,8 @@ def build_tokenizer(spec: Spec, out_dir: Path, transform: Transform | None = Non
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     tok.model_max_length = 2**62  # we pack long streams ourselves; silence length warnings
+    if spec.tokenizer.chat_template:
+        tok.chat_template = spec.tokenizer.chat_template  # saved with it: generation uses it too
     tok.save_pretrained(out_dir)
     return tok
 
@@ -374,7 +376,7 @@ def cache_key(spec: Spec, tok: Any, transform: Transform | None = None) -> str:
     d = spec.data
     params = {"format": FORMAT, "task": spec.model.task, "text_field": d.text_field,
               "val_fraction": None if d.validation else d.val_fraction, "clean": d.clean.model_dump(),
-              "data_format": d.format, "fields": [d.prompt_field, d.response_field] if d.format == "pairs" else None}  # fmt: skip
+              "data_format": d.format, "fields": [d.prompt_field, d.response_field, d.messages_field] if d.format != "text" else None}  # fmt: skip
     h.update(json.dumps(params, sort_keys=True).encode())
     for group in (d.train, d.validation or []):
         h.update(b"\x00group")
@@ -383,6 +385,7 @@ def cache_key(spec: Spec, tok: Any, transform: Transform | None = None) -> str:
     h.update(tok.backend_tokenizer.to_str().encode())
     h.update(f"transform:{transform.digest if transform else None}".encode())
     h.update(json.dumps(tok.special_tokens_map, sort_keys=True).encode())
+    h.update(f"chat_template:{getattr(tok, 'chat_template', None)}".encode())
     return h.hexdigest()[:32]
 
 
@@ -486,14 +489,16 @@ def tokenize_to_files(
     stats: Counter[str] = Counter()
     t0 = time.perf_counter()
     train_bin, val_bin = out_dir / "train.bin", out_dir / "val.bin"
-    pairs = d.format == "pairs"
+    pairs = d.format != "text"
     if pairs and transform is not None:
-        raise DataError("a data transform applies to text documents; data.format pairs does not take one")
+        raise DataError(
+            f"a data transform applies to text documents; data.format {d.format} does not take one"
+        )
 
     def write(files: list[str], path: Path, before: int = 0) -> int:
         report = (lambda n: progress(before + n)) if progress else None
         if pairs:
-            return _encode_pairs_to(path, _pairs(spec, files, stats), encode, sep, dtype, report)
+            return _encode_pairs_to(path, _supervised(spec, files, stats, tok), encode, sep, dtype, report)
         return _encode_to(path, documents(spec, files, stats, transform), encode, sep, dtype, report)
 
     n_train = write(d.train, train_bin)
@@ -525,10 +530,15 @@ def tokenize_to_files(
     return index
 
 
-def _pairs(spec: Spec, files: list[str], stats: Counter[str]) -> Iterator[tuple[str, str]]:
-    """(prompt, response) from JSONL lines, cleaned as `data.clean` asks (filters and
-    de-duplication see the pair as a whole)."""
+Segments = list[tuple[str, bool]]  # an example's text in order; True where the loss counts
+
+
+def _supervised(spec: Spec, files: list[str], stats: Counter[str], tok: Any = None) -> Iterator[Segments]:
+    """Examples of `data.format` pairs (prompt, response) or chat (messages rendered by the
+    chat template; assistant turns count) from JSONL lines, cleaned as `data.clean` asks
+    (filters and de-duplication see the example as a whole)."""
     d, c = spec.data, spec.data.clean
+    render = _chat_renderer(spec, tok) if d.format == "chat" else None
     seen: set[bytes] = set()
     for name in files:
         with open(name, "rb") as f:
@@ -542,51 +552,107 @@ def _pairs(spec: Spec, files: list[str], stats: Counter[str]) -> Iterator[tuple[
                     raise DataError(f"{name}:{lineno}: not valid JSON ({e.msg})") from None
                 if obj is None:
                     continue
-                for key in (d.prompt_field, d.response_field):
-                    if not isinstance(obj, dict) or not isinstance(obj.get(key), str):
-                        field = "prompt_field" if key == d.prompt_field else "response_field"
-                        raise DataError(f"{name}:{lineno}: no string field {key!r} (data.{field})")
+                where = f"{name}:{lineno}"
+                segs = (
+                    _chat_segments(obj, render, d.messages_field, where) if render else _pair(obj, d, where)
+                )
                 stats["documents_read"] += 1
-                prompt, response = obj[d.prompt_field], obj[d.response_field]
                 if c.normalize:
-                    prompt, response = (unicodedata.normalize(c.normalize, t) for t in (prompt, response))
+                    segs = [(unicodedata.normalize(c.normalize, t), w) for t, w in segs]
                 if c.strip_control:
-                    prompt, response = _CONTROL.sub("", prompt), _CONTROL.sub("", response)
-                n = len(prompt) + len(response)
-                if not response or n < c.min_chars or (c.max_chars and n > c.max_chars):
+                    segs = [(_CONTROL.sub("", t), w) for t, w in segs]
+                n = sum(len(t) for t, _ in segs)
+                if not any(t for t, w in segs if w) or n < c.min_chars or (c.max_chars and n > c.max_chars):
                     stats["dropped_length"] += 1
                     continue
                 if c.dedup:
-                    h = hashlib.blake2b(f"{len(prompt)}:{prompt}{response}".encode(), digest_size=16).digest()
+                    h = hashlib.blake2b(json.dumps(segs).encode(), digest_size=16).digest()
                     if h in seen:
                         stats["duplicates"] += 1
                         continue
                     seen.add(h)
                 stats["documents"] += 1
                 stats[f"len_2^{n.bit_length()}"] += 1
-                yield prompt, response
+                yield segs
+
+
+def _pair(obj: Any, d: Any, where: str) -> Segments:
+    for key, field in ((d.prompt_field, "prompt_field"), (d.response_field, "response_field")):
+        if not isinstance(obj, dict) or not isinstance(obj.get(key), str):
+            raise DataError(f"{where}: no string field {key!r} (data.{field})")
+    return [(obj[d.prompt_field], False), (obj[d.response_field], True)]
+
+
+def _chat_renderer(spec: Spec, tok: Any) -> Callable[[list[dict[str, str]], bool], str]:
+    """messages -> text by the chat template: the tokenizer's (it carries the spec's
+    `tokenizer.chat_template` once built), or the spec's alone while training a tokenizer."""
+    if tok is not None:
+        if not getattr(tok, "chat_template", None):
+            raise DataError(
+                "the tokenizer has no chat template: set tokenizer.chat_template for data.format chat"
+            )
+        return lambda msgs, gen: tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(
+        spec.tokenizer.chat_template or ""
+    )
+    return lambda msgs, gen: template.render(messages=msgs, add_generation_prompt=gen)
+
+
+def _chat_segments(
+    obj: Any, render: Callable[[list[dict[str, str]], bool], str], field: str, where: str
+) -> Segments:
+    """Split a rendered conversation into prompt and assistant segments by rendering its
+    prefixes: before assistant turn i = render(messages[:i], generation prompt); through it
+    = render(messages[:i + 1])."""
+    msgs = obj.get(field) if isinstance(obj, dict) else None
+    if not isinstance(msgs, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in msgs
+    ):
+        raise DataError(
+            f"{where}: no list of {{role, content}} messages in field {field!r} (data.messages_field)"
+        )
+    segs: Segments = []
+    done = ""
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        before, through = render(msgs[:i], True), render(msgs[: i + 1], False)
+        if not (before.startswith(done) and through.startswith(before)):
+            raise DataError(f"{where}: the chat template does not render conversations prefix by prefix")
+        segs += [(before[len(done) :], False), (through[len(before) :], True)]
+        done = through
+    full = render(msgs, False)
+    if len(full) > len(done):
+        segs.append((full[len(done) :], False))
+    return segs
 
 
 def _encode_pairs_to(
     path: Path,
-    pairs: Iterator[tuple[str, str]],
+    examples: Iterator[Segments],
     encode: Any,
     sep: int,
     dtype: Any,
     progress: Callable[[int], None] | None = None,
 ) -> int:
-    """prompt + response + EOS per pair into `path`, and a uint8 loss mask beside it
-    (`path` with suffix .mask): 0 on prompt tokens, 1 on the response and its EOS."""
+    """Each example's segments + EOS into `path`, and a uint8 loss mask beside it (`path`
+    with suffix .mask): 1 on segments that count (responses) and the EOS, 0 elsewhere."""
     total = 0
     with open(path, "wb") as out, open(path.with_suffix(".mask"), "wb") as mask_out:
-        for chunk in _batched(pairs, 1024):
-            prompts = encode([p for p, _ in chunk])
-            responses = encode([r for _, r in chunk])
+        for chunk in _batched(examples, 1024):
+            encoded = iter(encode([t for segs in chunk for t, _ in segs]))
             ids: list[np.ndarray] = []
             mask: list[np.ndarray] = []
-            for p, r in zip(prompts, responses, strict=True):
-                ids += [p, r, np.asarray([sep])]
-                mask += [np.zeros(len(p), np.uint8), np.ones(len(r) + 1, np.uint8)]
+            for segs in chunk:
+                for _, counts in segs:
+                    part = next(encoded)
+                    ids.append(part)
+                    mask.append(np.full(len(part), counts, np.uint8))
+                ids.append(np.asarray([sep]))
+                mask.append(np.ones(1, np.uint8))
             flat = np.concatenate(ids).astype(dtype)
             flat.tofile(out)
             np.concatenate(mask).tofile(mask_out)
@@ -609,10 +675,9 @@ def _batched(items: Iterator[Any], n: int) -> Iterator[list[Any]]:
 
 def _training_texts(spec: Spec, transform: Transform | None) -> Iterator[str]:
     """The text a tokenizer is trained on: document pieces, or prompts and responses."""
-    if spec.data.format == "pairs":
-        for prompt, response in _pairs(spec, spec.data.train, Counter()):
-            yield prompt
-            yield response
+    if spec.data.format != "text":
+        for segs in _supervised(spec, spec.data.train, Counter()):
+            yield from (t for t, _ in segs)
     else:
         for piece, _ in documents(spec, spec.data.train, transform=transform):
             yield piece
