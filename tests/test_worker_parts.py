@@ -480,3 +480,37 @@ def test_chat_messages_count_assistant_turns_only(tmp_path: Path) -> None:
     f.write_text('{"messages": [{"role": "user"}]}\n')
     with pytest.raises(DataError, match=r"chat.jsonl:1: no list of \{role, content\} messages"):
         tokenize_to_files(spec, tok, tmp_path / "bad")
+
+
+def test_masked_lm_blocks_never_cross_documents(tmp_path: Path) -> None:
+    """Masked-LM data keeps document ends: every block is one document's chunk (the last one
+    padded), the chunks of a document give back its tokens, across the validation split."""
+    from jupyter_llm.train.data import Blocks, build_tokenizer, tokenize_to_files
+
+    docs = [("word " * (3 + 7 * i % 23)).strip() + f" doc{i}" for i in range(60)]
+    f = tmp_path / "docs.jsonl"
+    f.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    spec = Spec.from_dict({"model": {"task": "masked-lm"}, "tokenizer": {"train": {"kind": "wordpiece", "vocab_size": 200}},
+                           "data": {"train": str(f), "val_fraction": 0.25}})  # fmt: skip
+    tok = build_tokenizer(spec, tmp_path / "tok")
+    index = tokenize_to_files(spec, tok, tmp_path / "data")
+    d = tmp_path / "data"
+    enc = [tok(x, add_special_tokens=False)["input_ids"] for x in docs]
+    got: list[list[int]] = []
+    for split in ("train", "val"):
+        b = Blocks(d / f"{split}.bin", index["dtype"], 8, seed=1, pad_id=tok.pad_token_id)
+        assert b.n > 0
+        for i in range(b.n):
+            row, n = b.block(i).tolist(), int(b.lens[i])  # type: ignore[index]
+            assert tok.sep_token_id not in row and all(t == tok.pad_token_id for t in row[n:])
+            assert 0 < n <= 8 and tok.pad_token_id not in row[:n]
+            prev = int(b.starts[i - 1]) if i else -99  # type: ignore[index]
+            if i and int(b.lens[i - 1]) == 8 and int(b.starts[i]) == prev + 8:  # type: ignore[index]
+                got[-1] += row[:n]  # the same document continues
+            else:
+                got.append(row[:n])
+        assert b.lengths(0, 3, False).tolist() == [int(x) for x in b.lens[:3]]  # type: ignore[index]
+    # the document cut by the split comes back in two parts; every other one whole
+    flat = [t for g in got for t in g]
+    assert flat == [t for e in enc for t in e]
+    assert len(got) in (len(docs), len(docs) + 1)

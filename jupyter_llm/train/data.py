@@ -22,6 +22,7 @@ import time
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +188,7 @@ def _newlines(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
 
 
-FORMAT = 2  # bump when the layout of prepared data changes: old cache entries stop matching
+FORMAT = 3  # bump when the layout of prepared data changes: old cache entries stop matching
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
@@ -490,6 +491,7 @@ def tokenize_to_files(
     t0 = time.perf_counter()
     train_bin, val_bin = out_dir / "train.bin", out_dir / "val.bin"
     pairs = d.format != "text"
+    per_doc = spec.model.task == "masked-lm"  # masked LMs train on blocks that never cross documents
     if pairs and transform is not None:
         raise DataError(
             f"a data transform applies to text documents; data.format {d.format} does not take one"
@@ -499,7 +501,7 @@ def tokenize_to_files(
         report = (lambda n: progress(before + n)) if progress else None
         if pairs:
             return _encode_pairs_to(path, _supervised(spec, files, stats, tok), encode, sep, dtype, report)
-        return _encode_to(path, documents(spec, files, stats, transform), encode, sep, dtype, report)
+        return _encode_to(path, documents(spec, files, stats, transform), encode, sep, dtype, report, per_doc)
 
     n_train = write(d.train, train_bin)
     if _fault_stall():  # half written: train.bin exists, val.bin and index.json do not
@@ -512,6 +514,8 @@ def tokenize_to_files(
         _move_tail(train_bin, val_bin, n_train * np.dtype(dtype).itemsize)
         if pairs:
             _move_tail(train_bin.with_suffix(".mask"), val_bin.with_suffix(".mask"), n_train)
+        if per_doc:
+            _split_doc_ends(train_bin.with_suffix(".docs"), val_bin.with_suffix(".docs"), n_train)
     if not n_train:
         raise DataError(f"no training text left in {', '.join(d.train)} after cleaning: {dict(stats)}")
     index = {
@@ -683,6 +687,17 @@ def _training_texts(spec: Spec, transform: Transform | None) -> Iterator[str]:
             yield piece
 
 
+def _split_doc_ends(src: Path, dst: Path, n_train: int) -> None:
+    """Split document spans at token n_train (a document there is cut in two)."""
+    spans = np.fromfile(src, dtype=np.int64).reshape(-1, 2)
+    train = spans[spans[:, 0] < n_train]
+    train[:, 1] = np.minimum(train[:, 1], n_train)
+    train.tofile(src)
+    val = spans[spans[:, 1] > n_train]
+    val[:, 0] = np.maximum(val[:, 0], n_train)
+    (val - n_train).astype(np.int64).tofile(dst)
+
+
 def _move_tail(src: Path, dst: Path, keep_bytes: int) -> None:
     """Move src's bytes after `keep_bytes` into dst (in chunks), then truncate src."""
     with open(src, "rb") as f, open(dst, "wb") as out:
@@ -745,24 +760,39 @@ def _encode_to(
     sep: int | None,
     dtype: Any,
     progress: Callable[[int], None] | None = None,
+    doc_ends: bool = False,
 ) -> int:
-    """Append the tokens of `docs` (a separator after each document) to `path`; token count."""
+    """Append the tokens of `docs` (a separator after each document) to `path`; token count.
+    With `doc_ends`, each document's (start, end) token offsets, without its separator, go to
+    `path`.docs (int64 pairs), for per-document blocks."""
     pieces: list[str] = []
     ends: list[bool] = []
     chars = total = 0
     tail = np.asarray([sep] if sep is not None else [], dtype=np.int64)
-    with open(path, "wb") as out:
+    with (
+        open(path, "wb") as out,
+        open(path.with_suffix(".docs"), "wb") if doc_ends else nullcontext() as docs_out,
+    ):
+        begin = [0]  # where the current document started
 
         def flush() -> int:
             parts = []
+            spans: list[int] = []
+            n = total
             for ids, end in zip(encode(pieces), ends, strict=True):
                 parts.append(ids)
+                n += len(ids)
                 if end:
+                    spans += [begin[0], n]  # the document's tokens, without the separator
                     parts.append(tail)
+                    n += len(tail)
+                    begin[0] = n
             pieces.clear()
             ends.clear()
             flat = np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
             flat.tofile(out)
+            if docs_out is not None:
+                np.asarray(spans, dtype=np.int64).tofile(docs_out)
             return len(flat)
 
         for piece, end in docs:
@@ -780,10 +810,15 @@ def _encode_to(
 
 
 class Blocks:
-    """Fixed-length blocks over a memory-mapped token file, in a seeded order per epoch; with
-    the loss mask beside it (`train.mask`) when the data has one (prompt/response pairs)."""
+    """Fixed-length blocks over a memory-mapped token file, in a seeded order per epoch.
 
-    def __init__(self, path: Path, dtype: str, block_size: int, seed: int):
+    With document spans beside it (`train.docs`, masked LMs) blocks never cross documents:
+    each document (without its separator) is cut into `block_size` chunks and the last one
+    is padded with `pad_id`; `lengths` gives the real tokens of each. With a loss mask beside
+    it (`train.mask`, prompt/response data) `mask_batch` gives the mask of the same samples.
+    """
+
+    def __init__(self, path: Path, dtype: str, block_size: int, seed: int, pad_id: int = 0):
         self.tokens: Any = (
             np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
         )
@@ -794,12 +829,31 @@ class Blocks:
                 np.memmap(mask, dtype=np.uint8, mode="r") if mask.stat().st_size else np.zeros(0, np.uint8)
             )
         self.block_size = block_size
-        self.n = len(self.tokens) // block_size
+        self.pad_id = pad_id
+        self.starts: np.ndarray | None = None
+        self.lens: np.ndarray | None = None
+        docs = path.with_suffix(".docs")
+        if docs.is_file():
+            spans = np.fromfile(docs, dtype=np.int64).reshape(-1, 2)
+            begins, content = spans[:, 0], np.maximum(spans[:, 1] - spans[:, 0], 0)
+            chunks = -(-content // block_size)
+            first: np.ndarray = np.repeat(begins, chunks)
+            nth = np.arange(int(chunks.sum())) - np.repeat(np.cumsum(chunks) - chunks, chunks)
+            self.starts = first + nth * block_size
+            self.lens = np.minimum(block_size, np.repeat(spans[:, 1], chunks) - self.starts)
+            self.n = len(self.starts)
+        else:
+            self.n = len(self.tokens) // block_size
         self.seed = seed
         self._perm: tuple[int, np.ndarray] | None = None
 
     def block(self, i: int) -> np.ndarray:
-        return np.asarray(self.tokens[i * self.block_size : (i + 1) * self.block_size], dtype=np.int64)
+        if self.starts is None or self.lens is None:
+            return np.asarray(self.tokens[i * self.block_size : (i + 1) * self.block_size], dtype=np.int64)
+        out: np.ndarray = np.full(self.block_size, self.pad_id, dtype=np.int64)
+        s, n = int(self.starts[i]), int(self.lens[i])
+        out[:n] = self.tokens[s : s + n]
+        return out
 
     def index(self, k: int, shuffle: bool) -> int:
         """The block that sample k of the stream is (epoch = k // n; shuffled per epoch)."""
@@ -816,6 +870,14 @@ class Blocks:
 
     def batch(self, first: int, count: int, shuffle: bool) -> np.ndarray:
         return np.stack([self.block(self.index(k, shuffle)) for k in range(first, first + count)])
+
+    def lengths(self, first: int, count: int, shuffle: bool) -> np.ndarray:
+        """Real (unpadded) tokens of the same samples as `batch`."""
+        if self.lens is None:
+            return np.full(count, self.block_size, dtype=np.int64)
+        return np.asarray(
+            [self.lens[self.index(k, shuffle)] for k in range(first, first + count)], dtype=np.int64
+        )
 
     def mask_batch(self, first: int, count: int, shuffle: bool) -> np.ndarray | None:
         """The loss mask of the same samples as `batch` (None without a mask)."""

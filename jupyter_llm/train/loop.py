@@ -69,8 +69,9 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
     data_dir = Path(json.loads((run_dir / "data.json").read_text())["path"])
     index = json.loads((data_dir / "index.json").read_text())
     body = d.block_size - 2 if masked else d.block_size  # masked blocks get [CLS] ... [SEP]
-    train_blocks = Blocks(data_dir / "train.bin", index["dtype"], body, spec.seed)
-    val_blocks = Blocks(data_dir / "val.bin", index["dtype"], body, spec.seed)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    train_blocks = Blocks(data_dir / "train.bin", index["dtype"], body, spec.seed, pad)
+    val_blocks = Blocks(data_dir / "val.bin", index["dtype"], body, spec.seed, pad)
     if train_blocks.n == 0:
         raise ValueError(
             f"training text has {index['splits']['train']['tokens']} tokens: fewer than one block "
@@ -103,11 +104,20 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
                 "labels": labels.to(device),
                 "num_items_in_batch": n.to(device),
             }
-        ids = torch.cat(
-            [torch.full((len(ids), 1), tok.cls_token_id), ids, torch.full((len(ids), 1), tok.sep_token_id)], 1
-        )
-        ids, labels = _mask_tokens(ids, tok, d.mlm_probability, torch.Generator().manual_seed(mask_seed))
-        return {"input_ids": ids.to(device), "labels": labels.to(device)}
+        # [CLS] chunk [SEP] [PAD]...: a block holds one document's chunk, padded at the end
+        lens = torch.from_numpy(blocks.lengths(first, t.micro_batch_size, shuffle))
+        pos = torch.arange(ids.shape[1] + 2)
+        full = torch.full((len(ids), ids.shape[1] + 2), tok.pad_token_id, dtype=ids.dtype)
+        full[:, 1:-1] = torch.where(pos[None, :-2] < lens[:, None], ids, tok.pad_token_id)
+        full[:, 0] = tok.cls_token_id
+        full[torch.arange(len(ids)), lens + 1] = tok.sep_token_id
+        attention = (pos[None, :] < (lens + 2)[:, None]).long()
+        ids, labels = _mask_tokens(full, tok, d.mlm_probability, torch.Generator().manual_seed(mask_seed))
+        return {
+            "input_ids": ids.to(device),
+            "labels": labels.to(device),
+            "attention_mask": attention.to(device),
+        }
 
     per_step = world * t.micro_batch_size  # samples per micro step, all ranks
 
@@ -126,7 +136,9 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
                 b = batch(
                     val_blocks, i * per_step + rank * t.micro_batch_size, False, _seed(spec.seed, -1, i, rank)
                 )
-                logits = engine(input_ids=b["input_ids"]).logits.float()
+                logits = engine(
+                    input_ids=b["input_ids"], attention_mask=b.get("attention_mask")
+                ).logits.float()
                 labels = b["labels"]
                 if not masked:
                     logits, labels = logits[:, :-1], labels[:, 1:]
