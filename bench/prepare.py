@@ -13,7 +13,7 @@ Repetitions alternate which side goes first; tokens/s medians and their ratio ar
 JSON. With `--big-mb`, jupyter_llm's preparation also runs in a child process on a corpus of
 that size and its peak RSS (ru_maxrss) is reported.
 
-    python bench/prepare.py [--mb 200] [--reps 3] [--big-mb 2048]
+    python bench/prepare.py [--mb 200] [--reps 3] [--big-mb 2048]   (--mb 0: only the RSS run)
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -94,18 +93,19 @@ def baseline(data: Path, tok_dir: Path, out: Path, cache: Path) -> tuple[float, 
 
 def peak_rss(data: Path, tok_dir: Path, out: Path) -> dict[str, float]:
     """Our preparation alone in a child process: wall time and peak RSS."""
+    # the child reports its own peak (RUSAGE_SELF): RUSAGE_CHILDREN would also count every
+    # earlier child of this process
     code = (
-        "import sys, time; sys.path.insert(0, sys.argv[1]); import prepare as b; from pathlib import Path; "
-        "s, n = b.ours(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])); print(s, n)"
+        "import resource, sys; sys.path.insert(0, sys.argv[1]); import prepare as b; from pathlib import Path; "
+        "s, n = b.ours(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])); "
+        "print(s, n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
     )
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     res = subprocess.run([sys.executable, "-c", code, str(HERE), str(data), str(tok_dir), str(out)],
                          capture_output=True, text=True, check=True)  # fmt: skip
-    rss_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    secs, tokens = res.stdout.split()
+    secs, tokens, rss_kb = res.stdout.split()[-3:]
     return {"corpus_mb": round(data.stat().st_size / 2**20), "seconds": round(float(secs), 1),
             "tokens": int(tokens), "tokens_per_s": round(int(tokens) / float(secs)),
-            "peak_rss_mb": round(max(rss_kb, before) / 1024)}  # fmt: skip
+            "peak_rss_mb": round(int(rss_kb) / 1024)}  # fmt: skip
 
 
 def main() -> None:
@@ -117,41 +117,48 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp_s:
         tmp = Path(tmp_s)
         make_tokenizer(tmp / "tok")
-        docs = make_corpus(tmp / "corpus.jsonl", args.mb)
-        ours_tps, base_tps, map_tps = [], [], []
-        for rep in range(args.reps):
-            for side in ("ours", "base") if rep % 2 == 0 else ("base", "ours"):
-                out = tmp / f"{side}-{rep}"
-                out.mkdir()
-                if side == "ours":
-                    secs, n = ours(tmp / "corpus.jsonl", tmp / "tok", out)
-                    ours_tps.append(n / secs)
-                else:
-                    secs, map_secs, n = baseline(tmp / "corpus.jsonl", tmp / "tok", out, tmp / f"hf-{rep}")
-                    base_tps.append(n / secs)
-                    map_tps.append(n / map_secs)
-            a = np.fromfile(tmp / f"ours-{rep}" / "train.bin", dtype=np.uint16)
-            b = np.fromfile(tmp / f"base-{rep}" / "train.bin", dtype=np.uint16)
-            assert np.array_equal(a, b), "outputs differ"
-            for side in ("ours", "base"):
-                for f in (tmp / f"{side}-{rep}").iterdir():
-                    f.unlink()
-        result: dict[str, object] = {
-            "corpus_mb": args.mb, "documents": docs, "tokens": len(a), "reps": args.reps,
-            "same_output": True,
-            "ours_tokens_per_s": round(statistics.median(ours_tps)),
-            "datasets_tokens_per_s": round(statistics.median(base_tps)),
-            "datasets_map_only_tokens_per_s": round(statistics.median(map_tps)),
-            "ratio": round(statistics.median(ours_tps) / statistics.median(base_tps), 2),
-            "ratio_vs_map_only": round(statistics.median(ours_tps) / statistics.median(map_tps), 2),
-            "cpus": os.cpu_count(),
-        }  # fmt: skip
-        (tmp / "corpus.jsonl").unlink()
+        result: dict[str, object] = {"cpus": os.cpu_count()}
+        if args.mb:
+            result.update(compare(tmp, args.mb, args.reps))
         if args.big_mb:
             make_corpus(tmp / "big.jsonl", args.big_mb)
             (tmp / "big").mkdir()
             result["big"] = peak_rss(tmp / "big.jsonl", tmp / "tok", tmp / "big")
         print(json.dumps(result, indent=1))
+
+
+def compare(tmp: Path, mb: int, reps: int) -> dict[str, object]:
+    """Interleaved repetitions of both sides on the same corpus; outputs checked equal."""
+    docs = make_corpus(tmp / "corpus.jsonl", mb)
+    ours_tps, base_tps, map_tps = [], [], []
+    tokens = 0
+    for rep in range(reps):
+        for side in ("ours", "base") if rep % 2 == 0 else ("base", "ours"):
+            out = tmp / f"{side}-{rep}"
+            out.mkdir()
+            if side == "ours":
+                secs, n = ours(tmp / "corpus.jsonl", tmp / "tok", out)
+                ours_tps.append(n / secs)
+            else:
+                secs, map_secs, n = baseline(tmp / "corpus.jsonl", tmp / "tok", out, tmp / f"hf-{rep}")
+                base_tps.append(n / secs)
+                map_tps.append(n / map_secs)
+        a = np.fromfile(tmp / f"ours-{rep}" / "train.bin", dtype=np.uint16)
+        b = np.fromfile(tmp / f"base-{rep}" / "train.bin", dtype=np.uint16)
+        assert np.array_equal(a, b), "outputs differ"
+        tokens = len(a)
+        for side in ("ours", "base"):
+            for f in (tmp / f"{side}-{rep}").iterdir():
+                f.unlink()
+    (tmp / "corpus.jsonl").unlink()
+    return {
+        "corpus_mb": mb, "documents": docs, "tokens": tokens, "reps": reps, "same_output": True,
+        "ours_tokens_per_s": round(statistics.median(ours_tps)),
+        "datasets_tokens_per_s": round(statistics.median(base_tps)),
+        "datasets_map_only_tokens_per_s": round(statistics.median(map_tps)),
+        "ratio": round(statistics.median(ours_tps) / statistics.median(base_tps), 2),
+        "ratio_vs_map_only": round(statistics.median(ours_tps) / statistics.median(map_tps), 2),
+    }  # fmt: skip
 
 
 if __name__ == "__main__":
