@@ -32,7 +32,7 @@ def build_command(
         "--module", "jupyter_llm.train",
         str(run_dir),
     ]  # fmt: skip
-    env = dict(os.environ if base_env is None else base_env)
+    env = job_env(run_dir, attempt, base_env)
     # the interpreter's bin folder first, as an activated venv would have it: DeepSpeed's JIT
     # builds then find the venv's ninja, the one its ops were prebuilt with (no rebuild)
     bindir = os.path.dirname(python)
@@ -40,10 +40,7 @@ def build_command(
     env.update(
         {
             "PATH": os.pathsep.join([bindir, *[p for p in path if p != bindir]]),
-            "PYTHONUNBUFFERED": "1",
             "JUPYTER_LLM_RUN_DIR": str(run_dir),
-            "JUPYTER_LLM_JOB": f"{run_dir.name}:{attempt}",  # tags every process of this job
-            "JUPYTER_LLM_ATTEMPT": str(attempt),
         }
     )
     if cpu:
@@ -51,6 +48,16 @@ def build_command(
         env.setdefault("OMP_NUM_THREADS", str(max(1, (cores or os.cpu_count() or 1) // nprocs)))
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     return argv, env
+
+
+def job_env(run_dir: Path, attempt: int, base_env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of every process of a job: the caller's, plus the tag by which
+    orphans of this attempt are found (never by name pattern) and the attempt number."""
+    env = dict(os.environ if base_env is None else base_env)
+    env.update(
+        PYTHONUNBUFFERED="1", JUPYTER_LLM_JOB=f"{run_dir.name}:{attempt}", JUPYTER_LLM_ATTEMPT=str(attempt)
+    )
+    return env
 
 
 def free_port(preferred: int | None = None) -> int:

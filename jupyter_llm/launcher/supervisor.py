@@ -29,7 +29,7 @@ from ..runs import (
     read_json,
     write_json_atomic,
 )
-from .local import build_command, free_port, gpu_count, port_free
+from .local import build_command, free_port, gpu_count, job_env, port_free
 
 POLL_S = 0.25
 SIGINT_WAIT_S = 10.0  # after SIGINT, before SIGTERM
@@ -109,17 +109,9 @@ class Supervisor:
         self._write_manifest(argv, nprocs, port, attempt)
         if self.stop_signal is not None:  # stopped before the job started
             return self._finish(State.STOPPED, 0, None)
-        with open(self.dir / "logs" / "launcher.log", "ab") as log:
-            log.write(f"\n== attempt {attempt} at {now_iso()}: {' '.join(argv)}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                argv, env=env, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: we signal exactly this job
-            )  # fmt: skip
-        self.event("launched", attempt=attempt, ranks=nprocs, master_port=port, command=argv,
-                   job_pgid=self.proc.pid)  # fmt: skip
-        self.launched_at = time.time()
-        self.set_status(State.RUNNING, job_pgid=self.proc.pid, world_size=nprocs, master_port=port)
+        pgid = self._spawn(argv, env, attempt)
+        self.event("launched", attempt=attempt, ranks=nprocs, master_port=port, command=argv, job_pgid=pgid)
+        self.set_status(State.RUNNING, job_pgid=pgid, world_size=nprocs, master_port=port)
         rc = self._watch()
         self._kill_group()  # nothing of this job outlives it
         _unlink_shm(port)
@@ -141,18 +133,13 @@ class Supervisor:
     def _supervise_prepare(self, attempt: int) -> int:
         """A data-preparation job: one process, no ranks; stop means SIGINT at once."""
         argv = [sys.executable, "-u", "-m", "jupyter_llm.train.prepare", str(self.dir)]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", JUPYTER_LLM_JOB=f"{self.dir.name}:{attempt}",
-                   JUPYTER_LLM_ATTEMPT=str(attempt))  # fmt: skip
+        env = job_env(self.dir, attempt)
         self._write_manifest(argv, 1, 0, attempt)
         if self.stop_signal is not None:
             return self._finish(State.STOPPED, 0, None)
-        with open(self.dir / "logs" / "launcher.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                argv, env=env, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
-        self.event("launched", attempt=attempt, job="prepare", command=argv, job_pgid=self.proc.pid)
-        self.set_status(State.RUNNING, job_pgid=self.proc.pid, world_size=1)
+        pgid = self._spawn(argv, env, attempt)
+        self.event("launched", attempt=attempt, job="prepare", command=argv, job_pgid=pgid)
+        self.set_status(State.RUNNING, job_pgid=pgid, world_size=1)
         rc = self._watch()
         self._kill_group()
         if rc == 0 and (self.dir / "data.json").is_file():
@@ -163,6 +150,19 @@ class Supervisor:
         if failure and failure.get("attempt") == attempt:
             return self._fail(f"preparation failed: {failure['type']}: {failure['message']}".strip(), rc)
         return self._fail(f"preparation exited with code {rc}; see logs/prepare.log", rc)
+
+    def _spawn(self, argv: list[str], env: dict[str, str], attempt: int) -> int:
+        """Start the job in its own process group (we signal exactly this job), its output
+        appended to logs/launcher.log; returns the group id."""
+        with open(self.dir / "logs" / "launcher.log", "ab") as log:
+            log.write(f"\n== attempt {attempt} at {now_iso()}: {' '.join(argv)}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                argv, env=env, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        self.launched_at = time.time()
+        return self.proc.pid
 
     def _watch(self) -> int:
         assert self.proc is not None

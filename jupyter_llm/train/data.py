@@ -500,7 +500,7 @@ def tokenize_to_files(
     def write(files: list[str], path: Path, before: int = 0) -> int:
         report = (lambda n: progress(before + n)) if progress else None
         if pairs:
-            return _encode_pairs_to(path, _supervised(spec, files, stats, tok), encode, sep, dtype, report)
+            return _encode_examples_to(path, _supervised(spec, files, stats, tok), encode, sep, dtype, report)
         return _encode_to(path, documents(spec, files, stats, transform), encode, sep, dtype, report, per_doc)
 
     n_train = write(d.train, train_bin)
@@ -634,7 +634,7 @@ def _chat_segments(
     return segs
 
 
-def _encode_pairs_to(
+def _encode_examples_to(
     path: Path,
     examples: Iterator[Segments],
     encode: Any,
