@@ -1,14 +1,13 @@
-"""Rich display of runs for notebooks: plain HTML, and a live view that updates itself.
+"""Rich display of runs for notebooks and terminals: plain HTML and text snapshots.
 
-The live view is a background thread that re-renders a display (by display_id) at most
-once a second until the run ends; it only reads the run folder.
+The live view is `jupyter_llm.widgets.Dashboard`; these are its static counterparts
+(`%llm_status`, `%llm_runs`, the HTML of a run in a saved notebook).
 """
 
 from __future__ import annotations
 
 import html
 import json
-import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -22,7 +21,6 @@ if TYPE_CHECKING:
 
 COLORS = {"completed": "#2e7d32", "failed": "#c62828", "stopped": "#6d4c41", "running": "#1565c0",
           "starting": "#6a1b9a", "resuming": "#6a1b9a", "stopping": "#ef6c00", "created": "#616161"}  # fmt: skip
-UPDATE_S = 1.0  # at most one redraw a second
 
 
 def progress(run: Run) -> dict[str, Any]:
@@ -228,59 +226,27 @@ def spec_error_text(err: SpecError) -> str:
     return "\n".join(lines)
 
 
+def memory_html(memory: dict[str, Any] | None, error: str | None) -> str:
+    """The per-rank memory estimate of each ZeRO stage, as a table."""
+    if not memory:
+        return f"<p>memory estimate unavailable: {html.escape(error)}</p>" if error else ""
+    rows = "".join(
+        f"<tr><td>ZeRO {s}</td><td>{m['device']:.3f}</td><td>{m['cpu']:.3f}</td><td>{html.escape(m['source'])}</td></tr>"
+        for s, m in memory["per_rank_gib"].items()
+    )
+    return (f"<h4>Memory per rank ({memory['params']:,} parameters)</h4><table><tr><th>stage</th>"
+            f"<th>device GiB</th><th>CPU GiB</th><th>from</th></tr>{rows}</table>")  # fmt: skip
+
+
 def dry_run_html(d: DryRun) -> str:
     checks = "".join(
         f"<tr><td>{'✅' if c.ok else '❌'}</td><td>{html.escape(c.name)}</td><td>{html.escape(c.detail)}</td></tr>"
         for c in d.checks
     )
-    mem = ""
-    if d.memory:
-        mem = "".join(
-            f"<tr><td>ZeRO {s}</td><td>{m['device']:.3f}</td><td>{m['cpu']:.3f}</td><td>{html.escape(m['source'])}</td></tr>"
-            for s, m in d.memory["per_rank_gib"].items()
-        )
-        mem = (f"<h4>Memory per rank ({d.memory['params']:,} parameters)</h4><table><tr><th>stage</th>"
-               f"<th>device GiB</th><th>CPU GiB</th><th>from</th></tr>{mem}</table>")  # fmt: skip
-    elif d.memory_error:
-        mem = f"<p>memory estimate unavailable: {html.escape(d.memory_error)}</p>"
+    mem = memory_html(d.memory, d.memory_error)
     return (
         f"<h4>Dry run: {'ready' if d.ok else 'NOT ready'}</h4><table>{checks}</table>"
         f"<h4>Command ({d.ranks} rank(s))</h4><pre>{html.escape(' '.join(d.command))}</pre>{mem}"
         f"<details><summary>spec</summary><pre>{html.escape(d.spec.to_yaml())}</pre></details>"
         f"<details><summary>DeepSpeed config</summary><pre>{html.escape(json.dumps(d.ds_config, indent=2))}</pre></details>"
     )
-
-
-class LiveRun:
-    """Display a run and keep redrawing it (by display_id) until it ends."""
-
-    def __init__(self, run: Run):
-        self.run = run
-
-    def show(self) -> None:
-        from IPython.display import HTML, display
-
-        handle = display(HTML(run_html(self.run)), display_id=True)
-        if self.run.done or handle is None:
-            return
-        t = threading.Thread(
-            target=self._loop, args=(handle,), daemon=True, name=f"jupyter-llm-{self.run.id}"
-        )
-        t.start()
-
-    def _loop(self, handle: Any) -> None:
-        from IPython.display import HTML
-
-        last = ""
-        while True:
-            time.sleep(UPDATE_S)
-            try:
-                done = self.run.done
-                body = run_html(self.run)
-            except Exception:  # the folder may vanish; stop quietly
-                return
-            if body != last:
-                handle.update(HTML(body))
-                last = body
-            if done:
-                return

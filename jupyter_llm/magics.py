@@ -7,7 +7,8 @@
 %%llm_prepare / %llm_prepare SPEC [--wait]                 (the data step alone, detached)
     both take --transform FUNCTION: a notebook function applied to every document
 %llm_runs · %llm_status [RUN] · %llm_logs [RUN] [-n N] [--rank R] [--follow]
-%llm_stop [RUN] · %llm_resume [RUN] · %llm_attach [RUN]
+%llm_stop [RUN] · %llm_resume [RUN] · %llm_attach [RUN]        (a Run shows as a live dashboard)
+%llm_form [RUN] · %llm_dashboard RUN [RUN]...                  (spec form; overlaid dashboards)
 """
 
 from __future__ import annotations
@@ -218,9 +219,34 @@ class LLMMagics(Magics):
         """The Run handle of an existing run (after a kernel restart, say), shown live."""
         return self._run(_parse(self.llm_attach, line).run)
 
+    @line_magic
+    @magic_arguments()
+    @argument("run", nargs="?", help="an earlier run whose spec the form starts from")
+    @_usage
+    def llm_form(self, line: str = "") -> Any:
+        """A form for a spec, validated as you type; Launch starts it and shows its dashboard."""
+        from .widgets import SpecForm
+
+        args = _parse(self.llm_form, line)
+        return SpecForm(self._run(args.run) if args.run else None)
+
+    @line_magic
+    @magic_arguments()
+    @argument("runs", nargs="+", help="run ids, id prefixes or names: overlaid for comparison")
+    @_usage
+    def llm_dashboard(self, line: str = "") -> Any:
+        """The live dashboard of one run, or of several overlaid."""
+        from .widgets import Dashboard
+
+        return Dashboard([self._run(r) for r in _parse(self.llm_dashboard, line).runs])
+
 
 def load_ipython_extension(ipython: Any) -> None:
     ipython.register_magics(LLMMagics)
+    if type(ipython).__name__ == "ZMQInteractiveShell":
+        # in a kernel, runs display as widget dashboards: load the widget stack (ipywidgets,
+        # bqplot and the pandas it imports, ~1 s) now, not inside the first %llm_train cell
+        import jupyter_llm.widgets.dashboard  # noqa: F401
 
 
 __all__ = ["LLMMagics", "load_ipython_extension"]

@@ -90,12 +90,13 @@ def dry_run(spec: Spec, estimate_memory: bool = True) -> DryRun:
         checks.append(Check("ranks", True, f"{ranks} CPU rank(s) on {cores} core(s)"
                             + (" (more ranks than cores: slow)" if ranks > cores else "")))  # fmt: skip
     argv, env = build_command(Path("<run folder>"), ranks, want or 29500, cpu=not gpus)
-    memory, err = _estimate(spec, ranks) if estimate_memory else (None, None)
+    memory, err = memory_estimate(spec, ranks) if estimate_memory else (None, None)
     shown_env: dict[str, str] = {k: env[k] for k in ("OMP_NUM_THREADS", "GLOO_SOCKET_IFNAME") if k in env}
     return DryRun(spec, deepspeed_config(spec), argv, ranks, checks, memory, err, shown_env)
 
 
-def _estimate(spec: Spec, ranks: int) -> tuple[dict[str, Any] | None, str | None]:
+def memory_estimate(spec: Spec, ranks: int) -> tuple[dict[str, Any] | None, str | None]:
+    """Memory per rank for each ZeRO stage (DeepSpeed's estimators, in a subprocess), or why not."""
     with tempfile.TemporaryDirectory() as tmp:
         f = Path(tmp) / "spec.yaml"
         f.write_text(spec.to_yaml())

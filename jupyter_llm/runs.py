@@ -276,6 +276,10 @@ class Run:
             keep[(int(line.get("step", -1)), "val_loss" in line)] = line
         return sorted(keep.values(), key=lambda m: (m.get("step", -1), "val_loss" in m))
 
+    def grad_norms(self) -> list[dict[str, Any]]:
+        """Per-layer gradient norms ({step, time, norms}) when `train.grad_norms_every` is set."""
+        return read_jsonl(self.path / "grads.jsonl")[0]
+
     def events(self) -> list[dict[str, Any]]:
         return read_jsonl(self.path / "events.jsonl")[0]
 
@@ -401,10 +405,12 @@ class Run:
         return run_html(self)
 
     def _ipython_display_(self) -> None:
-        """In a notebook: a view that keeps updating until the run ends."""
-        from .display import LiveRun
+        """In a notebook: the live dashboard (widgets); elsewhere the text summary."""
+        from IPython.display import display
 
-        LiveRun(self).show()
+        from .widgets import Dashboard
+
+        display(Dashboard(self))
 
 
 class _CallableModule(types.ModuleType):

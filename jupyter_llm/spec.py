@@ -177,6 +177,7 @@ class TrainSpec(_Section):
     # seconds without any sign of progress (metrics, events, rank logs), counted from the
     # first logged step, before the job is declared hung and stopped; 0 = never
     hang_timeout_s: float = Field(1800, ge=0)
+    grad_norms_every: int = Field(0, ge=0)  # steps between per-layer gradient norms (grads.jsonl); 0 = off
 
 
 class OptimSpec(_Section):

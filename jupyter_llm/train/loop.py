@@ -189,12 +189,17 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
     engine.train()
     window_start = time.perf_counter()
     hang_at = _fault("hang_at_step")
+    gn_every = t.grad_norms_every
     for step in range(start_step + 1, t.max_steps + 1):
         if hang_at == step and master:  # fault injection for the hang test: rank 0 stalls
             time.sleep(3600)
         for micro in range(t.grad_accum):
             out = engine(**train_batch(step, micro))
             engine.backward(out.loss)
+            if gn_every and step % gn_every == 0 and micro == t.grad_accum - 1:
+                norms = layer_grad_norms(engine.module)  # every rank: ZeRO gathers collectively
+                if master:
+                    append_jsonl(run_dir / "grads.jsonl", {"step": step, "time": time.time(), "norms": norms})
             engine.step()
             loss_sum += out.loss.detach()  # no host sync here; read at log steps only
         window_steps += 1
@@ -219,6 +224,7 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
                 "peak_flops": peak,
                 "mem_mb": (torch.cuda.max_memory_allocated(device) if cuda else proc.memory_info().rss)
                 / 2**20,
+                "mem_kind": "device_peak" if cuda else "rss",
                 "tokens": step * tokens_per_step,
             }
             if master:
@@ -259,6 +265,32 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
             run_dir / "events.jsonl", {"time": now_iso(), "event": "exported", "path": str(run_dir / "final")}
         )
     dist.barrier()
+
+
+def layer_key(name: str) -> str:
+    """The layer a parameter belongs to: its path up to the first block index
+    ("transformer.h.3.attn.c_attn.weight" -> "transformer.h.3"), else its module path."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return ".".join(parts[:-1]) or name
+
+
+def layer_grad_norms(module: Any) -> dict[str, float]:
+    """L2 norm of the gradient per layer, read with DeepSpeed's ZeRO-safe accessor (under ZeRO
+    1-3 it assembles partitioned gradients, so every rank must call it in the same order)."""
+    from deepspeed.utils import safe_get_full_grad
+
+    sq: dict[str, float] = {}
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        grad = safe_get_full_grad(param)
+        if grad is not None:
+            key = layer_key(name)
+            sq[key] = sq.get(key, 0.0) + float(grad.float().pow(2).sum())
+    return {k: math.sqrt(v) for k, v in sq.items()}
 
 
 def _export(module: Any, state: dict[str, Any] | None, tok: Any, run_dir: Path) -> None:

@@ -1,0 +1,275 @@
+"""`Dashboard(run)`: live curves (bqplot), progress with ETA, state, metrics, gradients, logs,
+Stop/Resume; several runs overlaid.
+
+A background thread polls each run's folder (`RunFeed`: only the bytes appended since the last
+look) and only assigns widget values, at most once per `interval` seconds; the kernel's main
+thread never waits on it. The thread ends when every run has ended and its last state is drawn.
+"""
+
+from __future__ import annotations
+
+import html
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import bqplot as bq
+import ipywidgets as w
+import numpy as np
+
+from ..display import COLORS, _badge, _fmt_s
+from ..errors import UserError
+from ..runs import Run, RunStore, State
+from .feed import RunFeed, Snapshot
+
+PALETTE = ["#1565c0", "#c62828", "#2e7d32", "#6a1b9a", "#ef6c00", "#00838f", "#5d4037", "#ad1457"]
+INTERVAL_S = 0.5  # at most two redraws a second
+# (metric key, figure title, y label)
+PANELS = [("lr", "learning rate", "lr"), ("grad_norm", "gradient norm", "norm"),
+          ("tokens_per_s", "throughput", "tokens/s"), ("mem_mb", "memory", "MB")]  # fmt: skip
+
+
+def _resolve(run: Run | str) -> Run:
+    return run if isinstance(run, Run) else RunStore().get(run)
+
+
+def _figure(title: str, ylabel: str, height: str = "220px") -> tuple[Any, tuple[Any, Any]]:
+    x, y = bq.LinearScale(), bq.LinearScale()
+    fig = bq.Figure(
+        marks=[], title=title, axes=[bq.Axis(scale=x, label="step", tick_format="d"),
+                                     bq.Axis(scale=y, side="left", label=ylabel, tick_format=".3g")],
+        fig_margin={"top": 40, "bottom": 40, "left": 60, "right": 20},
+        layout=w.Layout(width="100%", height=height), legend_location="top-right",
+    )  # fmt: skip
+    return fig, (x, y)
+
+
+def _fmt(v: Any, spec: str = ".4g") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+class _RunView:
+    """The widgets of one run in a dashboard: its header row and its marks in each figure."""
+
+    def __init__(self, run: Run, color: str, dash: Dashboard):
+        self.run, self.color, self.feed = run, color, RunFeed(run)
+        self.title = w.HTML()
+        self.bar = w.IntProgress(min=0, max=1, layout=w.Layout(width="35%"))
+        self.bar_label = w.HTML()
+        self.stop = w.Button(description="Stop", icon="stop", layout=w.Layout(width="90px"))
+        self.resume = w.Button(description="Resume", icon="play", layout=w.Layout(width="100px"))
+        self.stop.on_click(lambda _: dash._act(self, "stop"))
+        self.resume.on_click(lambda _: dash._act(self, "resume"))
+        self.header = w.HBox([self.title, self.bar, self.bar_label, self.stop, self.resume],
+                             layout=w.Layout(align_items="center"))  # fmt: skip
+        name = run.name
+        self.loss = bq.Lines(x=np.zeros(0), y=np.zeros(0), colors=[color], labels=[f"{name} train"],
+                             scales={"x": dash._scales["loss"][0], "y": dash._scales["loss"][1]},
+                             display_legend=True, stroke_width=2)  # fmt: skip
+        self.val = bq.Lines(x=np.zeros(0), y=np.zeros(0), colors=[color], labels=[f"{name} val"],
+                            scales={"x": dash._scales["loss"][0], "y": dash._scales["loss"][1]},
+                            display_legend=True, line_style="dashed", marker="circle", marker_size=24)  # fmt: skip
+        self.panels = {key: bq.Lines(x=np.zeros(0), y=np.zeros(0), colors=[color], labels=[name],
+                                     scales={"x": dash._scales[key][0], "y": dash._scales[key][1]})
+                       for key, _, _ in PANELS}  # fmt: skip
+        self.snap: Snapshot | None = None
+        self.log_text = ""
+        self.drawn: dict[str, int] = {}  # series version last drawn, per metric
+
+    def draw(self, snap: Snapshot) -> None:
+        self.snap = snap
+        st, feed = snap.status, self.feed
+        for line, key in [(self.loss, "loss"), (self.val, "val_loss")] + [
+            (m, k) for k, m in self.panels.items()
+        ]:
+            series = feed.series[key]
+            if self.drawn.get(key) != series.version:
+                self.drawn[key] = series.version
+                xs, ys = series.xy()
+                with line.hold_sync():
+                    line.x, line.y = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+        total = self._total()
+        step = int(snap.last.get("step", 0))
+        with self.bar.hold_sync():
+            self.bar.max = max(1, total or 1)
+            self.bar.value = min(step, self.bar.max)
+            self.bar.bar_style = {"completed": "success", "failed": "danger", "stopped": "warning"}.get(
+                st["state"], "info"
+            )
+        pct = int(100 * step / total) if total else 0
+        eta = feed.eta_s(total) if not State(st["state"]).terminal else None
+        self.bar_label.value = (f"step {step}/{total or '?'} ({pct}%)"
+                                + (f" · ETA {_fmt_s(eta)}" if eta is not None else ""))  # fmt: skip
+        self.title.value = (f'<span style="color:{self.color}">■</span> <b>{html.escape(self.run.id)}</b> '
+                            f'<span class="jupyter-llm-state">{_badge(st["state"])}</span>')  # fmt: skip
+        terminal = State(st["state"]).terminal
+        self.stop.disabled = terminal
+        self.resume.disabled = not terminal or st["state"] == State.COMPLETED.value
+
+    def _total(self) -> int | None:
+        try:
+            return int(self.run.spec.train.max_steps)
+        except Exception:
+            return None
+
+    def stats_row(self) -> str:
+        snap = self.snap
+        if snap is None:
+            return ""
+        m, v = snap.last, snap.last_val
+        if m.get("mfu") is not None:
+            mfu = f"{100 * m['mfu']:.1f}% of {m['peak_flops'] / 1e12:.0f} TFLOP/s"
+        else:
+            mfu = "n/a (no peak FLOP/s known for this device)" if m else "–"
+        mem = "–" if m.get("mem_mb") is None else f"{m['mem_mb']:,.0f} MB " + (
+            "device peak" if m.get("mem_kind") == "device_peak" else "RSS")  # fmt: skip
+        cells = [html.escape(self.run.name), _fmt(m.get("loss")), _fmt(v.get("val_loss")), _fmt(m.get("lr"), ".3g"),
+                 _fmt(m.get("grad_norm"), ".3g"), _fmt(m.get("tokens_per_s"), ",.0f"), mfu, mem]  # fmt: skip
+        err = snap.status.get("error")
+        row = "".join(f"<td>{c}</td>" for c in cells)
+        if err:
+            row += f'<td style="color:{COLORS["failed"]}">{html.escape(str(err))}</td>'
+        return f"<tr>{row}</tr>"
+
+
+class Dashboard(w.VBox):
+    """Live view of one run or several overlaid: `Dashboard(run)`, `Dashboard([a, b])`, `.add(c)`."""
+
+    def __init__(self, runs: Run | str | Iterable[Run | str], interval: float = INTERVAL_S):
+        self.interval = interval
+        self._scales: dict[str, tuple[Any, Any]] = {}
+        self.figures: dict[str, Any] = {}
+        for key, title, ylabel, height in [
+            ("loss", "loss", "loss", "300px"),
+            *[(*p, "220px") for p in PANELS],
+        ]:
+            self.figures[key], self._scales[key] = _figure(title, ylabel, height)
+        self.loss_figure = self.figures["loss"]
+        self.grad_bars = bq.Bars(x=[], y=[], scales={"x": bq.OrdinalScale(), "y": bq.LinearScale()},
+                                 colors=[PALETTE[0]])  # fmt: skip
+        self.grad_figure = bq.Figure(
+            marks=[self.grad_bars], title="per-layer gradient norm",
+            axes=[bq.Axis(scale=self.grad_bars.scales["x"], tick_rotate=-30),
+                  bq.Axis(scale=self.grad_bars.scales["y"], side="left", tick_format=".3g")],
+            fig_margin={"top": 40, "bottom": 90, "left": 60, "right": 20},
+            layout=w.Layout(width="100%", height="280px"),
+        )  # fmt: skip
+        self.grad_note = w.HTML("<i>set train.grad_norms_every to log per-layer gradient norms</i>")
+        self.stats = w.HTML()
+        self.logs = w.HTML()
+        self.message = w.HTML()
+        self.headers = w.VBox()
+        tabs = w.Tab(children=[w.VBox([self.figures[k] for k, _, _ in PANELS[:2]]),
+                               w.VBox([self.figures[k] for k, _, _ in PANELS[2:]]),
+                               w.VBox([self.grad_note, self.grad_figure]), self.logs])  # fmt: skip
+        for i, title in enumerate(["lr · grad norm", "throughput · memory", "gradients", "logs"]):
+            tabs.set_title(i, title)
+        super().__init__([self.headers, self.stats, self.loss_figure, tabs, self.message])
+        self.add_class("jupyter-llm-dashboard")
+        self.views: list[_RunView] = []
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        for r in [runs] if isinstance(runs, Run | str) else runs:
+            self.add(r)
+
+    # -- runs -----------------------------------------------------------------------------
+
+    def add(self, run: Run | str) -> Dashboard:
+        """Overlay another run (its curves in its own colour)."""
+        view = _RunView(_resolve(run), PALETTE[len(self.views) % len(PALETTE)], self)
+        with self._lock:
+            self.views.append(view)
+            self.loss_figure.marks = [m for v in self.views for m in (v.loss, v.val)]
+            for key, _, _ in PANELS:
+                self.figures[key].marks = [v.panels[key] for v in self.views]
+            self.headers.children = [v.header for v in self.views]
+        self.refresh()
+        self._start()
+        return self
+
+    @property
+    def runs(self) -> list[Run]:
+        return [v.run for v in self.views]
+
+    # -- updates --------------------------------------------------------------------------
+
+    def refresh(self) -> bool:
+        """Read what is new in every run folder and redraw; True if anything changed."""
+        with self._lock:
+            changed = False
+            for v in self.views:
+                snap = v.feed.poll()
+                if snap.changed or v.snap is None:
+                    v.draw(snap)
+                    changed = True
+            if changed:
+                self._draw_shared()
+            return changed
+
+    def _draw_shared(self) -> None:
+        head = "".join(f"<th>{h}</th>" for h in
+                       ("run", "loss", "val loss", "lr", "grad norm", "tokens/s", "MFU", "memory"))  # fmt: skip
+        self.stats.value = f'<table class="jupyter-llm-stats"><tr>{head}</tr>{"".join(v.stats_row() for v in self.views)}</table>'
+        first = self.views[0].snap if self.views else None
+        if first is not None and first.grads:
+            norms = first.grads["norms"]
+            with self.grad_bars.hold_sync():
+                self.grad_bars.x, self.grad_bars.y = (
+                    list(norms),
+                    np.asarray(list(norms.values()), dtype=float),
+                )
+            self.grad_note.value = f"{html.escape(self.views[0].run.name)}, step {first.grads['step']}"
+        logs = []
+        for v in self.views:
+            if v.snap is not None and v.snap.log is not None:
+                v.log_text = "\n".join(v.snap.log)
+            logs.append(f"<b>{html.escape(v.run.id)}</b><pre style='font-size:85%;line-height:1.2'>"
+                        f"{html.escape(v.log_text)}</pre>")  # fmt: skip
+        self.logs.value = "".join(logs)
+
+    def _start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="jupyter-llm-dashboard")
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._closed:
+            t0 = time.monotonic()
+            try:
+                self.refresh()
+            except Exception as e:  # a vanished folder must not kill the kernel's thread noisily
+                self.message.value = f'<span style="color:{COLORS["failed"]}">{html.escape(str(e))}</span>'
+                return
+            if all(v.snap is not None and State(v.snap.status["state"]).terminal for v in self.views):
+                return  # the final state is drawn
+            time.sleep(max(0.0, self.interval - (time.monotonic() - t0)))
+
+    @property
+    def live(self) -> bool:
+        """Whether the background reader is still following a run."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def _act(self, view: _RunView, action: str) -> None:
+        try:
+            if action == "stop":
+                self.message.value = f"{html.escape(view.run.id)}: {html.escape(view.run.stop())}"
+            else:
+                view.run.resume()
+                self.message.value = f"{html.escape(view.run.id)}: resuming"
+        except UserError as e:
+            self.message.value = f'<span style="color:{COLORS["failed"]}">{html.escape(str(e))}</span>'
+        self.refresh()
+        self._start()
+
+    def close(self) -> None:
+        self._closed = True
+        super().close()
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        bundle = super()._repr_mimebundle_(**kwargs)
+        if isinstance(bundle, dict):
+            bundle["text/plain"] = "\n".join(v.run.summary() for v in self.views) or "Dashboard (no runs)"
+        return bundle

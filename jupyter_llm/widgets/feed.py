@@ -1,0 +1,102 @@
+"""What changed in a run folder since the last look: new metric and gradient lines (read from
+the byte offset where the previous read stopped), the status, and the log tail when the log
+grew. Pure file reading, no widgets: the dashboard's background reader polls one per run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..runs import Run, read_jsonl
+
+LOG_LINES = 12
+
+
+@dataclass
+class Series:
+    """A metric's points by step; a step logged again after a resume keeps its newest value."""
+
+    points: dict[int, float] = field(default_factory=dict)
+    version: int = 0  # bumped by every change, so a redraw knows whether it is needed
+
+    def add(self, step: int, value: float | None) -> None:
+        if value is not None:
+            self.points[step] = float(value)
+            self.version += 1
+
+    def xy(self) -> tuple[list[int], list[float]]:
+        steps = sorted(self.points)
+        return steps, [self.points[s] for s in steps]
+
+
+@dataclass
+class Snapshot:
+    changed: bool
+    status: dict[str, Any]
+    last: dict[str, Any]  # newest training metrics line
+    last_val: dict[str, Any]  # newest validation line
+    grads: dict[str, Any] | None  # newest per-layer gradient norms line
+    log: list[str] | None  # the log tail when the log grew, else None
+
+
+class RunFeed:
+    KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "mem_mb", "mfu")
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.series: dict[str, Series] = {k: Series() for k in (*self.KEYS, "val_loss")}
+        self._offsets = {"metrics.jsonl": 0, "grads.jsonl": 0}
+        self._log_size = -1
+        self._status: dict[str, Any] = {}
+        self.last: dict[str, Any] = {}
+        self.last_val: dict[str, Any] = {}
+        self.grads: dict[str, Any] | None = None
+        self._recent: deque[tuple[int, float]] = deque(maxlen=5)  # (step, time) for the ETA
+
+    def _read(self, name: str) -> list[dict[str, Any]]:
+        lines, self._offsets[name] = read_jsonl(self.run.path / name, self._offsets[name])
+        return lines
+
+    def _log_file(self) -> Any:
+        rank0 = self.run.path / "logs" / "rank0.log"
+        return (rank0, 0) if rank0.exists() else (self.run.path / "logs" / "launcher.log", None)
+
+    def poll(self) -> Snapshot:
+        changed = False
+        for m in self._read("metrics.jsonl"):
+            changed = True
+            step = int(m.get("step", 0))
+            if "val_loss" in m:
+                self.series["val_loss"].add(step, m["val_loss"])
+                self.last_val = m
+            else:
+                for k in self.KEYS:
+                    self.series[k].add(step, m.get(k))
+                self.last = m
+                self._recent.append((step, float(m.get("time", 0.0))))
+        grads = self._read("grads.jsonl")
+        if grads:
+            changed, self.grads = True, grads[-1]
+        status = self.run.status()  # small file; also notices a vanished supervisor
+        if status != self._status:
+            self._status, changed = status, True
+        log = None
+        path, rank = self._log_file()
+        try:
+            size = os.path.getsize(path)
+        except FileNotFoundError:
+            size = -1
+        if size != self._log_size:
+            self._log_size, changed = size, True
+            log = self.run.log_tail(LOG_LINES, rank)
+        return Snapshot(changed, self._status, self.last, self.last_val, self.grads, log)
+
+    def eta_s(self, total: int | None) -> float | None:
+        """Seconds to `total` steps at the pace of the last few logged steps."""
+        if not total or len(self._recent) < 2:
+            return None
+        (s0, t0), (s1, t1) = self._recent[0], self._recent[-1]
+        return (t1 - t0) / (s1 - s0) * max(0, total - s1) if s1 > s0 else None

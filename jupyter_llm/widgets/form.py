@@ -1,0 +1,387 @@
+"""`SpecForm()`: a form generated from the Spec's schema, validated on every change.
+
+Each Spec field becomes a widget chosen from its type (dropdowns for choices, a log slider
+for the learning rate, spin boxes for integers, YAML text for the rest), grouped by section.
+Beside the form: the problems (also next to their fields), the DeepSpeed config, the launch
+command and the memory per ZeRO stage (DeepSpeed's estimators in a subprocess, off the kernel's
+thread). Launch, Dry run and "Copy as cell" act on the validated Spec through the Python API.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import threading
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import ipywidgets as w
+import yaml
+from pydantic import BaseModel
+
+from ..errors import SpecError
+from ..runs import Run, RunStore
+from ..spec import Spec
+
+SECTIONS = ["model", "tokenizer", "data", "train", "optim", "distributed"]
+LOG_SLIDERS = {"optim.lr": (-6.0, 0.0)}  # exponent range of a log-scale slider
+NONE_LABEL = "(none)"
+ERROR_STYLE = "color:#c62828;font-size:85%"
+
+
+@dataclass
+class _Field:
+    key: str  # dotted spec key
+    widget: w.Widget
+    error: w.HTML
+    kind: str  # "value" (widget holds the value), "text" (a string), "yaml" (YAML text), "lines"
+    optional: bool
+    empty: Any = None  # the value of an empty text field when the field is not optional
+
+    def get(self) -> Any:
+        v = self.widget.value
+        if self.kind == "value":
+            return None if v == NONE_LABEL else v
+        text = str(v)
+        if self.kind == "lines":
+            items = [ln.strip() for ln in text.splitlines() if ln.strip()]
+            return items or (None if self.optional else [])
+        if not text.strip():
+            return None if self.optional else self.empty
+        if self.kind == "text":
+            return text
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"not valid YAML: {getattr(e, 'problem', e)}") from None
+
+    def set(self, value: Any) -> None:
+        if self.kind == "value":
+            self.widget.value = NONE_LABEL if value is None else value
+        elif self.kind == "lines":
+            self.widget.value = "\n".join(value or [])
+        elif self.kind == "text":
+            self.widget.value = "" if value is None else str(value)
+        else:
+            self.widget.value = "" if value is None else _yaml(value)
+
+
+def _yaml(value: Any) -> str:
+    if isinstance(value, list | tuple) and all(not isinstance(v, dict | list) for v in value):
+        return json.dumps(list(value))  # [0.9, 0.99] on one line
+    if isinstance(value, dict):
+        return yaml.safe_dump(value, sort_keys=False).strip() if value else ""
+    return yaml.safe_dump(value).strip().removesuffix("...").strip()
+
+
+def _bounds(info: Any) -> tuple[float | None, float | None]:
+    lo = hi = None
+    for m in info.metadata:
+        if getattr(m, "ge", None) is not None:
+            lo = m.ge
+        if getattr(m, "gt", None) is not None:
+            lo = m.gt
+        if getattr(m, "le", None) is not None:
+            hi = m.le
+        if getattr(m, "lt", None) is not None:
+            hi = m.lt
+    return lo, hi
+
+
+def _unwrap_optional(ann: Any) -> tuple[Any, bool]:
+    if typing.get_origin(ann) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        if len(args) < len(typing.get_args(ann)):
+            return (args[0] if len(args) == 1 else typing.Union[tuple(args)]), True  # noqa: UP007
+    return ann, False
+
+
+def _is_section(ann: Any) -> bool:
+    return isinstance(ann, type) and issubclass(ann, BaseModel)
+
+
+def _make_field(key: str, info: Any) -> _Field:
+    ann, optional = _unwrap_optional(info.annotation)
+    label = key.rsplit(".", 1)[-1]
+    desc = {"description": label, "style": {"description_width": "150px"}, "layout": w.Layout(width="420px")}
+    lo, hi = _bounds(info)
+    error = w.HTML(layout=w.Layout(margin="0 0 0 8px"))
+    if typing.get_origin(ann) is Literal:
+        options = list(typing.get_args(ann)) + ([NONE_LABEL] if optional else [])
+        widget: w.Widget = w.Dropdown(options=options, **desc)
+        kind = "value"
+    elif ann is bool and not optional:
+        widget, kind = w.Checkbox(indent=True, **desc), "value"
+    elif key in LOG_SLIDERS:
+        a, b = LOG_SLIDERS[key]
+        widget = w.FloatLogSlider(base=10, min=a, max=b, step=0.05, readout_format=".2e", **desc)
+        kind = "value"
+    elif ann is int and not optional:
+        widget = w.BoundedIntText(min=int(lo if lo is not None else -(2**31)),
+                                  max=int(hi if hi is not None else 2**31 - 1), **desc)  # fmt: skip
+        kind = "value"
+    elif ann is float and not optional:
+        widget = w.BoundedFloatText(min=float(lo if lo is not None else -1e300),
+                                    max=float(hi if hi is not None else 1e300), **desc)  # fmt: skip
+        kind = "value"
+    elif typing.get_origin(ann) is list and typing.get_args(ann) == (str,):
+        widget = w.Textarea(placeholder="one file or glob per line", rows=2, **desc)
+        kind = "lines"
+    elif typing.get_origin(ann) is dict or _is_section(ann):
+        widget = w.Textarea(
+            placeholder="YAML mapping" + (" (empty: none)" if optional else ""), rows=3, **desc
+        )
+        kind = "yaml"
+    else:
+        widget = w.Text(placeholder="(none)" if optional else "", **desc)
+        kind = "text" if ann is str else "yaml"
+    empty: Any = {} if typing.get_origin(ann) is dict else "" if ann is str else None
+    return _Field(key, widget, error, kind, optional, empty)
+
+
+def _walk(model: type[BaseModel], prefix: str) -> list[_Field]:
+    fields = []
+    for name, info in model.model_fields.items():
+        ann, optional = _unwrap_optional(info.annotation)
+        key = f"{prefix}{name}"
+        if _is_section(ann) and not optional:  # nested section (data.clean): its own fields
+            fields += _walk(ann, key + ".")
+        else:
+            fields.append(_make_field(key, info))
+    return fields
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def _flatten(data: Mapping[str, Any], keys: set[str], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if key in keys:
+            out[key] = v
+        elif isinstance(v, Mapping):
+            out.update(_flatten(v, keys, key + "."))
+    return out
+
+
+def _initial(spec_or_run: Spec | Run | str | Mapping[str, Any] | None) -> dict[str, Any]:
+    if spec_or_run is None:
+        return {}
+    if isinstance(spec_or_run, Spec):
+        return spec_or_run.to_dict()
+    if isinstance(spec_or_run, Run):
+        return spec_or_run.spec.to_dict()
+    if isinstance(spec_or_run, Mapping):
+        return dict(spec_or_run)
+    return RunStore().get(spec_or_run).spec.to_dict()  # a run id, prefix or name
+
+
+class SpecForm(w.VBox):
+    """`SpecForm()`, `SpecForm(spec)`, `SpecForm(run)` (clones its spec for tweaking)."""
+
+    def __init__(self, spec_or_run: Spec | Run | str | Mapping[str, Any] | None = None,
+                 estimate_memory: bool = True):  # fmt: skip
+        self.fields: dict[str, _Field] = {}
+        groups: dict[str, list[_Field]] = {"run": []}
+        for name, info in Spec.model_fields.items():
+            ann, _ = _unwrap_optional(info.annotation)
+            if name in SECTIONS and _is_section(ann):
+                groups[name] = _walk(ann, name + ".")
+            else:  # name, seed, and the raw deepspeed mapping
+                groups["distributed" if name == "deepspeed" else "run"].append(_make_field(name, info))
+        for fs in groups.values():
+            for f in fs:
+                self.fields[f.key] = f
+        # defaults for a new spec, then the given spec over them
+        defaults = {"data.train": [], **{k: _default(k) for k in self.fields if k != "data.train"}}
+        start = {**defaults, **_flatten(_initial(spec_or_run), set(self.fields))}
+        for key, f in self.fields.items():
+            f.set(start.get(key))
+
+        accordion = w.Accordion(
+            children=[w.VBox([w.HBox([f.widget, f.error]) for f in groups[g]]) for g in groups]
+        )
+        for i, g in enumerate(groups):
+            accordion.set_title(i, g)
+        accordion.selected_index = list(groups).index("optim")
+        self.status = w.HTML()
+        self.ds_config = w.HTML()
+        self.command = w.HTML()
+        self.memory = w.HTML("<i>memory estimate: waiting for a valid spec</i>")
+        side = w.Accordion(children=[self.ds_config, self.command, self.memory])
+        for i, t in enumerate(["DeepSpeed config", "launch command", "memory per ZeRO stage"]):
+            side.set_title(i, t)
+        side.selected_index = 1
+        self.launch_button = w.Button(description="Launch", button_style="primary", icon="rocket")
+        self.dry_button = w.Button(description="Dry run", icon="check")
+        self.cell_button = w.Button(description="Copy as cell", icon="copy")
+        self.launch_button.on_click(lambda _: self.launch())
+        self.dry_button.on_click(lambda _: self._show_dry_run())
+        self.cell_button.on_click(lambda _: self._show_cell())
+        self.output = w.Output()
+        self.run: Run | None = None  # the last run launched from the form
+        self._estimate_memory = estimate_memory
+        self._memory_key: str | None = None
+        self._memory_lock = threading.Lock()
+        self.spec: Spec | None = None
+        self.problems: list[tuple[str, str, str]] = []
+        right = w.VBox([self.status, side], layout=w.Layout(width="45%", margin="0 0 0 12px"))
+        super().__init__([
+            w.HBox([w.VBox([accordion], layout=w.Layout(width="55%")), right]),
+            w.HBox([self.launch_button, self.dry_button, self.cell_button]),
+            self.output,
+        ])  # fmt: skip
+        self.add_class("jupyter-llm-specform")
+        for f in self.fields.values():
+            f.widget.observe(lambda _change: self.validate(), names="value")
+        self.validate()
+
+    # -- values ---------------------------------------------------------------------------
+
+    @property
+    def value(self) -> dict[str, Any]:
+        """The spec mapping the fields give (unvalidated; a field with bad YAML is left out)."""
+        flat = {}
+        for key, f in self.fields.items():
+            try:
+                v = f.get()
+            except ValueError:
+                continue
+            if v is not None or f.optional:
+                flat[key] = v
+        return _nest(flat)
+
+    def set(self, key: str, value: Any) -> None:
+        """Set a field by its dotted key (as if typed in), e.g. form.set("optim.lr", 3e-4)."""
+        if key not in self.fields:
+            raise KeyError(f"no field {key!r}; fields: {', '.join(self.fields)}")
+        self.fields[key].set(value)
+
+    def validate(self) -> Spec | None:
+        """Validate the fields; show problems beside them and refresh the side panel."""
+        problems: list[tuple[str, str, str]] = []
+        for f in self.fields.values():
+            try:
+                f.get()
+            except ValueError as e:
+                problems.append((f.key, str(f.widget.value)[:40], str(e)))
+        spec = None
+        if not problems:
+            try:
+                spec = Spec.from_dict(self.value)
+            except SpecError as e:
+                problems = e.table()
+        self.spec, self.problems = spec, problems
+        by_field: dict[str, list[str]] = {}
+        for key, _given, msg in problems:
+            owner = next((k for k in sorted(self.fields, key=len, reverse=True)
+                          if key == k or key.startswith(k + ".")), None)  # fmt: skip
+            by_field.setdefault(owner or "", []).append(msg if owner == key else f"{key}: {msg}")
+        for key, f in self.fields.items():
+            msgs = by_field.get(key, [])
+            f.error.value = (
+                f'<span style="{ERROR_STYLE}">{html.escape("; ".join(msgs))}</span>' if msgs else ""
+            )
+        for b in (self.launch_button, self.dry_button, self.cell_button):
+            b.disabled = spec is None
+        if spec is None:
+            rows = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(m)}</li>" for k, _, m in problems)
+            self.status.value = f'<div style="color:#c62828">{len(problems)} problem(s)<ul>{rows}</ul></div>'
+            return None
+        self.status.value = '<div style="color:#2e7d32">✔ valid spec</div>'
+        self._side_panel(spec)
+        return spec
+
+    def _side_panel(self, spec: Spec) -> None:
+        from ..preflight import dry_run
+
+        d = dry_run(spec, estimate_memory=False)
+        self.ds_config.value = f"<pre>{html.escape(json.dumps(d.ds_config, indent=2), quote=False)}</pre>"
+        self.command.value = (f"<pre style='white-space:pre-wrap'>{html.escape(' '.join(d.command))}</pre>"
+                              f"<div>{d.ranks} rank(s)</div>")  # fmt: skip
+        if self._estimate_memory:
+            key = json.dumps([spec.model.model_dump(mode="json"), d.ranks, spec.distributed.offload])
+            if key != self._memory_key:
+                self._memory_key = key
+                self.memory.value = "<i>estimating…</i>"
+                threading.Thread(target=self._estimate, args=(spec, d.ranks, key), daemon=True).start()
+
+    def _estimate(self, spec: Spec, ranks: int, key: str) -> None:
+        from ..display import memory_html
+        from ..preflight import memory_estimate
+
+        with self._memory_lock:  # one estimate at a time; a stale one is dropped
+            if key != self._memory_key:
+                return
+            memory, err = memory_estimate(spec, ranks)
+        if key == self._memory_key:
+            self.memory.value = memory_html(memory, err)
+
+    # -- actions --------------------------------------------------------------------------
+
+    def cell_text(self) -> str:
+        """The `%%llm_train` cell that launches this spec."""
+        spec = self._require()
+        # only what differs from the defaults: a readable cell that gives the same Spec
+        body = {k: v for k, v in spec.model_dump(mode="json", exclude_defaults=True).items() if k != "name"}
+        return f"%%llm_train {spec.name}\n" + yaml.safe_dump(body, sort_keys=False)
+
+    def launch(self) -> Run:
+        """Start the spec as a detached run and show its dashboard below the form."""
+        from ..launcher import launch
+        from .dashboard import Dashboard
+
+        self.run = launch(self._require())
+        self.output.clear_output()
+        with self.output:
+            from IPython.display import display
+
+            display(Dashboard(self.run))
+        return self.run
+
+    def _require(self) -> Spec:
+        spec = self.validate()
+        if spec is None:
+            raise SpecError([])  # pragma: no cover - buttons are disabled while invalid
+        return spec
+
+    def _show_dry_run(self) -> None:
+        from IPython.display import display
+
+        from ..preflight import dry_run
+
+        self.output.clear_output()
+        with self.output:
+            display(dry_run(self._require()))
+
+    def _show_cell(self) -> None:
+        from IPython.display import display
+
+        text = self.cell_text()
+        self.output.clear_output()
+        with self.output:
+            display(w.HTML("<b>the equivalent cell</b> (select, copy, paste into a new cell):"))
+            display(w.Textarea(value=text, rows=min(30, text.count("\n") + 1), layout=w.Layout(width="100%")))
+
+
+def _default(key: str) -> Any:
+    model: Any = Spec
+    *parents, leaf = key.split(".")
+    for p in parents:
+        ann, _ = _unwrap_optional(model.model_fields[p].annotation)
+        model = ann
+    info = model.model_fields[leaf]
+    value = info.get_default(call_default_factory=True)
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
