@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv demo test test-fast lint format bench clean
+.PHONY: venv demo test test-fast lint format bench clean chromium
 
 venv: $(VENV)/.installed
 
@@ -37,12 +37,19 @@ format: venv
 	$(VENV)/bin/ruff check --fix jupyter_llm tests bench
 	$(VENV)/bin/ruff format jupyter_llm tests bench
 
-test: venv lint
+# the browser tests drive JupyterLab in the system's Chromium (browser downloads are not
+# possible here); installed once with apt when missing and we are root, else those tests skip
+chromium:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-liberation >/dev/null; } \
+	  || echo "chromium missing (not root): the browser tests will be skipped"; }
+
+test: venv lint chromium
 	# notebooks write their runs to a temporary runs root, not into the repo
 	JUPYTER_LLM_HOME=$$(mktemp -d) $(VENV)/bin/pytest -p no:cacheprovider -ra tests notebooks --nbval-lax
 
 test-fast: venv
-	$(VENV)/bin/pytest -p no:cacheprovider -m "not deepspeed" -q tests
+	$(VENV)/bin/pytest -p no:cacheprovider -m "not deepspeed and not browser" -q tests
 
 bench: venv
 	$(PY) bench/overhead.py

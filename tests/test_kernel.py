@@ -94,6 +94,13 @@ def test_launch_restart_reattach(corpus: Path, tmp_path: Path) -> None:
         execute(kc, "%load_ext jupyter_llm")
         _, _, reply = execute(kc, "r = %llm_attach kernel-run")
         assert reply["status"] == "ok"
+        # shown, the reattached run rebuilds its dashboard from the folder: every point so far
+        _, msgs, reply = execute(kc, "%llm_attach kernel-run")
+        shown = [m["content"]["data"] for m in msgs if m["msg_type"] == "display_data"]
+        assert reply["status"] == "ok" and shown and "application/vnd.jupyter.widget-view+json" in shown[0]
+        execute(kc, "from jupyter_llm.widgets import Dashboard")
+        drawn = value(kc, "Dashboard(r).views[0].loss.x.tolist()")
+        assert drawn and drawn == [float(m["step"]) for m in run.metrics() if "loss" in m][: len(drawn)]
         assert value(kc, "r.state") in ("running", "completed")
         assert value(kc, "r.wait(600)") == "completed"
         lines = value(kc, "[(m['step'], 'val_loss' in m) for m in r.metrics(dedupe=False)]")

@@ -69,7 +69,9 @@ def test_every_change_is_validated_at_once(corpus: Path) -> None:
     form = form_for(corpus)
     assert form.spec is not None and not form.launch_button.disabled
     # widget kinds follow the schema
-    assert isinstance(form.fields["optim.lr"].widget, w.FloatLogSlider)
+    lr = form.fields["optim.lr"]
+    slider = lr.view.children[0]
+    assert isinstance(slider, w.FloatLogSlider) and (slider.min, slider.max) == (-6, 0)
     assert isinstance(form.fields["train.micro_batch_size"].widget, w.BoundedIntText)
     assert list(form.fields["distributed.zero_stage"].widget.options) == [0, 1, 2, 3]
     assert list(form.fields["optim.scheduler"].widget.options) == ["cosine", "linear", "constant"]
@@ -90,10 +92,14 @@ def test_every_change_is_validated_at_once(corpus: Path) -> None:
     # a path that does not exist is named beside the data field
     form.fields["data.train"].widget.value = str(corpus) + "\n/nowhere/*.txt"
     assert "no file matches" in form.fields["data.train"].error.value
-    # the log slider changes the learning rate
+    # the log slider changes the learning rate (rounded to 3 digits); a typed value is exact
     form.fields["data.train"].widget.value = str(corpus)
-    form.fields["optim.lr"].widget.value = 3e-4
-    assert form.spec is not None and form.spec.optim.lr == pytest.approx(3e-4)
+    slider.value = 10**-3.5
+    assert form.spec is not None and form.spec.optim.lr == 0.000316
+    lr.widget.value = 0.0005
+    assert form.spec.optim.lr == 0.0005 and slider.value == pytest.approx(0.0005)
+    slider.value = 10**-3.3  # the browser's echo of the slider snapped to its step
+    assert form.spec.optim.lr == 0.0005
 
 
 def test_round_trip_form_spec_form(corpus: Path) -> None:

@@ -37,8 +37,8 @@ def _resolve(run: Run | str) -> Run:
 def _figure(title: str, ylabel: str, height: str = "220px") -> tuple[Any, tuple[Any, Any]]:
     x, y = bq.LinearScale(), bq.LinearScale()
     fig = bq.Figure(
-        marks=[], title=title, axes=[bq.Axis(scale=x, label="step", tick_format="d"),
-                                     bq.Axis(scale=y, side="left", label=ylabel, tick_format=".3g")],
+        marks=[], title=title, axes=[bq.Axis(scale=x, label="step"),
+                                     bq.Axis(scale=y, side="left", label=ylabel)],
         fig_margin={"top": 40, "bottom": 40, "left": 60, "right": 20},
         layout=w.Layout(width="100%", height=height), legend_location="top-right",
     )  # fmt: skip

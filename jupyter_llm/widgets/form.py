@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import threading
 import types
 import typing
@@ -40,6 +41,7 @@ class _Field:
     kind: str  # "value" (widget holds the value), "text" (a string), "yaml" (YAML text), "lines"
     optional: bool
     empty: Any = None  # the value of an empty text field when the field is not optional
+    view: Any = None  # what the form shows (the widget itself, or a group around it)
 
     def get(self) -> Any:
         v = self.widget.value
@@ -108,6 +110,7 @@ def _make_field(key: str, info: Any) -> _Field:
     label = key.rsplit(".", 1)[-1]
     desc = {"description": label, "style": {"description_width": "150px"}, "layout": w.Layout(width="420px")}
     lo, hi = _bounds(info)
+    view = None
     error = w.HTML(layout=w.Layout(margin="0 0 0 8px"))
     if typing.get_origin(ann) is Literal:
         options = list(typing.get_args(ann)) + ([NONE_LABEL] if optional else [])
@@ -115,9 +118,13 @@ def _make_field(key: str, info: Any) -> _Field:
         kind = "value"
     elif ann is bool and not optional:
         widget, kind = w.Checkbox(indent=True, **desc), "value"
-    elif key in LOG_SLIDERS:
+    elif key in LOG_SLIDERS:  # a log slider to sweep decades, beside the exact value
         a, b = LOG_SLIDERS[key]
-        widget = w.FloatLogSlider(base=10, min=a, max=b, step=0.05, readout_format=".2e", **desc)
+        widget = w.BoundedFloatText(min=10**a, max=10**b, layout=w.Layout(width="110px"))
+        slider = w.FloatLogSlider(base=10, min=a, max=b, step=0.01, readout=False,
+                                  description=label, style=desc["style"], layout=w.Layout(width="310px"))  # fmt: skip
+        _link_log_slider(slider, widget)
+        view = w.HBox([slider, widget])
         kind = "value"
     elif ann is int and not optional:
         widget = w.BoundedIntText(min=int(lo if lo is not None else -(2**31)),
@@ -139,7 +146,34 @@ def _make_field(key: str, info: Any) -> _Field:
         widget = w.Text(placeholder="(none)" if optional else "", **desc)
         kind = "text" if ann is str else "yaml"
     empty: Any = {} if typing.get_origin(ann) is dict else "" if ann is str else None
-    return _Field(key, widget, error, kind, optional, empty)
+    widget.add_class("jupyter-llm-field-" + key.replace(".", "-"))  # a stable handle for browser tests
+    return _Field(key, widget, error, kind, optional, empty, view or widget)
+
+
+def _link_log_slider(slider: w.FloatLogSlider, box: w.BoundedFloatText) -> None:
+    """Slider moves set a rounded value in the box; a typed value is kept exactly."""
+    busy = [False]
+
+    def follow(src: w.Widget, dst: w.Widget, fn: Any) -> None:
+        def on_change(change: Any) -> None:
+            if not busy[0]:
+                busy[0] = True
+                try:
+                    dst.value = fn(change["new"])
+                finally:
+                    busy[0] = False
+
+        src.observe(on_change, names="value")
+
+    def rounded(v: float) -> float:
+        # the browser snaps the slider to its step and echoes that back: a value within half a
+        # step of the typed one is that echo, and the typed value stands
+        if box.value > 0 and v > 0 and abs(math.log10(v) - math.log10(box.value)) <= slider.step / 2:
+            return float(box.value)
+        return float(f"{v:.3g}")
+
+    follow(slider, box, rounded)
+    follow(box, slider, lambda v: v)
 
 
 def _walk(model: type[BaseModel], prefix: str) -> list[_Field]:
@@ -211,7 +245,7 @@ class SpecForm(w.VBox):
             f.set(start.get(key))
 
         accordion = w.Accordion(
-            children=[w.VBox([w.HBox([f.widget, f.error]) for f in groups[g]]) for g in groups]
+            children=[w.VBox([w.HBox([f.view, f.error]) for f in groups[g]]) for g in groups]
         )
         for i, g in enumerate(groups):
             accordion.set_title(i, g)
