@@ -1,7 +1,8 @@
 """jupyter-llm: train and fine-tune language models from Jupyter with detached DeepSpeed jobs.
 
 `import jupyter_llm` is light: torch, deepspeed and transformers are imported only by the
-worker processes. Public API: `Spec`, `launch`, `prepare`, `Run`, `RunStore`, `runs`, `get_run`.
+worker processes. Public API: `Spec`, `launch`, `prepare`, `Run`, `RunStore`, `runs`, `get_run`, `evaluate`,
+`compare`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from .evaluation import compare, evaluate
     from .launcher import launch, prepare
     from .runs import Run, RunStore
     from .spec import Spec
@@ -22,6 +24,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "prepare": ("launcher", "prepare"),
     "Run": ("runs", "Run"),
     "RunStore": ("runs", "RunStore"),
+    "evaluate": ("evaluation", "evaluate"),
+    "compare": ("evaluation", "compare"),
 }
 
 
@@ -42,8 +46,8 @@ def get_run(run_id: str | None = None, root: str | None = None) -> Run:
     return RunStore(root).get(run_id)
 
 
-__all__ = ["Run", "RunStore", "Spec", "__version__", "get_run", "launch", "load_ipython_extension", "prepare",
-           "runs"]  # fmt: skip
+__all__ = ["Run", "RunStore", "Spec", "__version__", "compare", "evaluate", "get_run", "launch",
+           "load_ipython_extension", "prepare", "runs"]  # fmt: skip
 
 
 def load_ipython_extension(ipython: Any) -> None:

@@ -56,6 +56,16 @@ def _parser() -> argparse.ArgumentParser:
     rs = sub.add_parser("resume", help="continue a stopped or failed run from its newest checkpoint")
     rs.add_argument("run", nargs="?")
     rs.add_argument("--wait", action="store_true")
+
+    from .evaluation import add_arguments
+
+    ev = sub.add_parser("eval", help="evaluate a run's final model or a checkpoint (a detached job)")
+    add_arguments(ev)
+    ev.add_argument("--json", action="store_true", help="with --wait: print eval.json")
+
+    cmp = sub.add_parser("compare", help="the latest evaluation of several runs side by side")
+    cmp.add_argument("runs", nargs="+")
+    cmp.add_argument("--json", action="store_true")
     return p
 
 
@@ -191,6 +201,31 @@ def _resume(args: argparse.Namespace, store: RunStore) -> int:
     return _follow(run) if args.wait else 0
 
 
+def _eval(args: argparse.Namespace, store: RunStore) -> int:
+    from .evaluation import evaluate, request_from_args
+
+    ev = evaluate(store.get(args.run), request_from_args(args))
+    print(f"{ev.run.id}/evals/{ev.id}")
+    sys.stdout.flush()
+    if not args.wait:
+        return 0
+    state = ev.wait()
+    if state != "completed":
+        print(ev.summary(), file=sys.stderr)
+        print("\n".join(ev.log_tail(15)), file=sys.stderr)
+        return 1
+    print(json.dumps(ev.result, indent=1) if args.json else ev.summary())
+    return 0
+
+
+def _compare(args: argparse.Namespace, store: RunStore) -> int:
+    from .evaluation import Comparison
+
+    c = Comparison([store.get(r) for r in args.runs])
+    print(json.dumps(c.rows, indent=1) if args.json else repr(c))
+    return 0
+
+
 COMMANDS = {
     "train": _train,
     "prepare": _prepare,
@@ -199,6 +234,8 @@ COMMANDS = {
     "logs": _logs,
     "stop": _stop,
     "resume": _resume,
+    "eval": _eval,
+    "compare": _compare,
 }
 
 if __name__ == "__main__":

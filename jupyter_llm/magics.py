@@ -9,6 +9,7 @@
 %llm_runs · %llm_status [RUN] · %llm_logs [RUN] [-n N] [--rank R] [--follow]
 %llm_stop [RUN] · %llm_resume [RUN] · %llm_attach [RUN]        (a Run shows as a live dashboard)
 %llm_form [RUN] · %llm_dashboard RUN [RUN]...                  (spec form; overlaid dashboards)
+%llm_eval [RUN] [--checkpoint C] [--prompt P]... [--references R.jsonl] [--wait] · %llm_compare RUN...
 """
 
 from __future__ import annotations
@@ -218,6 +219,41 @@ class LLMMagics(Magics):
     def llm_attach(self, line: str = "") -> Run:
         """The Run handle of an existing run (after a kernel restart, say), shown live."""
         return self._run(_parse(self.llm_attach, line).run)
+
+    @line_magic
+    @_usage
+    def llm_eval(self, line: str = "") -> Any:
+        """Evaluate a run (final model or --checkpoint): perplexity, masked accuracy, samples,
+        BLEU/ROUGE against --references; a detached job. `%llm_eval --help` lists the flags."""
+        import argparse
+        import shlex
+
+        from .evaluation import add_arguments, evaluate, request_from_args
+
+        ap = argparse.ArgumentParser(prog="%llm_eval", exit_on_error=False, add_help=False)
+        add_arguments(ap)
+        try:
+            words = shlex.split(line)
+            if "--help" in words or "-h" in words:
+                ap.print_help()
+                return None
+            args = ap.parse_args(words)
+        except (ValueError, argparse.ArgumentError, SystemExit) as e:
+            raise UsageError(f"%llm_eval: {e}\n{ap.format_usage()}") from None
+        ev = evaluate(self._run(args.run), request_from_args(args))
+        if args.wait:
+            ev.wait()
+        return ev
+
+    @line_magic
+    @magic_arguments()
+    @argument("runs", nargs="+", help="run ids, id prefixes or names")
+    @_usage
+    def llm_compare(self, line: str = "") -> Any:
+        """The latest evaluation of several runs side by side (table and bar chart)."""
+        from .evaluation import compare
+
+        return compare([self._run(r) for r in _parse(self.llm_compare, line).runs])
 
     @line_magic
     @magic_arguments()

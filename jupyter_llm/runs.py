@@ -391,6 +391,18 @@ class Run:
         start(self, resume=True)
         return self
 
+    def evaluate(self, wait: bool = False, timeout: float | None = None, **params: Any) -> Any:
+        """Evaluate this run's final model (or `checkpoint=`) as a detached job; see
+        `jupyter_llm.evaluation.evaluate` for the parameters. Returns the Evaluation."""
+        from .evaluation import evaluate
+
+        return evaluate(self, wait=wait, timeout=timeout, **params)
+
+    def evaluations(self) -> list[Any]:
+        from .evaluation import evaluations
+
+        return evaluations(self)
+
     def summary(self) -> str:
         from .display import run_text
 

@@ -229,6 +229,64 @@ class DistributedSpec(_Section):
         return v
 
 
+class EvalSpec(_Section):
+    """What an evaluation measures; the spec's `eval:` section runs it when training completes."""
+
+    checkpoint: int | Literal["final", "latest"] = "final"  # or a checkpoint's step
+    files: list[str] | None = None  # held-out text files for perplexity; None: the validation split
+    max_blocks: int | None = Field(None, ge=1)  # at most this many blocks for perplexity
+    prompts: list[str] = []  # generate a sample from each
+    references: str | None = None  # JSONL of prompt → reference lines: BLEU and ROUGE
+    prompt_field: str = "prompt"
+    reference_field: str = "reference"
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+    temperature: float = Field(0.0, ge=0, le=100)  # 0: greedy
+    top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int = Field(0, ge=0, lt=2**32)
+    batch_size: int = Field(8, ge=1, le=4096)  # blocks per forward pass for perplexity
+
+    @field_validator("files", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("files")
+    @classmethod
+    def _texts_exist(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("needs at least one file or glob (or leave it out: the validation split)")
+        out: list[str] = []
+        for pattern in v:
+            full = str(_resolve(pattern, info))
+            matches = [
+                m for m in (sorted(glob.glob(full)) if glob.has_magic(full) else [full]) if os.path.isfile(m)
+            ]
+            if not matches:
+                raise ValueError(f"no file matches {full!r}")
+            for m in matches:
+                if not m.endswith((".txt", ".md", ".text")):
+                    raise ValueError(
+                        f"perplexity reads plain text (.txt .md .text), not {Path(m).suffix!r} ({m})"
+                    )
+            out += matches
+        return out
+
+    @field_validator("references")
+    @classmethod
+    def _jsonl_exists(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        path = _resolve(v, info)
+        if not path.is_file():
+            raise ValueError(f"file not found: {path}")
+        if path.suffix != ".jsonl":
+            raise ValueError(f"references are JSONL lines ({{prompt, reference}}), not {path.suffix!r}")
+        return str(path)
+
+
 class Spec(_Section):
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     seed: int = Field(1337, ge=0, lt=2**32)
@@ -239,6 +297,7 @@ class Spec(_Section):
     optim: OptimSpec = OptimSpec()
     distributed: DistributedSpec = DistributedSpec()
     deepspeed: dict[str, Any] = {}  # raw DeepSpeed config, merged last
+    eval: EvalSpec | None = None  # evaluate the final model when training completes
 
     # -- loading -----------------------------------------------------------------------
 
@@ -347,6 +406,8 @@ class Spec(_Section):
             if fmt == "chat" and self.tokenizer.train and not self.tokenizer.chat_template:
                 out.append(Problem("tokenizer.chat_template", None,
                                    "a trained tokenizer has no chat template: give one for data.format chat"))  # fmt: skip
+        if self.eval is not None:
+            out += eval_problems(self.eval, m.task, "eval.")
         if self.data.validation is None and self.data.val_fraction == 0 and t.eval_every > 0:
             out.append(
                 Problem(
@@ -362,6 +423,19 @@ class Spec(_Section):
         if self.tokenizer.train is not None:
             return None
         return self.tokenizer.path or self.model.pretrained
+
+
+def eval_problems(e: EvalSpec, task: str, prefix: str = "") -> list[Problem]:
+    """What an evaluation cannot do for this task."""
+    out = []
+    if task == "masked-lm":
+        for key in ("prompts", "references"):
+            if getattr(e, key):
+                out.append(Problem(f"{prefix}{key}", "...", "generation needs a causal-lm; a masked-lm is "
+                                   "evaluated by masked-token accuracy and perplexity"))  # fmt: skip
+    if e.temperature == 0 and (e.top_k or e.top_p):
+        out.append(Problem(f"{prefix}temperature", 0, "top_k/top_p sample: set a temperature above 0"))
+    return out
 
 
 def _validate_cross(raw: dict[str, Any]) -> list[Problem]:

@@ -136,6 +136,15 @@ def test_bert_mlm_finetune(tmp_path: Path, corpus: Path) -> None:
     with torch.no_grad():
         logits = model(input_ids=check["input_ids"]).logits
     assert (logits - check["logits"]).abs().max().item() < 1e-4
+    # evaluation of a masked LM: masked-token accuracy and loss on the validation split, with
+    # the training masking; its loss lands near the run's own last validation loss
+    ev = run.evaluate(wait=True, timeout=600)
+    assert ev.state == "completed", ev.summary() + "\n".join(ev.log_tail(30))
+    res = ev.result
+    assert res is not None and res["task"] == "masked-lm" and res["masked"]["tokens"] > 100
+    assert 0.1 < res["masked"]["accuracy"] <= 1
+    assert res["perplexity"]["ppl"] == pytest.approx(math.exp(res["masked"]["loss"]))
+    assert abs(res["masked"]["loss"] - val[-1]) < 0.3 * val[-1], (res["masked"], val)
 
 
 def test_two_runs_at_once_zero0_and_zero3_default_port_taken(corpus: Path) -> None:

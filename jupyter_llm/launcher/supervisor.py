@@ -117,7 +117,9 @@ class Supervisor:
         _unlink_shm(port)
         final = (self.dir / "final" / "config.json").is_file()
         if rc == 0 and final:
-            return self._finish(State.COMPLETED, rc, None)
+            code = self._finish(State.COMPLETED, rc, None)
+            self._auto_eval()
+            return code
         if self.hung:
             return self._fail(self.hung, rc)
         if self.stop_signal is not None:
@@ -129,6 +131,20 @@ class Supervisor:
         if rc == 0:
             return self._fail("the job exited 0 but wrote no final model; see logs/", rc)
         return self._fail(self._diagnose(rc), rc)
+
+    def _auto_eval(self) -> None:
+        """The spec's `eval:` section: evaluate the final model as its own detached job."""
+        request = self.run.spec.eval
+        if request is None:
+            return
+        from ..evaluation import evaluate
+
+        try:
+            ev = evaluate(self.run, request)
+        except Exception as e:  # the run stays completed; the event says why nothing was evaluated
+            self.event("eval_not_started", error=f"{type(e).__name__}: {e}")
+            return
+        self.event("eval_started", eval_id=ev.id)
 
     def _supervise_prepare(self, attempt: int) -> int:
         """A data-preparation job: one process, no ranks; stop means SIGINT at once."""

@@ -104,20 +104,8 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
                 "labels": labels.to(device),
                 "num_items_in_batch": n.to(device),
             }
-        # [CLS] chunk [SEP] [PAD]...: a block holds one document's chunk, padded at the end
-        lens = torch.from_numpy(blocks.lengths(first, t.micro_batch_size, shuffle))
-        pos = torch.arange(ids.shape[1] + 2)
-        full = torch.full((len(ids), ids.shape[1] + 2), tok.pad_token_id, dtype=ids.dtype)
-        full[:, 1:-1] = torch.where(pos[None, :-2] < lens[:, None], ids, tok.pad_token_id)
-        full[:, 0] = tok.cls_token_id
-        full[torch.arange(len(ids)), lens + 1] = tok.sep_token_id
-        attention = (pos[None, :] < (lens + 2)[:, None]).long()
-        ids, labels = _mask_tokens(full, tok, d.mlm_probability, torch.Generator().manual_seed(mask_seed))
-        return {
-            "input_ids": ids.to(device),
-            "labels": labels.to(device),
-            "attention_mask": attention.to(device),
-        }
+        lens = blocks.lengths(first, t.micro_batch_size, shuffle)
+        return {k: v.to(device) for k, v in mlm_inputs(ids, lens, tok, d.mlm_probability, mask_seed).items()}
 
     per_step = world * t.micro_batch_size  # samples per micro step, all ranks
 
@@ -310,6 +298,21 @@ def _export(module: Any, state: dict[str, Any] | None, tok: Any, run_dir: Path) 
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+
+
+def mlm_inputs(ids: Any, lens: Any, tok: Any, prob: float, mask_seed: int) -> dict[str, Any]:
+    """A masked-LM batch from per-document chunks: [CLS] chunk [SEP] [PAD]..., BERT masking."""
+    import torch
+
+    lens = torch.as_tensor(lens)
+    pos = torch.arange(ids.shape[1] + 2)
+    full = torch.full((len(ids), ids.shape[1] + 2), tok.pad_token_id, dtype=ids.dtype)
+    full[:, 1:-1] = torch.where(pos[None, :-2] < lens[:, None], ids, tok.pad_token_id)
+    full[:, 0] = tok.cls_token_id
+    full[torch.arange(len(ids)), lens + 1] = tok.sep_token_id
+    attention = (pos[None, :] < (lens + 2)[:, None]).long()
+    ids, labels = _mask_tokens(full, tok, prob, torch.Generator().manual_seed(mask_seed))
+    return {"input_ids": ids, "labels": labels, "attention_mask": attention}
 
 
 def _mask_tokens(ids: Any, tok: Any, prob: float, gen: Any) -> tuple[Any, Any]:

@@ -1,0 +1,325 @@
+"""Evaluation of a run's final model or a checkpoint, as a detached job; and comparisons.
+
+    ev = run.evaluate(prompts=["ROMEO:"], references="qa.jsonl")    # returns at once
+    ev.wait(); ev.result            # eval.json: perplexity, masked accuracy, BLEU, ROUGE, ...
+    jupyter_llm.compare([a, b])     # their latest results side by side (table and bar chart)
+
+Each evaluation is a folder `RUN/evals/<id>/` (request.json, status.json, eval.log, eval.json,
+samples.jsonl); the newest completed result is also copied to `RUN/eval.json`. The job is one
+process (`python -m jupyter_llm.train.evaluate EVAL_DIR`) in a session of its own that reports
+its own state; a reader that finds it gone while "running" reports it failed. Nothing here
+imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .errors import RunStateError, SpecError, UserError
+from .runs import Run, RunStore, process_alive, read_json, read_jsonl, write_json_atomic
+from .spec import EvalSpec, Spec, eval_problems
+
+TERMINAL = ("completed", "failed", "stopped")
+METRICS = ["ppl", "loss", "masked_accuracy", "bleu", "rouge1", "rouge2", "rougeL"]  # the comparison's columns
+
+
+class Evaluation:
+    """Handle of one evaluation folder."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self.id = self.path.name
+        self.run = Run(self.path.parent.parent)
+
+    def __repr__(self) -> str:
+        return f"Evaluation({self.run.id}/{self.id}: {self.state})"
+
+    def status(self) -> dict[str, Any]:
+        st = read_json(self.path / "status.json") or {"state": "created"}
+        live = st["state"] in TERMINAL or st["state"] == "created"
+        if not live and not process_alive(st.get("pid"), st.get("pid_create_time")):
+            st = {**st, "state": "failed", "lost": True,
+                  "error": st.get("error") or f"the evaluation process (pid {st.get('pid')}) is gone"}  # fmt: skip
+        return st
+
+    @property
+    def state(self) -> str:
+        return str(self.status()["state"])
+
+    @property
+    def done(self) -> bool:
+        return self.state in TERMINAL
+
+    @property
+    def request(self) -> EvalSpec:
+        return EvalSpec.model_validate(read_json(self.path / "request.json") or {})
+
+    @property
+    def result(self) -> dict[str, Any] | None:
+        """eval.json once the evaluation completed."""
+        return read_json(self.path / "eval.json")
+
+    def samples(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.path / "samples.jsonl")[0]
+
+    def wait(self, timeout: float | None = None, poll: float = 0.5) -> str:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (state := self.state) not in TERMINAL:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"evaluation {self.id} still {state} after {timeout} s")
+            time.sleep(poll)
+        return state
+
+    def stop(self) -> str:
+        """SIGTERM to the recorded evaluation process (verified by its start time)."""
+        st = self.status()
+        if st["state"] in TERMINAL:
+            return str(st["state"])
+        if process_alive(st.get("pid"), st.get("pid_create_time")):
+            os.kill(int(st["pid"]), signal.SIGTERM)
+        return "stopping"
+
+    def log_tail(self, n: int = 20) -> list[str]:
+        try:
+            return (self.path / "eval.log").read_text(errors="replace").splitlines()[-n:]
+        except FileNotFoundError:
+            return []
+
+    def summary(self) -> str:
+        st, res = self.status(), self.result
+        text = f"{self.run.id} evaluation {self.id}: {st['state']}"
+        if res:
+            text += "\n" + "\n".join(f"  {k:<16} {v}" for k, v in result_rows(res))
+        if st.get("error"):
+            text += f"\n  error: {st['error']}"
+        return text
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(self.summary())
+
+    def _repr_html_(self) -> str:
+        st, res = self.status(), self.result
+        rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
+                       for k, v in result_rows(res or {}))  # fmt: skip
+        samples = "".join(
+            f"<tr><td><pre>{html.escape(s['prompt'])}</pre></td><td><pre>{html.escape(s['output'])}</pre></td>"
+            f"<td><pre>{html.escape(s.get('reference') or '')}</pre></td></tr>"
+            for s in self.samples()[:8]
+        )
+        if samples:
+            samples = f"<h4>samples</h4><table><tr><th>prompt</th><th>output</th><th>reference</th></tr>{samples}</table>"
+        err = f'<div style="color:#c62828">{html.escape(str(st["error"]))}</div>' if st.get("error") else ""
+        return (f"<div><b>{html.escape(self.run.id)}</b> evaluation {html.escape(self.id)}: "
+                f"<b>{html.escape(st['state'])}</b>{err}<table>{rows}</table>{samples}</div>")  # fmt: skip
+
+
+def result_rows(res: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(metric, formatted value) rows of an eval.json."""
+    rows = [("checkpoint", str(res.get("checkpoint", ""))), ("step", str(res.get("step", "")))]
+    p = res.get("perplexity") or {}
+    if p:
+        rows += [("perplexity", f"{p['ppl']:.4f}"), ("loss (nats/token)", f"{p['loss']:.4f}"),
+                 ("tokens", f"{p['tokens']:,}"), ("held-out data", str(p["source"]))]  # fmt: skip
+    m = res.get("masked") or {}
+    if m:
+        rows += [("masked accuracy", f"{m['accuracy']:.4f}"), ("masked tokens", f"{m['tokens']:,}")]
+    for k in ("bleu", "rouge1", "rouge2", "rougeL"):
+        if res.get(k) is not None:
+            rows.append((k, f"{res[k]:.4f}"))
+    if res.get("samples"):
+        rows.append(("samples", str(res["samples"])))
+    return rows
+
+
+def _new_id(checkpoint: Any) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")[:-3]
+    return f"{stamp}-{'step' + str(checkpoint) if isinstance(checkpoint, int) else checkpoint}"
+
+
+def evaluate(
+    run: Run | str,
+    request: EvalSpec | Mapping[str, Any] | None = None,
+    *,
+    wait: bool = False,
+    timeout: float | None = None,
+    **params: Any,
+) -> Evaluation:
+    """Start an evaluation of `run` (its final model by default) as a detached job.
+
+    Parameters are those of the spec's `eval:` section (`EvalSpec`): checkpoint ("final",
+    "latest" or a step), files, max_blocks, prompts, references (JSONL), prompt_field,
+    reference_field, max_new_tokens, temperature (0: greedy), top_k, top_p, seed, batch_size.
+    """
+    run = run if isinstance(run, Run) else RunStore().get(run)
+    raw = {**(request.model_dump() if isinstance(request, EvalSpec) else dict(request or {})), **params}
+    try:
+        req = EvalSpec.model_validate(raw, context={"base_dir": Path.cwd()})
+    except Exception as e:
+        from pydantic import ValidationError
+
+        from .spec import _problems
+
+        if isinstance(e, ValidationError):
+            raise SpecError(_problems(e)) from None
+        raise
+    spec = run.spec
+    if problems := eval_problems(req, spec.model.task):
+        raise SpecError(problems)
+    _check_model(run, spec, req)
+    path = run.path / "evals" / _new_id(req.checkpoint)
+    path.mkdir(parents=True)
+    write_json_atomic(path / "request.json", req.model_dump(mode="json"))
+    write_json_atomic(path / "status.json", {"state": "created", "created_at": _now()})
+    with open(path / "eval.log", "ab") as log:
+        subprocess.run([sys.executable, "-m", "jupyter_llm.train.evaluate", str(path), "--detach"],
+                       stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, check=True)  # fmt: skip
+    ev = Evaluation(path)
+    if wait:
+        ev.wait(timeout)
+    return ev
+
+
+def _check_model(run: Run, spec: Spec, req: EvalSpec) -> None:
+    """Fail before starting when the model to evaluate is not there."""
+    if req.checkpoint == "final":
+        if run.final_model is None:
+            raise RunStateError(
+                f"run {run.id} has no final model ({run.state}); evaluate a checkpoint "
+                f"(checkpoint='latest' or a step: {_steps(run) or 'none saved'})"
+            )
+        return
+    steps = _steps(run)
+    if not steps:
+        raise RunStateError(f"run {run.id} has no complete checkpoint; evaluate its final model instead")
+    if isinstance(req.checkpoint, int) and req.checkpoint not in steps:
+        raise UserError(f"run {run.id} has no complete checkpoint at step {req.checkpoint}; it has {steps}")
+
+
+def _steps(run: Run) -> list[int]:
+    from .runs import CKPT_MARKER
+
+    return [int((read_json(p / CKPT_MARKER) or {})["step"]) for p in run.checkpoints()]
+
+
+def _now() -> str:
+    from .runs import now_iso
+
+    return now_iso()
+
+
+def evaluations(run: Run | str) -> list[Evaluation]:
+    """A run's evaluations, oldest first."""
+    run = run if isinstance(run, Run) else RunStore().get(run)
+    root = run.path / "evals"
+    return (
+        [Evaluation(p) for p in sorted(root.iterdir()) if (p / "request.json").is_file()]
+        if root.is_dir()
+        else []
+    )
+
+
+# -- comparison ---------------------------------------------------------------------------
+
+
+class Comparison:
+    """The latest results of several runs side by side: a table, and a bar chart per metric."""
+
+    def __init__(self, runs: Iterable[Run | str]):
+        self.rows: list[dict[str, Any]] = []
+        for r in runs:
+            run = r if isinstance(r, Run) else RunStore().get(r)
+            res = read_json(run.path / "eval.json") or {}
+            p, m = res.get("perplexity") or {}, res.get("masked") or {}
+            self.rows.append({"run": run.id, "name": run.name, "checkpoint": res.get("checkpoint"),
+                              "ppl": p.get("ppl"), "loss": p.get("loss"), "masked_accuracy": m.get("accuracy"),
+                              **{k: res.get(k) for k in ("bleu", "rouge1", "rouge2", "rougeL")}})  # fmt: skip
+        self.metrics = [k for k in METRICS if any(r[k] is not None for r in self.rows)]
+
+    def _repr_html_(self) -> str:
+        head = "".join(f"<th>{h}</th>" for h in ["run", "checkpoint", *self.metrics])
+        body = "".join(
+            "<tr>"
+            + f"<td>{html.escape(r['run'])}</td><td>{html.escape(str(r['checkpoint'] or '–'))}</td>"
+            + "".join(f"<td>{'–' if r[k] is None else format(r[k], '.4f')}</td>" for k in self.metrics)
+            + "</tr>"
+            for r in self.rows
+        )
+        return f"<table><tr>{head}</tr>{body}</table>"
+
+    def __repr__(self) -> str:
+        lines = [f"{'RUN':<44} " + " ".join(f"{k:>15}" for k in self.metrics)]
+        for r in self.rows:
+            lines.append(f"{r['run']:<44} " + " ".join(f"{'-' if r[k] is None else format(r[k], '.4f'):>15}"
+                                                      for k in self.metrics))  # fmt: skip
+        return "\n".join(lines)
+
+    def chart(self) -> Any:
+        """A bqplot bar chart per metric, runs side by side (a widget)."""
+        import bqplot as bq
+        import ipywidgets as w
+
+        figs = []
+        for k in self.metrics:
+            rows = [r for r in self.rows if r[k] is not None]
+            x = bq.OrdinalScale()
+            bars = bq.Bars(x=[r["name"] + "·" + r["run"][-4:] for r in rows], y=[r[k] for r in rows],
+                           scales={"x": x, "y": bq.LinearScale(min=0)})  # fmt: skip
+            figs.append(bq.Figure(marks=[bars], title=k, axes=[bq.Axis(scale=x), bq.Axis(scale=bars.scales["y"], side="left")],
+                                  layout=w.Layout(width="320px", height="260px")))  # fmt: skip
+        return w.HBox(figs, layout=w.Layout(flex_flow="row wrap"))
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import HTML, display
+
+        display(HTML(self._repr_html_()))
+        if self.metrics:
+            display(self.chart())
+
+
+def compare(runs: Iterable[Run | str]) -> Comparison:
+    """The latest evaluation result (RUN/eval.json) of each run, side by side."""
+    return Comparison(runs)
+
+
+# -- command line and magic arguments ---------------------------------------------------------
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The evaluation flags shared by `jupyter-llm eval` and `%llm_eval`."""
+    ap.add_argument("run", nargs="?", help="run id, id prefix or name (default: newest)")
+    ap.add_argument("--checkpoint", default="final", help="final (default), latest, or a checkpoint's step")
+    ap.add_argument(
+        "--files", nargs="+", metavar="FILE", help="held-out text files (default: the validation split)"
+    )
+    ap.add_argument("--max-blocks", type=int, help="at most this many blocks for perplexity")
+    ap.add_argument(
+        "--prompt", dest="prompts", action="append", default=[], help="generate from it (repeatable)"
+    )
+    ap.add_argument("--references", metavar="JSONL", help="prompt → reference lines: BLEU and ROUGE")
+    ap.add_argument("--prompt-field", default="prompt")
+    ap.add_argument("--reference-field", default="reference")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    ap.add_argument("--top-k", type=int)
+    ap.add_argument("--top-p", type=float)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--wait", action="store_true", help="block until the evaluation ends")
+
+
+def request_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    ck = args.checkpoint
+    req = {"checkpoint": int(ck) if str(ck).isdigit() else ck, "files": args.files, "max_blocks": args.max_blocks,
+           "prompts": args.prompts, "references": args.references, "prompt_field": args.prompt_field,
+           "reference_field": args.reference_field, "max_new_tokens": args.max_new_tokens,
+           "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}  # fmt: skip
+    return {k: v for k, v in req.items() if v is not None}
