@@ -2,7 +2,7 @@
 
 `import jupyter_llm` is light: torch, deepspeed and transformers are imported only by the
 worker processes. Public API: `Spec`, `launch`, `prepare`, `Run`, `RunStore`, `runs`, `get_run`, `evaluate`,
-`compare`.
+`compare`, `sweep`, `get_sweep`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from .launcher import launch, prepare
     from .runs import Run, RunStore
     from .spec import Spec
+    from .sweep import get_sweep, sweep
 
 _LAZY: dict[str, tuple[str, str | None]] = {
     "runs": ("runs", None),  # callable module: jupyter_llm.runs() lists every run
@@ -26,6 +27,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "RunStore": ("runs", "RunStore"),
     "evaluate": ("evaluation", "evaluate"),
     "compare": ("evaluation", "compare"),
+    "sweep": ("sweep", None),  # callable module: jupyter_llm.sweep(spec) starts a sweep
+    "get_sweep": ("sweep", "get_sweep"),
 }
 
 
@@ -46,8 +49,8 @@ def get_run(run_id: str | None = None, root: str | None = None) -> Run:
     return RunStore(root).get(run_id)
 
 
-__all__ = ["Run", "RunStore", "Spec", "__version__", "compare", "evaluate", "get_run", "launch",
-           "load_ipython_extension", "prepare", "runs"]  # fmt: skip
+__all__ = ["Run", "RunStore", "Spec", "__version__", "compare", "evaluate", "get_run", "get_sweep", "launch",
+           "load_ipython_extension", "prepare", "runs", "sweep"]  # fmt: skip
 
 
 def load_ipython_extension(ipython: Any) -> None:

@@ -66,6 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser("compare", help="the latest evaluation of several runs side by side")
     cmp.add_argument("runs", nargs="+")
     cmp.add_argument("--json", action="store_true")
+
+    sw = sub.add_parser("sweep", help="start a hyperparameter sweep (each trial its own run)")
+    sw.add_argument("file", nargs="?", help="sweep YAML (base, space, objective, trials, parallel, ...)")
+    sw.add_argument("--resume", metavar="SWEEP", help="restart the controller of a killed or stopped sweep")
+    sw.add_argument("--stop", metavar="SWEEP", help="stop a sweep (its running trials are stopped)")
+    sw.add_argument("--status", metavar="SWEEP", nargs="?", const="", help="trials and best of a sweep")
+    sw.add_argument("--wait", action="store_true", help="follow until the sweep ends; exit 0 if completed")
     return p
 
 
@@ -226,6 +233,31 @@ def _compare(args: argparse.Namespace, store: RunStore) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace, store: RunStore) -> int:
+    from .sweep import get_sweep, sweep
+
+    if args.status is not None:
+        print(get_sweep(args.status or None, store.root).summary())
+        return 0
+    if args.stop:
+        s = get_sweep(args.stop, store.root)
+        print(f"{s.id}: {s.stop()}")
+        return 0
+    if args.resume:
+        s = get_sweep(args.resume, store.root).resume()
+    elif args.file:
+        s = sweep(args.file, root=store.root)
+    else:
+        raise UserError("give a sweep file, or --resume/--stop/--status SWEEP")
+    print(s.id)
+    sys.stdout.flush()
+    if not args.wait:
+        return 0
+    state = s.wait()
+    print(s.summary(), file=sys.stderr)
+    return 0 if state == "completed" else 1
+
+
 COMMANDS = {
     "train": _train,
     "prepare": _prepare,
@@ -236,6 +268,7 @@ COMMANDS = {
     "resume": _resume,
     "eval": _eval,
     "compare": _compare,
+    "sweep": _sweep,
 }
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@
 %llm_stop [RUN] · %llm_resume [RUN] · %llm_attach [RUN]        (a Run shows as a live dashboard)
 %llm_form [RUN] · %llm_dashboard RUN [RUN]...                  (spec form; overlaid dashboards)
 %llm_eval [RUN] [--checkpoint C] [--prompt P]... [--references R.jsonl] [--wait] · %llm_compare RUN...
+%%llm_sweep NAME (YAML: base, space, objective, trials, parallel, pruner) · %llm_sweep FILE
 """
 
 from __future__ import annotations
@@ -244,6 +245,37 @@ class LLMMagics(Magics):
         if args.wait:
             ev.wait()
         return ev
+
+    @line_cell_magic
+    @magic_arguments()
+    @argument("name", nargs="?", help="cell magic: the sweep's name; line magic: a sweep YAML file")
+    @argument("--wait", action="store_true", help="block until the sweep ends")
+    @_usage
+    def llm_sweep(self, line: str, cell: str | None = None) -> Any:
+        """A hyperparameter sweep (YAML: base, space, objective, trials, parallel, sampler,
+        pruner, budget_s, storage); each trial is its own detached run. Shows its live view."""
+        from .sweep import sweep
+
+        args = _parse(self.llm_sweep, line)
+        if cell is None:
+            if not args.name:
+                raise UsageError("give a sweep: %%llm_sweep NAME with a YAML body, or %llm_sweep sweep.yaml")
+            if not os.path.isfile(args.name):
+                raise UsageError(f"sweep file not found: {args.name}")
+            s = sweep(Path(args.name))
+        else:
+            import yaml
+
+            try:
+                body = yaml.safe_load(cell) or {}
+            except yaml.YAMLError as e:
+                raise UsageError(f"the sweep is not valid YAML: {getattr(e, 'problem', e)}") from None
+            if not isinstance(body, Mapping):
+                raise UsageError("the sweep body must be a mapping: base, space, objective, trials, ...")
+            s = sweep({**body, **({"name": args.name} if args.name else {})})
+        if args.wait:
+            s.wait()
+        return s
 
     @line_magic
     @magic_arguments()

@@ -285,21 +285,8 @@ if __name__ == "__main__":
     if not args or len(args) > 2 or (len(args) == 2 and args[1] != "--detach"):
         sys.exit("usage: python -m jupyter_llm.train.evaluate EVAL_DIR [--detach]")
     target = Path(args[0]).resolve()
-    if "--detach" in args:  # the caller's child exits at once; the job runs in its own session
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid > 0:  # record the job's pid before the caller returns, then let it go on
-            import psutil
+    if "--detach" in args:  # the caller returns at once; the job lives in a session of its own
+        from ..detach import detach
 
-            st = read_json(target / "status.json") or {}
-            write_json_atomic(target / "status.json", {**st, "state": "starting", "pid": pid,
-                                                       "pid_create_time": psutil.Process(pid).create_time()})  # fmt: skip
-            os.close(w)
-            os._exit(0)
-        os.close(w)
-        os.read(r, 1)  # returns once the parent has written the status
-        os.setsid()
-        fd = os.open(target / "eval.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
+        detach(target, "eval.log")
     main(target)
