@@ -67,6 +67,24 @@ def direct_perplexity(model_dir_or_model: Any, run: Run, max_blocks: int | None 
     return math.exp(nll.item())
 
 
+def direct_text_perplexity(run: Run, text: str) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(run.path / "tokenizer")
+    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    b = run.spec.data.block_size
+    n = len(ids) // b
+    blocks = torch.tensor(ids[: n * b]).view(n, b)
+    model = AutoModelForCausalLM.from_pretrained(run.final_model).eval()
+    with torch.no_grad():
+        logits = model(input_ids=blocks).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1)
+        )
+    return math.exp(nll.item())
+
+
 @pytest.mark.deepspeed
 def test_spec_eval_section_runs_when_training_completes(trained: Run) -> None:
     ev = auto_evaluation(trained)
@@ -123,6 +141,15 @@ def test_cli_magic_sampling_and_comparison(trained: Run, ip: Any, monkeypatch: p
     assert res["perplexity"]["blocks"] == 2
     assert res["perplexity"]["ppl"] == pytest.approx(
         direct_perplexity(trained.final_model, trained, 2), rel=1e-5
+    )
+    # held-out text files instead of the validation split: the same computation on their tokens
+    held = tmp_path / "held.txt"
+    held.write_text(CORPUS.read_text(encoding="utf-8")[-3000:], encoding="utf-8")
+    assert cli(["--root", root, "eval", trained.id, "--files", str(held), "--wait", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert res["perplexity"]["source"] == str(held)
+    assert res["perplexity"]["ppl"] == pytest.approx(
+        direct_text_perplexity(trained, held.read_text()), rel=1e-5
     )
     # the magic; sampling with a seed is reproducible, and a different seed differs
     monkeypatch.setenv("JUPYTER_LLM_HOME", str(trained.path.parent.parent))

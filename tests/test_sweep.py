@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from conftest import tiny_spec
+from jupyter_llm.cli import main as cli
 from jupyter_llm.errors import SpecError
 from jupyter_llm.runs import RunStore, process_alive, read_json, write_json_atomic
 from jupyter_llm.sweep import Sweep, get_sweep, load_sweep_spec, sweep
@@ -74,7 +75,7 @@ def test_bad_sweeps_are_named(corpus: Path, tmp_path: Path) -> None:
     assert "trials" in problems(f)
 
 
-def test_sweep_view_from_the_controller_snapshot(corpus: Path) -> None:
+def test_sweep_view_from_the_controller_snapshot(corpus: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The view reads trials.json alone: table, history with best-so-far, the best spec."""
     sw_spec, _ = load_sweep_spec(
         {"name": "v", "base": base(corpus), "space": {"optim.lr": {"loguniform": [1e-4, 1e-2]}}}
@@ -97,6 +98,8 @@ def test_sweep_view_from_the_controller_snapshot(corpus: Path) -> None:
     assert "trial 1" in view.best_html.value and not view.launch_button.disabled
     assert "complete 3" in view.header.value and "best: trial 1" in view._repr_mimebundle_()["text/plain"]
     view.close()
+    assert cli(["--root", str(path.parent.parent), "sweep", "--status", "v"]) == 0
+    assert "best: trial 1" in capsys.readouterr().out
 
 
 @pytest.mark.deepspeed
