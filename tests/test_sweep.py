@@ -177,3 +177,21 @@ def test_real_sweep_prunes_fails_resumes_and_cleans_up(corpus: Path, ip: Any) ->
     assert run.wait(600) == "completed"
     view.close()
     assert sweep  # the public entry point is the same function the magic uses
+
+
+@pytest.mark.deepspeed
+def test_sweep_on_an_evaluation_metric_within_a_time_budget(corpus: Path) -> None:
+    """Objective eval.perplexity.ppl: each trial's value is its automatic evaluation's; the
+    time budget stops new trials (2 start at once, none after)."""
+    spec = base(corpus, train={"max_steps": 20, "log_every": 5, "eval_every": 0, "save_every": 0},
+                eval={"max_blocks": 4})  # fmt: skip
+    sw = sweep({"name": "ppl", "base": spec, "space": {"optim.lr": {"loguniform": [1e-3, 1e-2]}},
+                "objective": {"metric": "eval.perplexity.ppl"}, "trials": 50, "parallel": 2, "budget_s": 3,
+                "pruner": {"kind": "none"}}, wait=True, timeout=900)  # fmt: skip
+    assert sw.state == "completed", sw.summary()
+    trials = sw.trials()
+    assert len(trials) == 2 and all(t["state"] == "COMPLETE" for t in trials), trials
+    for t in trials:
+        result = read_json(sw.store.get(t["run_id"]).path / "eval.json")
+        assert result is not None and t["value"] == result["perplexity"]["ppl"]
+        assert result["perplexity"]["blocks"] == 4
