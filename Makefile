@@ -23,10 +23,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	  ShareMemCommBuilder as S, FusedAdamBuilder as F; S().load(); F().load()"
 	touch $@
 
-# Train a small character-level GPT on Tiny Shakespeare (bundled) with 2 CPU ranks.
+# The papermill pipeline: prepare Tiny Shakespeare (bundled), train a small character-level GPT
+# with 2 CPU ranks, evaluate it; the executed notebooks and the results land in demo-output/.
 demo: venv
-	$(VENV)/bin/jupyter-llm train examples/shakespeare-char.yaml --wait
-	@$(VENV)/bin/jupyter-llm status
+	rm -rf demo-output
+	$(VENV)/bin/jupyter-llm pipeline run notebooks/pipeline.yaml --out demo-output
 
 lint: venv
 	$(VENV)/bin/ruff check jupyter_llm tests bench
@@ -55,4 +56,4 @@ bench: venv
 	$(PY) bench/overhead.py
 
 clean:
-	rm -rf $(VENV) llm-runs .mypy_cache .ruff_cache
+	rm -rf $(VENV) llm-runs demo-output .mypy_cache .ruff_cache

@@ -73,6 +73,18 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--stop", metavar="SWEEP", help="stop a sweep (its running trials are stopped)")
     sw.add_argument("--status", metavar="SWEEP", nargs="?", const="", help="trials and best of a sweep")
     sw.add_argument("--wait", action="store_true", help="follow until the sweep ends; exit 0 if completed")
+
+    pl = sub.add_parser("pipeline", help="papermill pipelines of notebooks (prepare → train → evaluate)")
+    plsub = pl.add_subparsers(dest="pipeline_cmd", required=True, metavar="ACTION")
+    plr = plsub.add_parser("run", help="run every stage of a pipeline file")
+    plr.add_argument("file", help="pipeline YAML (stages, parameters, hand-offs)")
+    plr.add_argument("-p", dest="params", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a shared parameter (repeatable)")  # fmt: skip
+    plr.add_argument("--out", help="the pipeline folder (default: <runs root>/_pipelines/<id>)")
+    plr.add_argument("--resume", metavar="FOLDER", help="continue a failed pipeline from its failed stage")
+
+    rp = sub.add_parser("reproduce", help="rerun a run or a pipeline folder from its record; compare losses")
+    rp.add_argument("target", help="run id / name, or a pipeline folder")
     return p
 
 
@@ -258,6 +270,29 @@ def _sweep(args: argparse.Namespace, store: RunStore) -> int:
     return 0 if state == "completed" else 1
 
 
+def _pipeline(args: argparse.Namespace, store: RunStore) -> int:
+    from .pipeline import PipelineError, run, summary_text
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    try:
+        folder = run(args.file, args.params, out=args.out, resume=args.resume, log=log)
+    except PipelineError as e:
+        print(f"jupyter-llm: {e}\n{summary_text(e.folder)}", file=sys.stderr)
+        return 1
+    print(summary_text(folder))
+    return 0
+
+
+def _reproduce(args: argparse.Namespace, store: RunStore) -> int:
+    from .pipeline import reproduce
+
+    res = reproduce(args.target, root=store.root, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(json.dumps(res, indent=1))
+    return 0 if res["equal"] else 1
+
+
 COMMANDS = {
     "train": _train,
     "prepare": _prepare,
@@ -269,6 +304,8 @@ COMMANDS = {
     "eval": _eval,
     "compare": _compare,
     "sweep": _sweep,
+    "pipeline": _pipeline,
+    "reproduce": _reproduce,
 }
 
 if __name__ == "__main__":

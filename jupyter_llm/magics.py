@@ -11,6 +11,7 @@
 %llm_form [RUN] · %llm_dashboard RUN [RUN]...                  (spec form; overlaid dashboards)
 %llm_eval [RUN] [--checkpoint C] [--prompt P]... [--references R.jsonl] [--wait] · %llm_compare RUN...
 %%llm_sweep NAME (YAML: base, space, objective, trials, parallel, pruner) · %llm_sweep FILE
+%llm_pipeline PIPELINE.yaml [-p key=value]... [--out DIR] [--resume DIR]
 """
 
 from __future__ import annotations
@@ -276,6 +277,26 @@ class LLMMagics(Magics):
         if args.wait:
             s.wait()
         return s
+
+    @line_magic
+    @magic_arguments()
+    @argument("file", help="pipeline YAML")
+    @argument(
+        "-p", dest="params", action="append", default=[], metavar="KEY=VALUE", help="a shared parameter"
+    )
+    @argument("--out", help="the pipeline folder")
+    @argument("--resume", metavar="FOLDER", help="continue a failed pipeline")
+    @_usage
+    def llm_pipeline(self, line: str = "") -> str:
+        """Run a papermill pipeline (prepare → train → evaluate notebooks) to the end."""
+        from .pipeline import PipelineError, run, summary_text
+
+        args = _parse(self.llm_pipeline, line)
+        try:
+            folder = run(args.file, args.params, out=args.out, resume=args.resume, log=print)
+        except PipelineError as e:
+            raise UsageError(f"{e}\n{summary_text(e.folder)}") from None
+        return summary_text(folder)
 
     @line_magic
     @magic_arguments()

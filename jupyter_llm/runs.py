@@ -120,6 +120,9 @@ def process_alive(pid: int | None, create_time: float | None = None) -> bool:
 
 
 def default_root() -> Path:
+    """$JUPYTER_LLM_RUNS, else $JUPYTER_LLM_HOME/runs, else ./llm-runs."""
+    if runs := os.environ.get("JUPYTER_LLM_RUNS"):
+        return Path(runs).expanduser()
     home = os.environ.get("JUPYTER_LLM_HOME")
     return (Path(home).expanduser() / "runs") if home else Path.cwd() / "llm-runs"
 

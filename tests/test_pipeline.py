@@ -1,0 +1,94 @@
+"""Papermill pipelines for real: notebooks/pipeline.yaml (prepare → train → evaluate) on real
+kernels and a real DeepSpeed run; a failing stage, --resume, and reproduce."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from conftest import REPO
+from jupyter_llm.cli import main as cli
+from jupyter_llm.errors import SpecError, UserError
+from jupyter_llm.pipeline import PipelineError, load, parse_params, run
+from jupyter_llm.runs import RunStore, read_json
+
+PIPELINE = REPO / "notebooks" / "pipeline.yaml"
+TINY = {"max_steps": 20, "ranks": 1}
+
+
+@pytest.mark.deepspeed
+def test_pipeline_fails_resumes_hands_off_and_reproduces(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "pipe"
+    # the evaluate stage is forced to fail (max_new_tokens must be at least 1)
+    with pytest.raises(PipelineError) as e:
+        run(PIPELINE, {**TINY, "max_new_tokens": 0}, out=out)
+    msg = str(e.value)
+    assert "stage evaluate failed in cell" in msg and "max_new_tokens" in msg and "03_evaluate.ipynb" in msg
+    m = read_json(out / "manifest.json")
+    assert m is not None and m["state"] == "failed"
+    assert [m["stages"][s]["state"] for s in ("prepare", "train", "evaluate")] == [
+        "completed",
+        "completed",
+        "failed",
+    ]
+    failed_nb = json.loads((out / "03_evaluate.ipynb").read_text())
+    assert any(o.get("output_type") == "error" for c in failed_nb["cells"] for o in c.get("outputs", []))
+    done_before = {s: m["stages"][s]["ended_at"] for s in ("prepare", "train")}
+    # --resume with a fixed parameter continues from the failed stage only
+    assert cli(["pipeline", "run", str(PIPELINE), "--resume", str(out), "-p", "max_new_tokens=8"]) == 0
+    m = read_json(out / "manifest.json")
+    assert m is not None and m["state"] == "completed" and m["parameters"]["max_new_tokens"] == 8
+    assert {s: m["stages"][s]["ended_at"] for s in ("prepare", "train")} == done_before  # not rerun
+    outs = {s: m["stages"][s]["outputs"] for s in ("prepare", "train", "evaluate")}
+    # hand-offs: train started from the prepare run's spec (a cache hit); evaluate evaluated the
+    # model the train stage produced
+    store = RunStore(m["runs_root"])
+    prep, train = store.get(outs["prepare"]["prepare_run"]), store.get(outs["train"]["train_run"])
+    assert train.spec.data == prep.spec.data and train.spec.tokenizer == prep.spec.tokenizer
+    assert next(e for e in train.events() if e["event"] == "data_ready")["cached"] is True
+    assert outs["evaluate"]["evaluated_run"] == train.id
+    result = json.loads(Path(outs["evaluate"]["eval_json"]).read_text())
+    assert result["checkpoint"] == "final" and result["perplexity"]["ppl"] == outs["evaluate"]["perplexity"]
+    assert str(train.final_model) == outs["train"]["final_model"]
+    # the manifest records what reproduces it
+    assert m["versions"]["torch"] and m["inputs"][str(PIPELINE)] and set(m["inputs"]) >= {"02_train.ipynb"}
+    assert (out / "summary.json").is_file() and all((out / f"0{i}_{s}.ipynb").is_file()
+                                                    for i, s in enumerate(("prepare", "train", "evaluate"), 1))  # fmt: skip
+    # reproduce the CPU training run from its record: the same loss curve, exactly
+    capsys.readouterr()
+    assert cli(["--root", m["runs_root"], "reproduce", train.id]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["equal"] is True and res["max_abs_diff"] == 0.0 and res["new"] != train.id
+
+
+def test_bad_pipelines_are_named(tmp_path: Path) -> None:
+    def bad(doc: dict[str, Any]) -> str:
+        f = tmp_path / "p.yaml"
+        f.write_text(yaml.safe_dump(doc))
+        with pytest.raises(SpecError) as e:
+            load(f)
+        return str(e.value)
+
+    (tmp_path / "a.ipynb").write_text("{}")
+    assert "not found" in bad({"stages": [{"name": "a", "notebook": "missing.ipynb"}]})
+    assert "EARLIER_STAGE.output" in bad(
+        {"stages": [{"name": "a", "notebook": "a.ipynb", "inputs": {"x": "b.y"}}]}
+    )
+    assert "two stages" in bad(
+        {"stages": [{"name": "a", "notebook": "a.ipynb"}, {"name": "a", "notebook": "a.ipynb"}]}
+    )
+    assert "at least one stage" in bad({"stages": []})
+    assert "unknown key" in bad({"stages": [{"name": "a", "notebook": "a.ipynb", "params": {}}]})
+    with pytest.raises(UserError, match="key=value"):
+        parse_params(["max_steps"])
+    assert parse_params(["a=1", "b=[x, y]", "c="]) == {"a": 1, "b": ["x", "y"], "c": ""}
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("")
+    with pytest.raises(UserError, match="not empty"):
+        run(PIPELINE, out=tmp_path / "busy")
