@@ -19,46 +19,30 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .detach import DetachedJob
 from .errors import RunStateError, SpecError, UserError
-from .runs import Run, RunStore, process_alive, read_json, read_jsonl, write_json_atomic
+from .runs import Run, RunStore, read_json, read_jsonl, write_json_atomic
 from .spec import EvalSpec, Spec, eval_problems
 
-TERMINAL = ("completed", "failed", "stopped")
 METRICS = ["ppl", "loss", "masked_accuracy", "bleu", "rouge1", "rouge2", "rougeL"]  # the comparison's columns
 
 
-class Evaluation:
+class Evaluation(DetachedJob):
     """Handle of one evaluation folder."""
 
+    what = "evaluation process"
+
     def __init__(self, path: str | os.PathLike[str]):
-        self.path = Path(path)
-        self.id = self.path.name
+        super().__init__(path)
         self.run = Run(self.path.parent.parent)
 
     def __repr__(self) -> str:
         return f"Evaluation({self.run.id}/{self.id}: {self.state})"
-
-    def status(self) -> dict[str, Any]:
-        st = read_json(self.path / "status.json") or {"state": "created"}
-        live = st["state"] in TERMINAL or st["state"] == "created"
-        if not live and not process_alive(st.get("pid"), st.get("pid_create_time")):
-            st = {**st, "state": "failed", "lost": True,
-                  "error": st.get("error") or f"the evaluation process (pid {st.get('pid')}) is gone"}  # fmt: skip
-        return st
-
-    @property
-    def state(self) -> str:
-        return str(self.status()["state"])
-
-    @property
-    def done(self) -> bool:
-        return self.state in TERMINAL
 
     @property
     def request(self) -> EvalSpec:
@@ -72,20 +56,12 @@ class Evaluation:
     def samples(self) -> list[dict[str, Any]]:
         return read_jsonl(self.path / "samples.jsonl")[0]
 
-    def wait(self, timeout: float | None = None, poll: float = 0.5) -> str:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while (state := self.state) not in TERMINAL:
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"evaluation {self.id} still {state} after {timeout} s")
-            time.sleep(poll)
-        return state
-
     def stop(self) -> str:
         """SIGTERM to the recorded evaluation process (verified by its start time)."""
         st = self.status()
-        if st["state"] in TERMINAL:
+        if st["state"] in self.TERMINAL:
             return str(st["state"])
-        if process_alive(st.get("pid"), st.get("pid_create_time")):
+        if self.alive(st):
             os.kill(int(st["pid"]), signal.SIGTERM)
         return "stopping"
 

@@ -18,7 +18,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import types
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -28,11 +27,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .detach import DetachedJob
 from .errors import Problem, RunStateError, SpecError, UserError
-from .runs import Run, RunStore, default_root, now_iso, process_alive, read_json, write_json_atomic
+from .runs import Run, RunStore, default_root, now_iso, read_json, write_json_atomic
 from .spec import Spec, apply_overrides
-
-TERMINAL = ("completed", "failed", "stopped")
 
 
 class _Strict(BaseModel):
@@ -222,12 +220,11 @@ def sweep(source: Any, *, root: str | os.PathLike[str] | None = None, wait: bool
     return s
 
 
-class Sweep:
+class Sweep(DetachedJob):
     """Handle of a sweep folder; readers only (the controller writes)."""
 
-    def __init__(self, path: str | os.PathLike[str]):
-        self.path = Path(path)
-        self.id = self.path.name
+    what = "sweep controller"
+    hint = "; resume() it"
 
     def __repr__(self) -> str:
         return f"Sweep({self.id}: {self.state})"
@@ -239,26 +236,6 @@ class Sweep:
     @property
     def store(self) -> RunStore:
         return RunStore(self.status_raw().get("runs_root") or self.path.parent.parent)
-
-    def status_raw(self) -> dict[str, Any]:
-        return read_json(self.path / "status.json") or {"state": "created"}
-
-    def status(self) -> dict[str, Any]:
-        st = self.status_raw()
-        if st["state"] not in (*TERMINAL, "created") and not process_alive(
-            st.get("pid"), st.get("pid_create_time")
-        ):
-            st = {**st, "state": "failed", "lost": True,
-                  "error": st.get("error") or f"the sweep controller (pid {st.get('pid')}) is gone; resume() it"}  # fmt: skip
-        return st
-
-    @property
-    def state(self) -> str:
-        return str(self.status()["state"])
-
-    @property
-    def done(self) -> bool:
-        return self.state in TERMINAL
 
     def trials(self) -> list[dict[str, Any]]:
         """Every trial: number, state, params, value, run_id, error (the controller's snapshot)."""
@@ -291,20 +268,12 @@ class Sweep:
 
         return launch(self.best_spec(overrides), root=self.store.root)
 
-    def wait(self, timeout: float | None = None, poll: float = 0.5) -> str:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while (state := self.state) not in TERMINAL:
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"sweep {self.id} still {state} after {timeout} s")
-            time.sleep(poll)
-        return state
-
     def stop(self) -> str:
         """Ask the controller to stop: running trials are stopped and recorded failed."""
         st = self.status()
-        if st["state"] in TERMINAL:
+        if st["state"] in self.TERMINAL:
             return str(st["state"])
-        if st["state"] == "created" or not process_alive(st.get("pid"), st.get("pid_create_time")):
+        if st["state"] == "created" or not self.alive(st):
             raise RunStateError(f"sweep {self.id} has no live controller")
         os.kill(int(st["pid"]), signal.SIGTERM)
         return "stopping"
@@ -314,7 +283,7 @@ class Sweep:
         st = self.status()
         if st["state"] == "completed":
             raise RunStateError(f"sweep {self.id} already completed")
-        if st["state"] not in TERMINAL and st["state"] != "created":
+        if st["state"] not in self.TERMINAL and st["state"] != "created":
             raise RunStateError(f"sweep {self.id} is {st['state']}; its controller is alive")
         self._start()
         return self
