@@ -92,3 +92,26 @@ def test_bad_pipelines_are_named(tmp_path: Path) -> None:
     (tmp_path / "busy" / "x").write_text("")
     with pytest.raises(UserError, match="not empty"):
         run(PIPELINE, out=tmp_path / "busy")
+
+
+@pytest.mark.deepspeed
+def test_quickstart_runs_under_papermill_with_tiny_parameters(tmp_path: Path) -> None:
+    import papermill as pm
+
+    out = tmp_path / "quickstart.ipynb"
+    pm.execute_notebook(str(REPO / "notebooks" / "quickstart.ipynb"), str(out), parameters={"max_steps": 20, "ranks": 1},
+                        cwd=str(REPO / "notebooks"), kernel_name="python3", progress_bar=False)  # fmt: skip
+    run = RunStore().get("quickstart")
+    assert (
+        run.state == "completed"
+        and run.spec.train.max_steps == 20
+        and run.spec.distributed.procs_per_node == 1
+    )
+    assert max(m["step"] for m in run.metrics()) == 20
+
+
+def test_pipeline_magic_names_a_missing_file(ip: Any) -> None:
+    from IPython.core.error import UsageError
+
+    with pytest.raises(UsageError, match="pipeline file not found"):
+        ip.run_line_magic("llm_pipeline", "missing.yaml")
