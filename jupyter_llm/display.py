@@ -37,7 +37,7 @@ def progress(run: Run) -> dict[str, Any]:
     eta = None
     if total and len(train) >= 2 and not State(st["state"]).terminal:
         a, b = train[max(0, len(train) - 5)], train[-1]
-        if b["step"] > a["step"]:
+        if b["step"] > a["step"] and "time" in a and "time" in b:
             eta = (b["time"] - a["time"]) / (b["step"] - a["step"]) * (total - step)
     return {
         "state": st["state"],

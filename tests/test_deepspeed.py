@@ -142,8 +142,14 @@ def test_bert_mlm_finetune(tmp_path: Path, corpus: Path) -> None:
     assert ev.state == "completed", ev.summary() + "\n".join(ev.log_tail(30))
     res = ev.result
     assert res is not None and res["task"] == "masked-lm" and res["masked"]["tokens"] > 100
-    assert 0.1 < res["masked"]["accuracy"] <= 1
     assert res["perplexity"]["ppl"] == pytest.approx(math.exp(res["masked"]["loss"]))
+    # the MLM head is new (the PyPI MiniLM is a sentence encoder): after 40 steps its accuracy is
+    # low, but the evaluation agrees with the run's own last validation (other masking draws)
+    val_acc = [m["val_acc"] for m in run.metrics() if "val_acc" in m][-1]
+    assert 0 < res["masked"]["accuracy"] <= 1 and abs(res["masked"]["accuracy"] - val_acc) < 0.1, (
+        res,
+        val_acc,
+    )
     assert abs(res["masked"]["loss"] - val[-1]) < 0.3 * val[-1], (res["masked"], val)
 
 
