@@ -53,6 +53,11 @@ __all__ = ["Run", "RunStore", "Spec", "__version__", "compare", "evaluate", "get
            "load_ipython_extension", "prepare", "runs", "sweep"]  # fmt: skip
 
 
+def _jupyter_server_extension_points() -> list[dict[str, str]]:
+    """jupyter_server finds the REST API extension (jupyter_llm.server) through this."""
+    return [{"module": "jupyter_llm.server"}]
+
+
 def load_ipython_extension(ipython: Any) -> None:
     """`%load_ext jupyter_llm`: registers the magics; imports no torch."""
     from .magics import load_ipython_extension as _load
