@@ -1,0 +1,67 @@
+"""The "LLM runs" sidebar in real JupyterLab (headless Chromium): a run started from the CLI
+appears, its progress and sparkline advance, its panel shows the curve, and Stop stops it."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+from browser import BROWSER_MARKS, JupyterLab
+
+from conftest import tiny_spec
+from jupyter_llm.runs import RunStore
+
+pytestmark = [*BROWSER_MARKS, pytest.mark.deepspeed]
+
+
+def spark_points(page: object, selector: str) -> int:
+    loc = page.locator(selector)  # type: ignore[attr-defined]
+    if loc.count() == 0:
+        return 0
+    return len(re.findall(r"[\d.]+,[\d.]+", loc.first.get_attribute("points") or ""))
+
+
+def test_sidebar_follows_and_stops_a_cli_run(tmp_path: Path, corpus: Path) -> None:
+    root = tmp_path / "runs"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(tiny_spec(corpus, name="sidebar",
+                                             train={"max_steps": 2000, "log_every": 5, "eval_every": 0, "save_every": 0})))  # fmt: skip
+    nb_file = tmp_path / "empty.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(), nb_file)
+    env = {**os.environ, "JUPYTER_LLM_RUNS": str(root)}
+    out = subprocess.run([sys.executable, "-m", "jupyter_llm.cli", "train", str(spec)], env=env, check=True,
+                         capture_output=True, text=True)  # fmt: skip
+    run = RunStore(root).get(out.stdout.strip())
+    with JupyterLab(tmp_path, {"JUPYTER_LLM_RUNS": str(root)}) as lab, lab.open_notebook(nb_file) as nb:
+        page = nb.page
+        page.evaluate("window.jupyterapp.commands.execute('jupyter-llm:open-sidebar')")
+        row = f'.jp-llm-run[data-run-id="{run.id}"]'
+        nb.wait_for(row, timeout=60)
+        seen: list[int] = []
+
+        def advancing() -> bool:
+            n = spark_points(page, f"{row} svg.jp-llm-spark polyline")
+            if not seen or n != seen[-1]:
+                seen.append(n)
+            return len([s for s in seen if s > 1]) >= 3
+
+        nb.wait_until(advancing, timeout=300, what="the sidebar's sparkline to advance", interval=0.5)
+        width = page.locator(f"{row} .jp-llm-progress > div").first.evaluate("e => parseFloat(e.style.width)")
+        assert width > 0
+        page.locator(row).first.click()
+        panel = f'.jp-llm-panel[data-run-id="{run.id}"]'
+        nb.wait_for(panel, timeout=60)
+        nb.wait_until(lambda: spark_points(page, f"{panel} svg.jp-llm-curve polyline") > 2, timeout=60,
+                      what="the panel's loss curve")  # fmt: skip
+        nb.screenshot("sidebar-run-panel")
+        page.locator(f"{panel} .jp-llm-stop").first.click()
+        assert run.wait(300) == "stopped"
+        nb.wait_until(lambda: page.locator(f'{row}[data-state="stopped"]').count() > 0, timeout=60,
+                      what="the sidebar to show the run stopped")  # fmt: skip
+        nb.screenshot("sidebar-stopped")
