@@ -33,6 +33,8 @@ lint: venv
 	$(VENV)/bin/ruff check jupyter_llm tests bench
 	$(VENV)/bin/ruff format --check jupyter_llm tests bench
 	$(VENV)/bin/mypy
+	# the JupyterLab extension: eslint and prettier (TypeScript strict mode is checked by its build)
+	cd labextension && PATH=$(abspath $(VENV))/bin:$$PATH jlpm lint
 
 format: venv
 	$(VENV)/bin/ruff check --fix jupyter_llm tests bench
@@ -56,4 +58,4 @@ bench: venv
 	$(PY) bench/overhead.py
 
 clean:
-	rm -rf $(VENV) llm-runs demo-output .mypy_cache .ruff_cache
+	rm -rf $(VENV) llm-runs demo-output .mypy_cache .ruff_cache labextension/node_modules labextension/lib jupyter_llm/labextension
