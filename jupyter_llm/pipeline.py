@@ -155,7 +155,8 @@ def run(
     manifest["runs_root"] = manifest.get("runs_root") or str(default_root().resolve())
     write_json_atomic(folder / "manifest.json", manifest)
     # the stages' kernels start in the notebooks' folder: they get the runs root explicitly
-    with _environ("JUPYTER_LLM_RUNS", manifest["runs_root"]):
+    with _environ("JUPYTER_LLM_RUNS", manifest["runs_root"]), _environ("JUPYTER_LLM_PIPELINE", str(folder)), \
+            _environ("JUPYTER_LLM_PIPELINE_STAGE", ""):  # fmt: skip
         for i, stage in enumerate(spec.stages):
             if manifest["stages"].get(stage.name, {}).get("state") == "completed":
                 continue
@@ -178,6 +179,7 @@ def run(
             if log:
                 log(f"stage {stage.name}: {stage.notebook} -> {executed}")
             try:
+                os.environ["JUPYTER_LLM_PIPELINE_STAGE"] = stage.name  # the stage's runs link back here
                 pm.execute_notebook(str(path.parent / stage.notebook), str(executed), parameters=stage_params,
                                     cwd=str(path.parent), kernel_name=spec.kernel, progress_bar=False)  # fmt: skip
             except Exception as e:

@@ -53,6 +53,9 @@ def test_pipeline_fails_resumes_hands_off_and_reproduces(
     assert train.spec.data == prep.spec.data and train.spec.tokenizer == prep.spec.tokenizer
     assert next(e for e in train.events() if e["event"] == "data_ready")["cached"] is True
     assert outs["evaluate"]["evaluated_run"] == train.id
+    # every run a stage launched links back to the pipeline and the stage (the sidebar groups by it)
+    assert read_json(train.path / "pipeline.json") == {"pipeline": str(out), "stage": "train"}
+    assert read_json(prep.path / "pipeline.json") == {"pipeline": str(out), "stage": "prepare"}
     result = json.loads(Path(outs["evaluate"]["eval_json"]).read_text())
     assert result["checkpoint"] == "final" and result["perplexity"]["ppl"] == outs["evaluate"]["perplexity"]
     assert str(train.final_model) == outs["train"]["final_model"]

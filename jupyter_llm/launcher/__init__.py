@@ -38,6 +38,11 @@ def launch(
             f"transform must be a function str -> str | None | list[str], not {type(transform).__name__}"
         )
     run = RunStore(root).create(spec, job=job)
+    if pipeline := os.environ.get("JUPYTER_LLM_PIPELINE"):  # launched by a pipeline stage's notebook
+        from ..runs import write_json_atomic
+
+        write_json_atomic(run.path / "pipeline.json",
+                          {"pipeline": pipeline, "stage": os.environ.get("JUPYTER_LLM_PIPELINE_STAGE")})  # fmt: skip
     if transform is not None:
         import cloudpickle
 

@@ -203,7 +203,7 @@ class RunsSidebar extends Widget {
       const key = r.sweep?.sweep_id
         ? `sweep ${r.sweep.sweep_id}`
         : r.pipeline?.pipeline
-          ? `pipeline ${r.pipeline.pipeline}`
+          ? `pipeline ${r.pipeline.pipeline.split('/').pop()}`
           : 'runs';
       groups.set(key, [...(groups.get(key) ?? []), r]);
     }
