@@ -13,6 +13,7 @@ import re
 import secrets
 import signal
 import sys
+import threading
 import time
 import types
 from collections.abc import Iterator
@@ -92,6 +93,32 @@ def read_jsonl(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
             except json.JSONDecodeError:
                 continue  # a torn line from a killed writer; skip it
     return out, offset + end
+
+
+_tails: dict[str, tuple[int, int, list[dict[str, Any]]]] = {}  # path -> (inode, offset, lines)
+_tails_lock = threading.Lock()
+
+
+def _appended_lines(path: Path) -> list[dict[str, Any]]:
+    """A JSONL file's lines, reading only what was appended since this process last read it
+    (the runs table, the sidebar's API and `%llm_runs` poll every run's metrics every few
+    seconds); a replaced or truncated file is read again from the start."""
+    key = str(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        with _tails_lock:
+            _tails.pop(key, None)
+        return []
+    with _tails_lock:
+        inode, offset, lines = _tails.get(key, (st.st_ino, 0, []))
+        if inode != st.st_ino or st.st_size < offset:
+            offset, lines = 0, []
+        if st.st_size > offset:
+            new, offset = read_jsonl(path, offset)
+            lines = lines + new
+        _tails[key] = (st.st_ino, offset, lines)
+        return list(lines)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -271,7 +298,7 @@ class Run:
     def metrics(self, dedupe: bool = True) -> list[dict[str, Any]]:
         """Lines of metrics.jsonl. With `dedupe`, a step logged again after a resume keeps
         only its newest line (train and eval lines separately)."""
-        lines, _ = read_jsonl(self.path / "metrics.jsonl")
+        lines = _appended_lines(self.path / "metrics.jsonl")
         if not dedupe:
             return lines
         keep: dict[tuple[int, bool], dict[str, Any]] = {}

@@ -137,3 +137,26 @@ def test_actions_check_state(spec: Spec) -> None:
         run.resume()
     assert run.stop() == "completed"
     assert Run(run.path).final_model is None
+
+
+def test_metrics_read_only_what_was_appended(spec: Spec, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Polling readers re-read nothing old; a torn line waits; a rewritten file is read again."""
+    import jupyter_llm.runs as runs
+
+    run = RunStore().create(spec)
+    f = run.path / "metrics.jsonl"
+    append_jsonl(f, {"step": 1, "loss": 3.0})
+    assert [m["step"] for m in run.metrics()] == [1]
+    reads: list[int] = []
+    real = runs.read_jsonl
+    monkeypatch.setattr(runs, "read_jsonl", lambda p, offset=0: reads.append(offset) or real(p, offset))
+    with open(f, "ab") as fh:
+        fh.write(b'{"step": 2, "loss": 2.0}\n{"step": 3, "lo')  # a writer mid-append
+    assert [m["step"] for m in run.metrics()] == [1, 2]
+    with open(f, "ab") as fh:
+        fh.write(b'ss": 1.0}\n')
+    assert [m["step"] for m in run.metrics(dedupe=False)] == [1, 2, 3]
+    assert run.metrics() == run.metrics() and reads[0] > 0  # read from the offset, not from 0
+    assert len(reads) == 2  # nothing appended since: no read at all
+    f.write_text('{"step": 7, "loss": 0.5}\n')  # replaced (smaller): read again from the start
+    assert [m["step"] for m in run.metrics()] == [7]
