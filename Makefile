@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv demo test test-fast lint format bench clean chromium
+.PHONY: venv demo test test-fast lint format bench clean chromium sshd
 
 venv: $(VENV)/.installed
 
@@ -47,7 +47,14 @@ chromium:
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-liberation >/dev/null; } \
 	  || echo "chromium missing (not root): the browser tests will be skipped"; }
 
-test: venv lint chromium
+# the remote/multi-node tests start a real sshd on 127.0.0.2 and 127.0.0.3 (loopback only) and
+# copy run folders with rsync; installed once with apt when missing and we are root
+sshd:
+	@{ command -v rsync && test -x /usr/sbin/sshd && command -v ssh; } >/dev/null || { [ "$$(id -u)" = 0 ] && \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client rsync >/dev/null; } \
+	  || echo "sshd/rsync missing (not root): the remote tests will be skipped"; }
+
+test: venv lint chromium sshd
 	# notebooks write their runs to a temporary runs root, not into the repo
 	JUPYTER_LLM_HOME=$$(mktemp -d) $(VENV)/bin/pytest -p no:cacheprovider -ra tests notebooks --nbval-lax
 

@@ -61,7 +61,13 @@ class DryRun:
         return "\n".join(lines)
 
 
-def dry_run(spec: Spec, estimate_memory: bool = True) -> DryRun:
+def dry_run(spec: Spec, estimate_memory: bool = True, probe: bool = True) -> DryRun:
+    """`probe=False` skips asking a cluster's nodes over ssh (the form's live side panel)."""
+    from .cluster import resolve
+
+    cluster = resolve(spec.distributed.nodes)
+    if cluster is not None:
+        return _dry_run_cluster(spec, cluster, estimate_memory, probe)
     gpus = gpu_count()
     pp = spec.distributed.procs_per_node
     ranks = pp if isinstance(pp, int) else (gpus or 1)
@@ -93,6 +99,33 @@ def dry_run(spec: Spec, estimate_memory: bool = True) -> DryRun:
     memory, err = memory_estimate(spec, ranks) if estimate_memory else (None, None)
     shown_env: dict[str, str] = {k: env[k] for k in ("OMP_NUM_THREADS", "GLOO_SOCKET_IFNAME") if k in env}
     return DryRun(spec, deepspeed_config(spec), argv, ranks, checks, memory, err, shown_env)
+
+
+def _dry_run_cluster(spec: Spec, cluster: Any, estimate_memory: bool, probe: bool) -> DryRun:
+    """The pre-flight on every node (ssh, host keys, versions, ranks, port, disk) and the
+    command node 0 would run."""
+    from .launcher import remote
+
+    pp = spec.distributed.procs_per_node
+    nodes = remote.plan_nodes(cluster, "<run id>", Path("<run folder>"), pp if isinstance(pp, int) else 0)
+    if cluster.launcher == "slurm" or not probe:
+        checks = [Check("slurm", True, "the nodes are allocated by Slurm: no pre-flight before submission")
+                  if cluster.launcher == "slurm" else Check("pre-flight", True, "not run yet (Dry run runs it)")]  # fmt: skip
+        argv = (["sbatch", "--parsable", "<run folder>/job-1.sbatch"] if cluster.launcher == "slurm" else
+                remote.agent_argv(cluster, remote.Node(0, nodes[0].host, nodes[0].run_dir, nodes[0].slots or 1),
+                                  attempt=1, master_addr=remote.master_addr(cluster), master_port=29500, cpu=True,
+                                  data="data", pretrained=None))  # fmt: skip
+        ranks = sum(n.slots or 1 for n in nodes)
+    else:
+        pf = remote.preflight(cluster, nodes, spec.distributed.master_port)
+        checks = [Check(name, ok, detail) for name, ok, detail in pf.checks]
+        nodes = pf.nodes
+        ranks = sum(n.slots or 1 for n in nodes)
+        node0 = remote.Node(0, nodes[0].host, nodes[0].run_dir, nodes[0].slots or 1)
+        argv = remote.agent_argv(cluster, node0, attempt=1, master_addr=remote.master_addr(cluster),
+                                 master_port=pf.master_port or 29500, cpu=pf.cpu, data="data", pretrained=None)  # fmt: skip
+    memory, err = memory_estimate(spec, ranks) if estimate_memory else (None, None)
+    return DryRun(spec, deepspeed_config(spec), argv, ranks, checks, memory, err, dict(cluster.env))
 
 
 def memory_estimate(spec: Spec, ranks: int) -> tuple[dict[str, Any] | None, str | None]:

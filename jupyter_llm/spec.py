@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import glob
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -70,6 +71,8 @@ class ModelSpec(_Section):
     def _pretrained_exists(cls, v: str | None, info: ValidationInfo) -> str | None:
         if v is None:
             return v
+        if not _check_files(info):
+            return v
         path = _resolve(v, info)
         if path.is_dir():
             return str(path)
@@ -99,6 +102,8 @@ class TokenizerSpec(_Section):
     @classmethod
     def _path_exists(cls, v: str | None, info: ValidationInfo) -> str | None:
         if v is None:
+            return v
+        if not _check_files(info):
             return v
         path = _resolve(v, info)
         if not path.is_dir():
@@ -139,6 +144,8 @@ class DataSpec(_Section):
     @classmethod
     def _files_exist(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
         if v is None:
+            return v
+        if not _check_files(info):
             return v
         if not v:
             raise ValueError("needs at least one file or glob")
@@ -208,7 +215,8 @@ class OptimSpec(_Section):
 
 
 class DistributedSpec(_Section):
-    nodes: int | str | list[str] = 1  # 1 = this machine
+    # 1: this machine; a cluster's name (clusters.yaml), a list of hosts, or an inline cluster
+    nodes: int | str | list[str] | dict[str, Any] = 1
     procs_per_node: Literal["auto"] | int = "auto"  # GPUs per node; CPU ranks when no GPU
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload: Literal["none", "optimizer", "optimizer+params"] = "none"
@@ -216,9 +224,19 @@ class DistributedSpec(_Section):
 
     @field_validator("nodes")
     @classmethod
-    def _local_only(cls, v: int | str | list[str]) -> int | str | list[str]:
-        if v != 1:
-            raise ValueError("only 1 (this machine) is supported by this version")
+    def _nodes(cls, v: int | str | list[str] | dict[str, Any]) -> int | str | list[str] | dict[str, Any]:
+        from .cluster import resolve
+        from .errors import UserError
+
+        if isinstance(v, int) and v != 1:
+            raise ValueError("1 (this machine), a cluster name, a list of hosts or a cluster mapping")
+        if isinstance(v, str) and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+            raise ValueError(f"{v!r} is not a cluster name (letters, digits, '.', '_', '-')")
+        if isinstance(v, (list, dict)):
+            try:
+                resolve(v)  # the shape only; what the nodes have is the pre-flight's business
+            except UserError as e:
+                raise ValueError(str(e).removeprefix("distributed.nodes: ")) from None
         return v
 
     @field_validator("procs_per_node")
@@ -256,6 +274,8 @@ class EvalSpec(_Section):
     def _texts_exist(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
         if v is None:
             return v
+        if not _check_files(info):
+            return v
         if not v:
             raise ValueError("needs at least one file or glob (or leave it out: the validation split)")
         out: list[str] = []
@@ -278,6 +298,8 @@ class EvalSpec(_Section):
     @classmethod
     def _jsonl_exists(cls, v: str | None, info: ValidationInfo) -> str | None:
         if v is None:
+            return v
+        if not _check_files(info):
             return v
         path = _resolve(v, info)
         if not path.is_file():
@@ -307,11 +329,14 @@ class Spec(_Section):
         data: Mapping[str, Any],
         overrides: list[str] | Mapping[str, Any] | None = None,
         base_dir: str | os.PathLike[str] | None = None,
+        check_files: bool = True,
     ) -> Spec:
         raw = apply_overrides(dict(data), overrides or [])
         problems = _validate_cross(raw)
         try:
-            spec = cls.model_validate(raw, context={"base_dir": Path(base_dir or os.getcwd())})
+            spec = cls.model_validate(
+                raw, context={"base_dir": Path(base_dir or os.getcwd()), "check_files": check_files}
+            )
         except ValidationError as e:
             raise SpecError(_problems(e) + problems) from None
         problems += spec._semantic_problems()
@@ -325,6 +350,7 @@ class Spec(_Section):
         text: str,
         overrides: list[str] | Mapping[str, Any] | None = None,
         base_dir: str | os.PathLike[str] | None = None,
+        check_files: bool = True,
     ) -> Spec:
         try:
             data = yaml.safe_load(text)
@@ -337,7 +363,7 @@ class Spec(_Section):
             data = {}
         if not isinstance(data, Mapping):
             raise SpecError([Problem("<yaml>", data, "the spec must be a mapping (key: value lines)")])
-        return cls.from_dict(data, overrides, base_dir)
+        return cls.from_dict(data, overrides, base_dir, check_files)
 
     @classmethod
     def from_file(
@@ -489,6 +515,11 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
         model = next((a for a in getattr(ann, "__args__", (ann,))
                       if isinstance(a, type) and issubclass(a, BaseModel)), None)  # fmt: skip
     return list(model.model_fields) if model else []
+
+
+def _check_files(info: ValidationInfo) -> bool:
+    """False where a spec is read back by a job (a remote node has none of the data files)."""
+    return bool((info.context or {}).get("check_files", True))
 
 
 def _resolve(path: str, info: ValidationInfo) -> Path:

@@ -37,7 +37,14 @@ def launch(
         raise UserError(
             f"transform must be a function str -> str | None | list[str], not {type(transform).__name__}"
         )
+    from ..cluster import resolve
+
+    cluster = resolve(spec.distributed.nodes) if job == "train" else None  # unknown names fail here
     run = RunStore(root).create(spec, job=job)
+    if cluster is not None:
+        from .multinode import write_cluster
+
+        write_cluster(run.path, cluster)  # what this run uses, also when it is resumed
     if pipeline := os.environ.get("JUPYTER_LLM_PIPELINE"):  # launched by a pipeline stage's notebook
         from ..runs import write_json_atomic
 

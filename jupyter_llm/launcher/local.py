@@ -32,7 +32,24 @@ def build_command(
         "--module", "jupyter_llm.train",
         str(run_dir),
     ]  # fmt: skip
-    env = job_env(run_dir, attempt, base_env)
+    env = rank_env(run_dir, attempt, nprocs, cpu=cpu, python=python, base_env=base_env, cores=cores)
+    return argv, env
+
+
+def rank_env(
+    run_dir: Path | str,
+    attempt: int,
+    nprocs: int,
+    *,
+    cpu: bool,
+    python: str = sys.executable,
+    base_env: Mapping[str, str] | None = None,
+    cores: int | None = None,
+    loopback: bool = True,
+) -> dict[str, str]:
+    """The environment of a node's launcher and ranks (this machine, or a node's agent);
+    `loopback`: every rank talks over 127.0.0.0/8 (one machine, or test nodes)."""
+    env = job_env(Path(run_dir), attempt, base_env)
     # the interpreter's bin folder first, as an activated venv would have it: DeepSpeed's JIT
     # builds then find the venv's ninja, the one its ops were prebuilt with (no rebuild)
     bindir = os.path.dirname(python)
@@ -46,8 +63,9 @@ def build_command(
     if cpu:
         # one rank per core share; more threads than cores makes every rank slower
         env.setdefault("OMP_NUM_THREADS", str(max(1, (cores or os.cpu_count() or 1) // nprocs)))
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    return argv, env
+        if loopback:
+            env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    return env
 
 
 def job_env(run_dir: Path, attempt: int, base_env: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -96,6 +96,10 @@ class Supervisor:
             _unlink_shm(self.run.status()["master_port"])
         if self.prepare_only:
             return self._supervise_prepare(attempt)
+        from .multinode import MultiNode, run_cluster
+
+        if (cluster := run_cluster(self.dir)) is not None:  # remote node(s), multi-node, Slurm
+            return MultiNode(self, cluster, attempt).supervise()
         cuda, ngpu = _gpus()
         pp = spec.distributed.procs_per_node
         nprocs = pp if isinstance(pp, int) else (ngpu or 1)
@@ -227,10 +231,11 @@ class Supervisor:
         # only note it: the watch loop acts on it, so no file is written from a signal handler
         self.stop_signal = self.stop_signal or signum
 
-    def _handle_stop(self) -> None:
-        """Turn a received stop signal into the stop request the ranks look for."""
+    def _handle_stop(self) -> bool:
+        """Turn a received stop signal into the stop request the ranks look for; True
+        when it did so now."""
         if self.stop_signal is None or self.stop_requested_at is not None:
-            return
+            return False
         self.stop_requested_at = time.monotonic()
         # the ranks look for this file at their next log step, save a checkpoint and exit
         write_json_atomic(
@@ -238,6 +243,7 @@ class Supervisor:
         )
         self.event("stop_requested", signal=signal.Signals(self.stop_signal).name)
         self.set_status(State.STOPPING)
+        return True
 
     def _signal_group(self, sig: int) -> None:
         if self.proc is None:
@@ -262,60 +268,14 @@ class Supervisor:
 
     def _track_ranks(self) -> None:
         """Remember the first rank whose process vanished: that one failed first."""
-        if self.first_dead is not None:
-            return
-        for f in sorted((self.dir / "ranks").glob("rank*.json")):
-            info = read_json(f)
-            if (
-                info
-                and info.get("attempt") == self.attempt
-                and not process_alive(info["pid"], info.get("create_time"))
-            ):
-                self.first_dead = {**info, "seen_at": time.time()}
-                return
+        if self.first_dead is None:
+            self.first_dead = first_dead_rank(self.dir, self.attempt)
 
     def _stopped_cleanly(self) -> bool:
         return any(e.get("event") == "stopped_at" for e in self.run.events()[-20:])
 
     def _diagnose(self, rc: int) -> str:
-        """Name the rank that failed first and why.
-
-        When one rank dies the others fail too (a broken collective, or the launcher's
-        SIGTERM); those are collateral. The cause is, in order: a rank's own exception; a
-        rank that vanished without a record (SIGKILL, OOM killer, segfault); a
-        communication error; the launcher's exit code.
-        """
-        ranks = {}
-        for f in (self.dir / "ranks").glob("rank*.json"):
-            info = read_json(f)
-            if info and info.get("attempt") == self.attempt:
-                ranks[info["rank"]] = info
-        fails = {}
-        for f in (self.dir / "failures").glob("rank*.json"):
-            info = read_json(f)
-            if info and info.get("attempt") == self.attempt:
-                fails[info["rank"]] = info
-        codes = [ln for ln in self.run.log_tail(200) if "exits with return code" in ln]
-        code = codes[-1].rsplit("=", 1)[-1].strip() if codes else None
-        how = f" (exit code {code})" if code else ""
-        if code and code.lstrip("-").isdigit() and int(code) < 0:
-            how = f" (killed by {signal.Signals(-int(code)).name})"
-
-        own = [f for f in fails.values() if not _collateral(f)]
-        if own:
-            first = min(own, key=lambda x: x["time"])
-            return f"rank {first['rank']} failed: {first['type']}: {first['message']}".strip()
-        vanished = [r for r in ranks.values() if r["rank"] not in fails]
-        if vanished:
-            if self.first_dead is not None and self.first_dead["rank"] not in fails:
-                r = self.first_dead
-            else:
-                r = min(vanished, key=lambda x: x["rank"])
-            return f"rank {r['rank']} (pid {r['pid']}) died without an error{how}; the others were stopped"
-        if fails:
-            first = min(fails.values(), key=lambda x: x["time"])
-            return f"rank {first['rank']} failed: {first['type']}: {first['message']}".strip()
-        return f"the DeepSpeed launcher exited with code {rc}{how}; see logs/launcher.log"
+        return diagnose(self.dir, self.attempt, rc, self.first_dead, self.run.log_tail(200))
 
     def _fail(self, reason: str, rc: int | None = None) -> int:
         return self._finish(State.FAILED, rc, reason)
@@ -345,6 +305,62 @@ class Supervisor:
                          {"attempt": attempt, "time": now_iso(), "command": argv, "ranks": nprocs, "master_port": port}],
         }  # fmt: skip
         write_json_atomic(self.dir / "manifest.json", manifest)
+
+
+def diagnose(
+    run_dir: Path, attempt: int, rc: int, first_dead: dict[str, Any] | None, log_lines: list[str]
+) -> str:
+    """Name the rank that failed first and why.
+
+    When one rank dies the others fail too (a broken collective, or the launcher's
+    SIGTERM); those are collateral. The cause is, in order: a rank's own exception; a
+    rank that vanished without a record (SIGKILL, OOM killer, segfault); a
+    communication error; the launcher's exit code. `log_lines`: the launcher's output.
+    """
+    ranks = {}
+    for f in (run_dir / "ranks").glob("rank*.json"):
+        info = read_json(f)
+        if info and info.get("attempt") == attempt:
+            ranks[info["rank"]] = info
+    fails = {}
+    for f in (run_dir / "failures").glob("rank*.json"):
+        info = read_json(f)
+        if info and info.get("attempt") == attempt:
+            fails[info["rank"]] = info
+    codes = [ln for ln in log_lines if "exits with return code" in ln]
+    code = codes[-1].rsplit("=", 1)[-1].strip() if codes else None
+    how = f" (exit code {code})" if code else ""
+    if code and code.lstrip("-").isdigit() and int(code) < 0:
+        how = f" (killed by {signal.Signals(-int(code)).name})"
+
+    own = [f for f in fails.values() if not _collateral(f)]
+    if own:
+        first = min(own, key=lambda x: x["time"])
+        return f"rank {first['rank']} failed: {first['type']}: {first['message']}".strip()
+    vanished = [r for r in ranks.values() if r["rank"] not in fails]
+    if vanished:
+        if first_dead is not None and first_dead["rank"] not in fails:
+            r = first_dead
+        else:
+            r = min(vanished, key=lambda x: x["rank"])
+        return f"rank {r['rank']} (pid {r['pid']}) died without an error{how}; the others were stopped"
+    if fails:
+        first = min(fails.values(), key=lambda x: x["time"])
+        return f"rank {first['rank']} failed: {first['type']}: {first['message']}".strip()
+    return f"the DeepSpeed launcher exited with code {rc}{how}; see logs/"
+
+
+def first_dead_rank(run_dir: Path, attempt: int) -> dict[str, Any] | None:
+    """The first rank of this attempt (on this machine) whose process is gone, if any."""
+    for f in sorted((run_dir / "ranks").glob("rank*.json")):
+        info = read_json(f)
+        if (
+            info
+            and info.get("attempt") == attempt
+            and not process_alive(info["pid"], info.get("create_time"))
+        ):
+            return {**info, "seen_at": time.time()}
+    return None
 
 
 def _collateral(failure: dict[str, Any]) -> bool:

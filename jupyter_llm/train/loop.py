@@ -48,7 +48,8 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
     from .data import Blocks, data_stage
     from .model import build_model, flops_per_token, param_groups, peak_flops
 
-    spec = Spec.from_yaml((run_dir / "spec.yaml").read_text())
+    # validated at launch; on a remote node the data files are not there (prepared data is)
+    spec = Spec.from_yaml((run_dir / "spec.yaml").read_text(), check_files=False)
     ds_config = json.loads((run_dir / "ds_config.json").read_text())
     t, d, masked = spec.train, spec.data, spec.model.task == "masked-lm"
     master = rank == 0
@@ -62,11 +63,11 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
 
     # -- tokenizer and data: rank 0 prepares once, the others wait and reuse ---------------
     tok_dir = run_dir / "tokenizer"
-    if master:
+    if master and not os.environ.get("JUPYTER_LLM_DATA_READY"):  # set where the supervisor prepared it
         data_stage(run_dir, spec)  # a cache hit when a prepare job (or an earlier run) did it
     dist.barrier()
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    data_dir = Path(json.loads((run_dir / "data.json").read_text())["path"])
+    data_dir = run_dir / json.loads((run_dir / "data.json").read_text())["path"]  # absolute, or in the run
     index = json.loads((data_dir / "index.json").read_text())
     body = d.block_size - 2 if masked else d.block_size  # masked blocks get [CLS] ... [SEP]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0

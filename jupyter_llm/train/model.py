@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ..spec import Spec
@@ -27,7 +28,9 @@ def build_model(spec: Spec, tok: Any) -> Any:
 
     auto = tf.AutoModelForCausalLM if spec.model.task == "causal-lm" else tf.AutoModelForMaskedLM
     if spec.model.pretrained:
-        model = _with_sdpa(lambda **kw: auto.from_pretrained(spec.model.pretrained, **kw))
+        # a remote node without a shared filesystem gets the folder synced into its run folder
+        path = os.environ.get("JUPYTER_LLM_PRETRAINED") or spec.model.pretrained
+        model = _with_sdpa(lambda **kw: auto.from_pretrained(path, **kw))
         if len(tok) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tok))
     else:

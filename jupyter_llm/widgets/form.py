@@ -341,7 +341,7 @@ class SpecForm(w.VBox):
     def _side_panel(self, spec: Spec) -> None:
         from ..preflight import dry_run
 
-        d = dry_run(spec, estimate_memory=False)
+        d = dry_run(spec, estimate_memory=False, probe=False)  # no ssh round trips per keystroke
         self.ds_config.value = f"<pre>{html.escape(json.dumps(d.ds_config, indent=2), quote=False)}</pre>"
         self.command.value = (f"<pre style='white-space:pre-wrap'>{html.escape(' '.join(d.command))}</pre>"
                               f"<div>{d.ranks} rank(s)</div>")  # fmt: skip

@@ -1,0 +1,293 @@
+"""The supervisor's side of a run on a cluster: ssh (one agent per node), pdsh, Slurm.
+
+Pre-flight, data preparation here, the push of the run folder (no shared filesystem),
+the launch, the watch (fail fast: when one node fails, every other node's job is killed),
+the pull of metrics/events/checkpoints while it runs and of the final model at the end.
+The supervisor (`supervisor.Supervisor`) keeps owning every status transition.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..cluster import Cluster
+from ..runs import CKPT_MARKER, State, now_iso, read_json, write_json_atomic
+from . import remote, slurm
+from .local import job_env
+
+if TYPE_CHECKING:
+    from .supervisor import Supervisor
+
+CLUSTER_FILE = "cluster.json"
+KILL_WAIT_S = 10.0  # after fail-fast KILL, before the ssh connections are cut
+
+
+def run_cluster(run_dir: Path) -> Cluster | None:
+    raw = read_json(run_dir / CLUSTER_FILE)
+    return Cluster.model_validate(raw) if raw else None
+
+
+class MultiNode:
+    def __init__(self, sup: Supervisor, cluster: Cluster, attempt: int):
+        self.sup, self.cluster, self.attempt = sup, cluster, attempt
+        self.dir = sup.dir
+        self.spec = sup.run.spec
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    def log(self, text: str) -> None:
+        with open(self.dir / "logs" / "supervisor.log", "a") as f:
+            f.write(f"{now_iso()} {text}\n")
+
+    # -- the common part ------------------------------------------------------------------
+
+    def supervise(self) -> int:
+        sup, c = self.sup, self.cluster
+        pp = self.spec.distributed.procs_per_node
+        nodes = remote.plan_nodes(c, self.sup.run.id, self.dir, pp if isinstance(pp, int) else 0)
+        if c.launcher == "slurm":
+            return self._slurm(nodes)
+        sup.set_status(State.STARTING, phase="preflight")
+        inputs = [Path(f) for f in [*self.spec.data.train, *(self.spec.data.validation or [])]]
+        pre_dir = (
+            self.spec.model.pretrained
+            if self.spec.model.pretrained and os.path.isdir(self.spec.model.pretrained)
+            else None
+        )
+        sync_bytes = 0 if c.shared_fs else remote.tree_bytes(*inputs, Path(pre_dir) if pre_dir else None)
+        pf = remote.preflight(c, nodes, self.spec.distributed.master_port, sync_bytes,
+                              expect=str(self.dir) if c.shared_fs else None)  # fmt: skip
+        sup.event(
+            "preflight", ok=pf.ok, checks=[{"name": n, "ok": ok, "detail": d} for n, ok, d in pf.checks]
+        )
+        if not pf.ok:
+            return sup._fail("pre-flight failed: " + "; ".join(pf.problems))
+        nodes = [remote.Node(n.index, n.host, n.run_dir, n.slots or 1) for n in pf.nodes]
+        assert pf.master_port is not None
+        port = pf.master_port
+        if sup.stop_signal is not None:
+            return sup._finish(State.STOPPED, 0, None)
+        sup.set_status(State.STARTING, phase="data")
+        if err := self._prepare_data():
+            return sup._fail(err)
+        (self.dir / "hostfile").write_text(remote.hostfile(nodes))
+        if c.launcher == "pdsh":
+            return self._pdsh(nodes, port, cpu=pf.cpu)
+        syncer = None
+        if not c.shared_fs:
+            sup.set_status(State.STARTING, phase="sync")
+            data_dir = Path((read_json(self.dir / "data.json") or {})["path"])
+            problems = remote.push(c, nodes, self.dir, data_dir, pre_dir, self.log)
+            if problems:
+                return sup._fail("; ".join(problems))
+            syncer = remote.Syncer(c, nodes, self.dir, CKPT_MARKER)
+            syncer.start()
+        return self._ssh(nodes, port, pf.cpu, syncer, pre_dir)
+
+    def _prepare_data(self) -> str | None:
+        """Tokenizer and packed data are made here, once, then travel to the nodes."""
+        argv = [sys.executable, "-u", "-m", "jupyter_llm.train.prepare", str(self.dir)]
+        env = job_env(self.dir, self.attempt)
+        with open(self.dir / "logs" / "prepare.log", "ab") as log:
+            rc = subprocess.run(argv, env=env, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT).returncode  # fmt: skip
+        if rc == 0:
+            return None
+        failure = read_json(self.dir / "failures" / "rank0.json")
+        if failure and failure.get("attempt") == self.attempt:
+            return f"data preparation failed: {failure['type']}: {failure['message']}"
+        return f"data preparation exited with code {rc}; see logs/prepare.log"
+
+    # -- ssh: one agent per node ----------------------------------------------------------
+
+    def _ssh(self, nodes: list[remote.Node], port: int, cpu: bool, syncer: remote.Syncer | None,
+             pretrained: str | None) -> int:  # fmt: skip
+        sup, c = self.sup, self.cluster
+        addr = remote.master_addr(c)
+        env = job_env(self.dir, self.attempt)  # the tag lets a later attempt reap stale ssh clients
+        for n in nodes:
+            argv = remote.agent_argv(c, n, attempt=self.attempt, master_addr=addr, master_port=port, cpu=cpu,
+                                     data=None if c.shared_fs else "data",
+                                     pretrained="pretrained" if pretrained and not c.shared_fs else None)  # fmt: skip
+            with open(self.dir / "logs" / f"node{n.index}.log", "ab") as log:
+                log.write(f"\n== attempt {self.attempt} at {now_iso()}: {' '.join(argv)}\n".encode())
+                log.flush()
+                self.procs[n.index] = subprocess.Popen(
+                    argv, env=env, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )  # fmt: skip
+        world = sum(n.slots for n in nodes)
+        sup.event("launched", attempt=self.attempt, ranks=world, master_port=port, master_addr=addr,
+                  nodes=[{"node": n.index, "host": n.host.label, "slots": n.slots, "run_dir": n.run_dir} for n in nodes])  # fmt: skip
+        sup.set_status(State.RUNNING, phase=None, world_size=world, master_port=port, master_addr=addr,
+                       nodes=[{"node": n.index, "host": n.host.label, "slots": n.slots} for n in nodes])  # fmt: skip
+        failed: tuple[int, int] | None = None  # (node, exit code) of the first node that failed
+        failed_at = 0.0
+        sent: set[str] = set()
+        last_sync = time.monotonic()
+        grace = self.spec.train.stop_grace_s
+        from .supervisor import SIGINT_WAIT_S, SIGTERM_WAIT_S
+
+        while True:
+            time.sleep(0.25)
+            rcs = {i: p.poll() for i, p in self.procs.items()}
+            if sup._handle_stop():
+                self._send("stop")
+            if sup.stop_requested_at is not None and failed is None:
+                waited = time.monotonic() - sup.stop_requested_at
+                for name, after in (("INT", grace), ("TERM", grace + SIGINT_WAIT_S),
+                                    ("KILL", grace + SIGINT_WAIT_S + SIGTERM_WAIT_S)):  # fmt: skip
+                    if waited >= after and name not in sent:
+                        sent.add(name)
+                        sup.event("signal", signal=f"SIG{name}", after_s=round(waited, 1))
+                        self._send(f"signal {name}")
+            if failed is None:
+                bad = [(i, rc) for i, rc in rcs.items() if rc not in (None, 0)]
+                if bad:
+                    failed, failed_at = bad[0], time.monotonic()
+                    sup.event("node_failed", node=failed[0], exit_code=failed[1])
+                    self._send("signal KILL")  # fail fast: the other nodes' ranks would hang
+            elif time.monotonic() - failed_at > KILL_WAIT_S:
+                self._cut()
+            if all(rc is not None for rc in rcs.values()):
+                break
+            if syncer is not None and time.monotonic() - last_sync >= c.sync_every_s:
+                syncer.cycle()
+                last_sync = time.monotonic()
+        self._cut()
+        if syncer is not None:
+            syncer.cycle(final=True)
+        codes = {i: p.returncode for i, p in self.procs.items()}
+        sup.set_status(State(sup.run.status()["state"]), nodes=[{"node": n.index, "host": n.host.label, "slots": n.slots,
+                                                       "exit_code": codes[n.index]} for n in nodes])  # fmt: skip
+        if failed is not None:
+            return sup._fail(self._why(nodes[failed[0]], failed[1]), failed[1])
+        return self._ended(0)
+
+    def _why(self, node: remote.Node, rc: int) -> str:
+        _, result = remote.parse_node_log(self.dir / "logs" / f"node{node.index}.log")
+        if result and result.get("error"):
+            what = result["error"]
+        elif rc == 255:
+            what = f"the ssh connection failed or was lost (exit 255); see logs/node{node.index}.log"
+        else:
+            what = f"exited with code {rc}; see logs/node{node.index}.log"
+        return f"{node.label}: {what}; the job was stopped on every node"
+
+    def _ended(self, rc: int) -> int:
+        sup = self.sup
+        final = (self.dir / "final" / "config.json").is_file()
+        if rc == 0 and final:
+            code = sup._finish(State.COMPLETED, rc, None)
+            sup._auto_eval()
+            return code
+        if sup.stop_signal is not None:
+            if sup._stopped_cleanly():
+                return sup._finish(State.STOPPED, rc, None)
+            return sup._finish(State.STOPPED, rc, "stopped without a final checkpoint (grace period ran out)")
+        if rc == 0:
+            return sup._fail("the job exited 0 but no final model came back; see logs/", rc)
+        return sup._fail(f"the job failed (exit {rc}); see logs/", rc)
+
+    def _send(self, command: str) -> None:
+        for p in self.procs.values():
+            if p.poll() is None and p.stdin is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    p.stdin.write(command.encode() + b"\n")
+                    p.stdin.flush()
+
+    def _cut(self) -> None:
+        """Close every agent's stdin (it kills its job on EOF), then end the ssh clients."""
+        for p in self.procs.values():
+            with contextlib.suppress(OSError, ValueError):
+                if p.stdin is not None:
+                    p.stdin.close()
+        deadline = time.monotonic() + KILL_WAIT_S
+        for p in self.procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(max(0.1, deadline - time.monotonic()))
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+    # -- pdsh: DeepSpeed's own multi-node launcher ----------------------------------------
+
+    def _pdsh(self, nodes: list[remote.Node], port: int, cpu: bool) -> int:
+        sup, c = self.sup, self.cluster
+        (self.dir / "hostfile.pdsh").write_text(remote.pdsh_hostfile(nodes))
+        argv, extra = remote.pdsh_command(c, nodes, self.dir, port)
+        env = {**job_env(self.dir, self.attempt), **extra}
+        ranks = {"JUPYTER_LLM_JOB": env["JUPYTER_LLM_JOB"], "JUPYTER_LLM_ATTEMPT": str(self.attempt),
+                 "JUPYTER_LLM_DATA_READY": "1", "JUPYTER_LLM_RUN_DIR": str(self.dir), **c.env}  # fmt: skip
+        (self.dir / "ds_env").write_text("".join(f"{k}={v}\n" for k, v in ranks.items()))
+        pgid = sup._spawn(argv, env, self.attempt)
+        world = sum(n.slots for n in nodes)
+        sup.event(
+            "launched", attempt=self.attempt, ranks=world, master_port=port, command=argv, job_pgid=pgid
+        )
+        sup.set_status(State.RUNNING, phase=None, job_pgid=pgid, world_size=world, master_port=port)
+        rc = sup._watch()
+        sup._kill_group()
+        self._reap(nodes)  # pdsh leaves remote ranks behind when it is killed
+        return self._ended(rc)
+
+    def _reap(self, nodes: list[remote.Node]) -> None:
+        tag = f"{self.dir.name}:{self.attempt}"
+        for n in nodes:
+            argv = remote.ssh_argv(
+                self.cluster, n.host, [self.cluster.python, "-m", "jupyter_llm.launcher.node", "reap", tag]
+            )
+            remote.run_quiet(argv, timeout=30)
+
+    # -- Slurm ---------------------------------------------------------------------------
+
+    def _slurm(self, nodes: list[remote.Node]) -> int:
+        sup, c = self.sup, self.cluster
+        sup.set_status(State.STARTING, phase="data")
+        if err := self._prepare_data():
+            return sup._fail(err)
+        (self.dir / "hostfile").write_text(
+            remote.hostfile([remote.Node(n.index, n.host, n.run_dir, n.slots or 1) for n in nodes])
+        )
+        port = self.spec.distributed.master_port or slurm.port_for(self.sup.run.id)
+        script = slurm.sbatch_script(self.spec, c, self.dir, nodes, port, self.attempt)
+        path = self.dir / f"job-{self.attempt}.sbatch"
+        path.write_text(script)
+        out = subprocess.run(slurm.submit_argv(path), capture_output=True, text=True, cwd=self.dir)
+        if out.returncode != 0:
+            return sup._fail(f"sbatch refused the job: {(out.stderr or out.stdout).strip()[-500:]}")
+        job_id = slurm.parse_job_id(out.stdout)
+        sup.event("launched", attempt=self.attempt, slurm_job=job_id, master_port=port, script=str(path))
+        sup.set_status(State.RUNNING, phase=None, slurm_job=job_id, master_port=port)
+        grace = self.spec.train.stop_grace_s
+        cancelled = False
+        while (state := slurm.job_state(job_id)) in slurm.ACTIVE:
+            time.sleep(2.0)
+            sup._handle_stop()  # shared filesystem: the ranks see the stop file
+            if (
+                sup.stop_requested_at is not None
+                and not cancelled
+                and time.monotonic() - sup.stop_requested_at > grace
+            ):
+                cancelled = True
+                sup.event("signal", signal="scancel")
+                subprocess.run(slurm.cancel_argv(job_id), capture_output=True)
+        final_state, rc = slurm.final_state(job_id)
+        sup.event("slurm_finished", slurm_job=job_id, state=final_state or state, exit_code=rc)
+        if final_state == "COMPLETED" or sup.stop_signal is not None:
+            return self._ended(0 if final_state == "COMPLETED" else rc)
+        from .supervisor import diagnose
+
+        why = diagnose(self.dir, self.attempt, rc, None, [])
+        return sup._fail(f"Slurm job {job_id} ended {final_state}: {why}", rc)
+
+
+def write_cluster(run_dir: Path, cluster: Cluster) -> None:
+    write_json_atomic(run_dir / CLUSTER_FILE, cluster.to_dict())

@@ -1,0 +1,117 @@
+"""The Slurm backend: an sbatch script built from the spec, and the commands around it.
+
+One task per node (`srun --ntasks-per-node=1`), each running DeepSpeed's launcher in
+`--no_ssh --node_rank $SLURM_NODEID` mode; the master is the allocation's first host.
+Slurm needs a shared filesystem: the run folder is the same path on every node.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import zlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..cluster import Cluster
+
+if TYPE_CHECKING:
+    from ..spec import Spec
+    from .remote import Node
+
+ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING", "STAGE_OUT"}
+
+
+def port_for(run_id: str) -> int:
+    """A master port chosen from the run id (Slurm picks the nodes later, so nothing can be
+    probed now): stable for a run, spread over 20000-29999 across runs."""
+    return 20000 + zlib.crc32(run_id.encode()) % 10000
+
+
+def sbatch_script(
+    spec: Spec, cluster: Cluster, run_dir: Path, nodes: list[Node], port: int, attempt: int
+) -> str:
+    s = cluster.slurm
+    per_node = nodes[0].slots or 1
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={shlex.quote('jllm-' + run_dir.name)}",
+        f"#SBATCH --nodes={len(nodes)}",
+        "#SBATCH --ntasks-per-node=1",
+        f"#SBATCH --output={shlex.quote(str(run_dir / 'logs' / 'slurm-%j.log'))}",
+        f"#SBATCH --chdir={shlex.quote(str(run_dir))}",
+    ]
+    gpus = (
+        s.gpus_per_node
+        if s.gpus_per_node is not None
+        else (per_node if spec.distributed.procs_per_node != "auto" else None)
+    )
+    if gpus:
+        lines.append(f"#SBATCH --gpus-per-node={gpus}")
+    for key, value in (("partition", s.partition), ("account", s.account), ("time", s.time),
+                       ("cpus-per-task", s.cpus_per_task)):  # fmt: skip
+        if value is not None:
+            lines.append(f"#SBATCH --{key}={value}")
+    lines += [f"#SBATCH {opt}" for opt in s.extra]
+    lines += ["set -euo pipefail"]
+    if cluster.activate:
+        lines.append(cluster.activate)
+    env = {"PYTHONUNBUFFERED": "1", "JUPYTER_LLM_JOB": f"{run_dir.name}:{attempt}", "JUPYTER_LLM_ATTEMPT": str(attempt),
+           "JUPYTER_LLM_RUN_DIR": str(run_dir), "JUPYTER_LLM_DATA_READY": "1", **cluster.env}  # fmt: skip
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+    lines.append('export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"')
+    fixed = [
+        cluster.python,
+        "-u",
+        "-m",
+        "deepspeed.launcher.runner",
+        "--hostfile",
+        str(run_dir / "hostfile"),
+        "--no_ssh",
+    ]
+    rest = ["--master_port", str(port), "--no_local_rank", "--module", "jupyter_llm.train", str(run_dir)]
+    inner = f'exec {shlex.join(fixed)} --node_rank "$SLURM_NODEID" --master_addr "$MASTER_ADDR" {shlex.join(rest)}'
+    lines.append(f"srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c {shlex.quote(inner)}")
+    return "\n".join(lines) + "\n"
+
+
+def submit_argv(script: Path) -> list[str]:
+    return ["sbatch", "--parsable", str(script)]
+
+
+def parse_job_id(out: str) -> str:
+    """`sbatch --parsable` prints `JOBID` or `JOBID;CLUSTER`."""
+    job = out.strip().splitlines()[-1].split(";")[0].strip()
+    if not job.isdigit():
+        raise ValueError(f"sbatch printed no job id: {out!r}")
+    return job
+
+
+def state_argv(job_id: str) -> list[str]:
+    return ["squeue", "-h", "-j", job_id, "-o", "%T"]
+
+
+def cancel_argv(job_id: str) -> list[str]:
+    return ["scancel", job_id]
+
+
+def accounting_argv(job_id: str) -> list[str]:
+    return ["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State,ExitCode"]
+
+
+def job_state(job_id: str) -> str | None:
+    """The job's state while squeue lists it; None once it left the queue."""
+    out = subprocess.run(state_argv(job_id), capture_output=True, text=True)
+    state = out.stdout.strip().split("\n")[0].strip() if out.returncode == 0 else ""
+    return state or None
+
+
+def final_state(job_id: str) -> tuple[str | None, int]:
+    """(State, exit code) from accounting, e.g. ("COMPLETED", 0) or ("FAILED", 1)."""
+    out = subprocess.run(accounting_argv(job_id), capture_output=True, text=True)
+    for line in out.stdout.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) >= 2:
+            code = parts[1].split(":")[0]
+            return parts[0].split()[0], int(code) if code.isdigit() else 1
+    return None, 1

@@ -1,0 +1,308 @@
+"""Remote and multi-node launch through a real sshd on 127.0.0.2 and 127.0.0.3.
+
+The two "nodes" are loopback aliases of this machine with separate work folders, so nothing
+is shared unless a test says so: the run folder travels with rsync, metrics come back while
+the job runs, the final model at the end. Unit tests of the pure builders come first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import yaml
+from sshd import Sshd, start_sshd
+
+from conftest import tiny_spec
+from jupyter_llm import launch
+from jupyter_llm.cluster import Cluster, Host, resolve
+from jupyter_llm.errors import SpecError, UserError
+from jupyter_llm.launcher import remote, slurm
+from jupyter_llm.runs import CKPT_MARKER, Run
+from jupyter_llm.spec import Spec
+
+# every character a shell would act on, in a node's work folder and a variable for the ranks
+NASTY = "we ird; $(touch PWNED1) `touch PWNED2` 'q' \"dq\" * \\ & | > x\nline"
+
+
+# -- pure builders ---------------------------------------------------------------------
+
+
+def _cluster(**kw: Any) -> Cluster:
+    return Cluster.model_validate({"hosts": ["u@10.1.2.3:2200", "gpu-b"], **kw})
+
+
+def test_remote_command_reaches_the_node_verbatim() -> None:
+    c = _cluster(activate="source /opt/venv/bin/activate", env={"X": NASTY},
+                 ssh={"identity": "/k/id", "known_hosts": "/k/known", "options": {"Compression": "yes"}})  # fmt: skip
+    node = remote.Node(1, c.hosts[1], f"/w/{NASTY}/run", 2)
+    argv = remote.agent_argv(c, node, attempt=3, master_addr="10.1.2.3", master_port=29501, cpu=False,
+                             data="data", pretrained=None)  # fmt: skip
+    assert argv[0] == "ssh" and argv[-3:-1] == ["--", "gpu-b"]
+    for opt in ("BatchMode=yes", "StrictHostKeyChecking=yes", "UserKnownHostsFile=/k/known", "IdentitiesOnly=yes",
+                "Compression=yes"):  # fmt: skip
+        assert opt in argv
+    activation, _, line = argv[-1].partition(" && exec ")
+    assert activation == "source /opt/venv/bin/activate"
+    words = shlex.split(line)  # what the node's shell makes of it
+    assert words[words.index("run") + 1] == f"/w/{NASTY}/run"
+    assert words[words.index("--env") + 1] == f"X={NASTY}"
+    assert words[words.index("--node-rank") + 1] == "1" and "--cpu" not in words
+    u = remote.ssh_argv(c, c.hosts[0], ["true"])
+    assert u[u.index("-p") + 1] == "2200" and u[u.index("-l") + 1] == "u"
+
+
+def test_cluster_file_and_bad_clusters(tmp_path: Path) -> None:
+    f = tmp_path / "clusters.yaml"
+    f.write_text(yaml.safe_dump({"pair": {"hosts": ["127.0.0.2:2222", {"host": "127.0.0.3", "port": 2222}],
+                                          "workdir": "/scratch"}}))  # fmt: skip
+    c = resolve("pair", f)
+    assert c is not None and [h.label for h in c.hosts] == ["127.0.0.2:2222", "127.0.0.3:2222"]
+    assert resolve(1) is None and resolve(["a", "b"]).hosts[1].host == "b"  # type: ignore[union-attr]
+    with pytest.raises(UserError, match=r"no cluster named 'other'.*known: pair"):
+        resolve("other", f)
+    bad = [({"hosts": ["-oProxyCommand=x"]}, "not a host"),
+           ({"hosts": ["a"], "ssh": {"options": {"StrictHostKeyChecking": "no"}}}, "cannot be overridden"),
+           ({"hosts": ["a"], "launcher": "pdsh"}, "needs shared_fs"),
+           ({"hosts": ["a", "a"]}, "listed twice"),
+           ({"hosts": ["a"], "env": {"BAD-NAME": "1"}}, "not an environment variable")]  # fmt: skip
+    for body, message in bad:
+        with pytest.raises(UserError, match=message):
+            resolve(body)
+    with pytest.raises(SpecError, match=r"distributed\.nodes"):
+        Spec.from_dict({**tiny_spec(tmp_path / "c.txt"), "distributed": {"nodes": 3}}, check_files=False)
+    assert Spec.from_dict(
+        {**tiny_spec(tmp_path / "c.txt"), "distributed": {"nodes": "pair"}}, check_files=False
+    )
+
+
+def test_slurm_script_follows_the_spec(tmp_path: Path) -> None:
+    c = Cluster.model_validate({"hosts": ["n1", "n2", "n3"], "launcher": "slurm", "shared_fs": True,
+                                "python": "/opt/env/bin/python", "env": {"NCCL_DEBUG": "INFO", "X": NASTY},
+                                "slurm": {"partition": "gpu", "time": "01:00:00", "extra": ["--qos=high"]}})  # fmt: skip
+    spec = Spec.from_dict(
+        {**tiny_spec(tmp_path / "c.txt"), "distributed": {"procs_per_node": 4}}, check_files=False
+    )
+    run_dir = tmp_path / "runs" / "20260101-000000-000-tiny-ab12"
+    nodes = [remote.Node(i, h, str(run_dir), 4) for i, h in enumerate(c.hosts)]
+    script = slurm.sbatch_script(spec, c, run_dir, nodes, 24567, attempt=2)
+    sb = dict(
+        ln[len("#SBATCH --") :].split("=", 1) for ln in script.splitlines() if ln.startswith("#SBATCH --")
+    )
+    assert sb["nodes"] == "3" and sb["ntasks-per-node"] == "1" and sb["gpus-per-node"] == "4"
+    assert sb["partition"] == "gpu" and sb["time"] == "01:00:00" and sb["qos"] == "high"
+    assert sb["job-name"] == f"jllm-{run_dir.name}" and sb["chdir"] == str(run_dir)
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # valid shell
+    srun = next(ln for ln in script.splitlines() if ln.startswith("srun "))
+    inner = shlex.split(srun)[-1]
+    words = shlex.split(inner)
+    assert words[:4] == ["exec", "/opt/env/bin/python", "-u", "-m"] and "--no_ssh" in words
+    assert words[words.index("--node_rank") + 1] == "$SLURM_NODEID"  # expanded by bash -c on each node
+    assert words[words.index("--master_port") + 1] == "24567" and words[-1] == str(run_dir)
+    # the variables, as bash on a node sets them (everything up to MASTER_ADDR, then print two)
+    head = script.split("export MASTER_ADDR=")[0]
+    out = subprocess.run(
+        ["bash", "-c", head + 'printf "%s|%s" "$X" "$JUPYTER_LLM_JOB"'], capture_output=True, text=True
+    )
+    assert out.stdout == f"{NASTY}|{run_dir.name}:2", out
+    assert slurm.parse_job_id("4711;cluster\n") == "4711" and slurm.submit_argv(Path("/a b")) == [
+        "sbatch",
+        "--parsable",
+        "/a b",
+    ]
+    assert slurm.cancel_argv("4711") == ["scancel", "4711"]
+    assert 20000 <= slurm.port_for(run_dir.name) < 30000
+
+
+def test_pdsh_command(tmp_path: Path) -> None:
+    c = Cluster.model_validate({"hosts": ["127.0.0.2:2222", "127.0.0.3:2222"], "launcher": "pdsh", "shared_fs": True,
+                                "ssh": {"known_hosts": "/k"}})  # fmt: skip
+    nodes = remote.plan_nodes(c, "r", tmp_path, 1)
+    argv, env = remote.pdsh_command(c, nodes, tmp_path, 29000)
+    assert (
+        argv[argv.index("--launcher") + 1] == "pdsh" and argv[argv.index("--master_addr") + 1] == "127.0.0.2"
+    )
+    assert (
+        "StrictHostKeyChecking=yes" in shlex.split(env["PDSH_SSH_ARGS_APPEND"])
+        and "2222" in env["PDSH_SSH_ARGS_APPEND"]
+    )
+    assert remote.pdsh_hostfile(nodes) == "127.0.0.2 slots=1\n127.0.0.3 slots=1\n"
+    assert Host.parse("me@h:22").user == "me"
+
+
+# -- real sshd -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    s = start_sshd(tmp_path_factory.mktemp("sshd"))
+    yield s
+    s.stop()
+
+
+def _job_procs(run: Run) -> list[psutil.Process]:
+    """Processes of this run's job on the machine (both test nodes are this machine)."""
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("JUPYTER_LLM_JOB", "").startswith(run.id + ":") and p.pid != os.getpid():
+                out.append(p)
+        except (psutil.Error, OSError):
+            continue
+    return out
+
+
+def _wait(cond: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if v := cond():
+            return v
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def test_preflight_fails_closed(sshd: Sshd, corpus: Path, tmp_path: Path) -> None:
+    from jupyter_llm.preflight import dry_run
+
+    unknown = tmp_path / "known_hosts"  # only node 0's key is known
+    unknown.write_text(sshd.known_hosts.read_text().replace(f",[127.0.0.3]:{sshd.port}", ""))
+    cases = {
+        "unknown host key": ({"ssh": {"identity": str(sshd.identity), "known_hosts": str(unknown)}}, None,
+                             f"node 1 (127.0.0.3:{sshd.port}): host key unknown"),
+        "unreachable": ({"hosts": [{"host": "127.0.0.2", "port": sshd.port}, {"host": "127.0.0.4", "port": sshd.port}]},
+                        None, f"node 1 (127.0.0.4:{sshd.port}): unreachable"),
+    }  # fmt: skip
+    busy = socket.socket()
+    busy.bind(("127.0.0.2", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    cases["busy master port"] = ({}, port, f"master port {port} is in use on 127.0.0.2")
+    try:
+        for what, (extra, master_port, message) in cases.items():
+            nodes = sshd.cluster(**extra)
+            body = tiny_spec(
+                corpus, distributed={"nodes": nodes, "procs_per_node": 1, "master_port": master_port}
+            )
+            dr = dry_run(Spec.from_dict(body), estimate_memory=False)
+            assert not dr.ok and any(message in c.detail for c in dr.checks if not c.ok), (what, dr.checks)
+            run = launch(body)
+            assert run.wait(60) == "failed", what
+            err = run.status()["error"]
+            assert err.startswith("pre-flight failed") and message in err, (what, err)
+            assert not list((run.path / "logs").glob("node*.log")), f"{what}: something was launched"
+    finally:
+        busy.close()
+    ok = dry_run(Spec.from_dict(tiny_spec(corpus, distributed={"nodes": sshd.cluster(), "procs_per_node": 1})),
+                 estimate_memory=False)  # fmt: skip
+    assert ok.ok and any("same as here" in c.detail for c in ok.checks), ok.checks
+
+
+@pytest.mark.deepspeed
+def test_two_nodes_zero2_via_cluster_file(sshd: Sshd, corpus: Path, tmp_path: Path) -> None:
+    """2 nodes x 1 rank, ZeRO-2, nodes named by a cluster file, launched with the CLI; the
+    work folders and a variable for the ranks carry every shell metacharacter."""
+    home = Path(os.environ["JUPYTER_LLM_HOME"])
+    work = [str(tmp_path / f"n{i}" / NASTY) for i in range(2)]
+    (home / "clusters.yaml").write_text(yaml.safe_dump({"pair": sshd.cluster(work, env={
+        **sshd.cluster()["env"], "JLLM_NASTY": NASTY}, sync_every_s=0.5)}))  # fmt: skip
+    spec = tiny_spec(corpus, distributed={"nodes": "pair", "procs_per_node": 1, "zero_stage": 2},
+                     train={"max_steps": 60, "save_every": 30, "log_every": 5, "eval_every": 30})  # fmt: skip
+    f = tmp_path / "spec.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    out = subprocess.run([sys.executable, "-m", "jupyter_llm.cli", "train", str(f)], capture_output=True, text=True,
+                         cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    run = Run(next(p for p in (home / "runs").iterdir() if p.is_dir() and not p.name.startswith(".")))
+    # metrics arrive here while the job runs on the nodes
+    seen = _wait(
+        lambda: (run.state == "running" and [m for m in run.metrics() if "loss" in m]) or run.status()["error"],
+        300,
+        "metrics while running",
+    )
+    assert isinstance(seen, list) and run.state in ("running", "completed"), run.status()["error"]
+    assert run.wait(300) == "completed", (run.status(), run.log_tail(40))
+    st = run.status()
+    assert [n["exit_code"] for n in st["nodes"]] == [0, 0] and st["world_size"] == 2
+    assert (run.path / "final" / "config.json").is_file() and (
+        run.path / "final" / "model.safetensors"
+    ).is_file()
+    steps = [m["step"] for m in run.metrics() if "loss" in m]
+    assert steps[-1] == 60
+    remote_dirs = [Path(w) / run.id for w in work]
+    assert (remote_dirs[0] / "metrics.jsonl").read_bytes() == (run.path / "metrics.jsonl").read_bytes()
+    # the checkpoint came back whole: model states from rank 0, optimizer shards of both ranks' nodes
+    ck = run.path / "checkpoints" / "step00000030"
+    shard = "zero_pp_rank_{}_mp_rank_00_optim_states.pt"
+    names = {p.name for p in ck.iterdir()}
+    assert {CKPT_MARKER, "mp_rank_00_model_states.pt", shard.format(0), shard.format(1)} <= names, names
+    on_node1 = {p.name for p in (remote_dirs[1] / "checkpoints" / ck.name).iterdir()}
+    assert shard.format(1) in on_node1 and shard.format(0) not in on_node1  # each node had only its part
+    # every shell metacharacter arrived verbatim, and no command hidden in them ran
+    rec = json.loads((remote_dirs[1] / "nodes" / "node1.json").read_text())
+    assert (
+        rec["argv"][rec["argv"].index("run") + 1] == str(remote_dirs[1]) and rec["env"]["JLLM_NASTY"] == NASTY
+    )
+    for d in (tmp_path, tmp_path / "n0", tmp_path / "n1", *remote_dirs, Path.home(), Path("/")):
+        assert not (d / "PWNED1").exists() and not (d / "PWNED2").exists()
+    assert not _job_procs(run)
+    # the evaluation runs here, on the model that came back
+    ev = run.evaluate(max_new_tokens=4, prompts=["ROMEO:"])
+    assert ev.wait(120) == "completed" and ev.result()["perplexity"]["ppl"] > 1
+
+
+@pytest.mark.deepspeed
+def test_killed_rank_on_one_node_stops_the_job(sshd: Sshd, corpus: Path, tmp_path: Path) -> None:
+    work = [str(tmp_path / f"n{i}") for i in range(2)]
+    run = launch(tiny_spec(corpus, distributed={"nodes": sshd.cluster(work), "procs_per_node": 1},
+                           train={"max_steps": 100000, "save_every": 0, "log_every": 5}))  # fmt: skip
+    info = Path(work[1]) / run.id / "ranks" / "rank1.json"
+    _wait(lambda: info.is_file() and [m for m in run.metrics() if "loss" in m], 300, "rank 1 training")
+    pid = json.loads(info.read_text())["pid"]
+    os.kill(pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    assert run.wait(60) == "failed"
+    took = time.monotonic() - t0
+    err = run.status()["error"]
+    assert f"node 1 (127.0.0.3:{sshd.port})" in err and f"rank 1 (pid {pid})" in err, err
+    assert took < 30, took
+    _wait(lambda: not _job_procs(run), 15, "no process of the job left")
+
+
+@pytest.mark.deepspeed
+def test_stop_from_the_notebook_leaves_nothing_on_the_nodes(
+    sshd: Sshd, corpus: Path, tmp_path: Path, ip: Any
+) -> None:
+    work = [str(tmp_path / f"n{i}") for i in range(2)]
+    body = tiny_spec(corpus, distributed={"nodes": sshd.cluster(work), "procs_per_node": 1, "zero_stage": 3},
+                     train={"max_steps": 100000, "save_every": 0, "log_every": 5})  # fmt: skip
+    run = launch(body)
+    _wait(lambda: [m for m in run.metrics() if "loss" in m], 300, "training")
+    agents = [
+        json.loads((Path(w) / run.id / "nodes" / f"node{i}.json").read_text()) for i, w in enumerate(work)
+    ]
+    ip.run_line_magic("llm_stop", run.id)
+    assert run.wait(120) == "stopped", run.status()
+    ev = [e["event"] for e in run.events()]
+    assert "stopped_at" in ev, ev
+    step = next(e["step"] for e in reversed(run.events()) if e["event"] == "stopped_at")
+    assert (run.path / "checkpoints" / f"step{step:08d}" / CKPT_MARKER).is_file()  # came back whole
+    _wait(lambda: not _job_procs(run), 15, "no process of the job left")
+    for a in agents:
+        assert not psutil.pid_exists(a["agent_pid"]) and not psutil.pid_exists(a["job_pgid"])
+    # and it resumes on the nodes from that checkpoint
+    run.resume()
+    _wait(lambda: any(e["event"] == "resumed_from" for e in run.events()), 300, "resumed")
+    assert next(e["step"] for e in run.events() if e["event"] == "resumed_from") == step
+    run.stop(wait=True, timeout=120)
+    _wait(lambda: not _job_procs(run), 15, "no process of the job left")
