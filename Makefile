@@ -50,8 +50,8 @@ chromium:
 # the remote/multi-node tests start a real sshd on 127.0.0.2 and 127.0.0.3 (loopback only) and
 # copy run folders with rsync; installed once with apt when missing and we are root
 sshd:
-	@{ command -v rsync && test -x /usr/sbin/sshd && command -v ssh; } >/dev/null || { [ "$$(id -u)" = 0 ] && \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client rsync >/dev/null; } \
+	@{ command -v rsync && test -x /usr/sbin/sshd && command -v ssh && command -v pdsh; } >/dev/null || { [ "$$(id -u)" = 0 ] && \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client rsync pdsh >/dev/null; } \
 	  || echo "sshd/rsync missing (not root): the remote tests will be skipped"; }
 
 test: venv lint chromium sshd

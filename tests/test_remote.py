@@ -226,7 +226,9 @@ def test_two_nodes_zero2_via_cluster_file(sshd: Sshd, corpus: Path, tmp_path: Pa
     run = Run(next(p for p in (home / "runs").iterdir() if p.is_dir() and not p.name.startswith(".")))
     # metrics arrive here while the job runs on the nodes
     seen = _wait(
-        lambda: (run.state == "running" and [m for m in run.metrics() if "loss" in m]) or run.status()["error"],
+        lambda: (
+            (run.state == "running" and [m for m in run.metrics() if "loss" in m]) or run.status()["error"]
+        ),
         300,
         "metrics while running",
     )
@@ -258,15 +260,15 @@ def test_two_nodes_zero2_via_cluster_file(sshd: Sshd, corpus: Path, tmp_path: Pa
     assert not _job_procs(run)
     # the evaluation runs here, on the model that came back
     ev = run.evaluate(max_new_tokens=4, prompts=["ROMEO:"])
-    assert ev.wait(120) == "completed" and ev.result()["perplexity"]["ppl"] > 1
+    assert ev.wait(120) == "completed" and ev.result["perplexity"]["ppl"] > 1
 
 
 @pytest.mark.deepspeed
-def test_killed_rank_on_one_node_stops_the_job(sshd: Sshd, corpus: Path, tmp_path: Path) -> None:
-    work = [str(tmp_path / f"n{i}") for i in range(2)]
-    run = launch(tiny_spec(corpus, distributed={"nodes": sshd.cluster(work), "procs_per_node": 1},
+def test_killed_rank_on_one_node_stops_the_job(sshd: Sshd, corpus: Path) -> None:
+    """A shared filesystem this time: both agents work in the run folder itself."""
+    run = launch(tiny_spec(corpus, distributed={"nodes": sshd.cluster(shared_fs=True), "procs_per_node": 1},
                            train={"max_steps": 100000, "save_every": 0, "log_every": 5}))  # fmt: skip
-    info = Path(work[1]) / run.id / "ranks" / "rank1.json"
+    info = run.path / "ranks" / "rank1.json"
     _wait(lambda: info.is_file() and [m for m in run.metrics() if "loss" in m], 300, "rank 1 training")
     pid = json.loads(info.read_text())["pid"]
     os.kill(pid, signal.SIGKILL)
@@ -306,3 +308,20 @@ def test_stop_from_the_notebook_leaves_nothing_on_the_nodes(
     assert next(e["step"] for e in run.events() if e["event"] == "resumed_from") == step
     run.stop(wait=True, timeout=120)
     _wait(lambda: not _job_procs(run), 15, "no process of the job left")
+
+
+@pytest.mark.deepspeed
+def test_pdsh_mode_on_a_shared_filesystem(sshd: Sshd, corpus: Path, tmp_path: Path) -> None:
+    """DeepSpeed's own pdsh launcher as the option; stopping reaps what pdsh leaves on the nodes."""
+    import shutil
+
+    if not shutil.which("pdsh"):
+        if os.environ.get("JUPYTER_LLM_REQUIRE_SSHD"):
+            pytest.fail("pdsh missing; `make sshd` installs it")
+        pytest.skip("pdsh missing; `make sshd` installs it")
+    run = launch(tiny_spec(corpus, distributed={"nodes": sshd.cluster(shared_fs=True, launcher="pdsh"),
+                                                "procs_per_node": 1}, train={"max_steps": 30, "save_every": 0}))  # fmt: skip
+    assert run.wait(300) == "completed", (run.status(), run.log_tail(40))
+    assert (run.path / "final" / "config.json").is_file() and run.status()["world_size"] == 2
+    launched = next(e for e in run.events() if e["event"] == "launched")
+    assert "pdsh" in launched["command"] and not _job_procs(run)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,13 +21,15 @@ from typing import TYPE_CHECKING
 from ..cluster import Cluster
 from ..runs import CKPT_MARKER, State, now_iso, read_json, write_json_atomic
 from . import remote, slurm
-from .local import job_env
+from .local import job_env, rank_env
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
 
 CLUSTER_FILE = "cluster.json"
 KILL_WAIT_S = 10.0  # after fail-fast KILL, before the ssh connections are cut
+SSHD_PATH = ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]  # sshd's default
+PDSH_SAFE = re.compile(r"[\w@%+=:,./-]+")  # what DeepSpeed's pdsh runner leaves unquoted
 
 
 def run_cluster(run_dir: Path) -> Cluster | None:
@@ -132,6 +135,8 @@ class MultiNode:
         sent: set[str] = set()
         last_sync = time.monotonic()
         grace = self.spec.train.stop_grace_s
+        hang_s = self.spec.train.hang_timeout_s
+        sup.launched_at = time.time()
         from .supervisor import SIGINT_WAIT_S, SIGTERM_WAIT_S
 
         while True:
@@ -139,6 +144,10 @@ class MultiNode:
             rcs = {i: p.poll() for i, p in self.procs.items()}
             if sup._handle_stop():
                 self._send("stop")
+            if hang_s and sup.hung is None and sup._stalled(hang_s):  # the synced files went quiet
+                sup.hung = f"hung: no progress for {hang_s:g} s (train.hang_timeout_s); stopped"
+                sup.event("hung", timeout_s=hang_s)
+                sup.stop_requested_at = sup.stop_requested_at or time.monotonic() - grace - SIGINT_WAIT_S
             if sup.stop_requested_at is not None and failed is None:
                 waited = time.monotonic() - sup.stop_requested_at
                 for name, after in (("INT", grace), ("TERM", grace + SIGINT_WAIT_S),
@@ -147,13 +156,13 @@ class MultiNode:
                         sent.add(name)
                         sup.event("signal", signal=f"SIG{name}", after_s=round(waited, 1))
                         self._send(f"signal {name}")
-            if failed is None:
+            if failed is None and sup.stop_requested_at is None:  # a stop's own exits are no failure
                 bad = [(i, rc) for i, rc in rcs.items() if rc not in (None, 0)]
                 if bad:
                     failed, failed_at = bad[0], time.monotonic()
                     sup.event("node_failed", node=failed[0], exit_code=failed[1])
                     self._send("signal KILL")  # fail fast: the other nodes' ranks would hang
-            elif time.monotonic() - failed_at > KILL_WAIT_S:
+            elif failed is not None and time.monotonic() - failed_at > KILL_WAIT_S:
                 self._cut()
             if all(rc is not None for rc in rcs.values()):
                 break
@@ -168,7 +177,9 @@ class MultiNode:
                                                        "exit_code": codes[n.index]} for n in nodes])  # fmt: skip
         if failed is not None:
             return sup._fail(self._why(nodes[failed[0]], failed[1]), failed[1])
-        return self._ended(0)
+        if sup.hung:
+            return sup._fail(sup.hung, max(codes.values()))
+        return self._ended(max(codes.values()))
 
     def _why(self, node: remote.Node, rc: int) -> str:
         _, result = remote.parse_node_log(self.dir / "logs" / f"node{node.index}.log")
@@ -224,8 +235,27 @@ class MultiNode:
         (self.dir / "hostfile.pdsh").write_text(remote.pdsh_hostfile(nodes))
         argv, extra = remote.pdsh_command(c, nodes, self.dir, port)
         env = {**job_env(self.dir, self.attempt), **extra}
-        ranks = {"JUPYTER_LLM_JOB": env["JUPYTER_LLM_JOB"], "JUPYTER_LLM_ATTEMPT": str(self.attempt),
-                 "JUPYTER_LLM_DATA_READY": "1", "JUPYTER_LLM_RUN_DIR": str(self.dir), **c.env}  # fmt: skip
+        base = rank_env(self.dir, self.attempt, nodes[0].slots, cpu=cpu, base_env={},
+                        loopback=remote.master_addr(c).startswith("127."))  # fmt: skip
+        keep = (
+            "JUPYTER_LLM_JOB",
+            "JUPYTER_LLM_ATTEMPT",
+            "JUPYTER_LLM_RUN_DIR",
+            "OMP_NUM_THREADS",
+            "GLOO_SOCKET_IFNAME",
+        )
+        ranks = {**{k: base[k] for k in keep if k in base}, "JUPYTER_LLM_DATA_READY": "1",
+                 # the interpreter's folder first, as for local ranks: its ninja built DeepSpeed's ops
+                 "PATH": os.pathsep.join([os.path.dirname(sys.executable), *SSHD_PATH]), **c.env}  # fmt: skip
+        # DeepSpeed's pdsh runner puts these into a shell line with its own (weak) quoting
+        unsafe = [
+            f"{k}={v}"
+            for k, v in {**ranks, "run folder": str(self.dir)}.items()
+            if not PDSH_SAFE.fullmatch(v)
+        ]
+        if unsafe:
+            return sup._fail(f"launcher pdsh cannot pass {unsafe[0]!r} safely (DeepSpeed's pdsh mode quotes "
+                             "only lightly); use launcher: ssh for such values or paths")  # fmt: skip
         (self.dir / "ds_env").write_text("".join(f"{k}={v}\n" for k, v in ranks.items()))
         pgid = sup._spawn(argv, env, self.attempt)
         world = sum(n.slots for n in nodes)
