@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv demo test test-fast lint format bench clean chromium sshd
+.PHONY: venv demo test test-fast lint format bench clean chromium nodes
 
 venv: $(VENV)/.installed
 
@@ -47,14 +47,17 @@ chromium:
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-liberation >/dev/null; } \
 	  || echo "chromium missing (not root): the browser tests will be skipped"; }
 
-# the remote/multi-node tests start a real sshd on 127.0.0.2 and 127.0.0.3 (loopback only) and
-# copy run folders with rsync; installed once with apt when missing and we are root
-sshd:
-	@{ command -v rsync && test -x /usr/sbin/sshd && command -v ssh && command -v pdsh; } >/dev/null || { [ "$$(id -u)" = 0 ] && \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client rsync pdsh >/dev/null; } \
-	  || echo "sshd/rsync missing (not root): the remote tests will be skipped"; }
+# the remote/multi-node tests start a real sshd on 127.0.0.2 and 127.0.0.3 (loopback only), copy
+# run folders with rsync, use pdsh, and a one-machine Slurm cluster (munge, slurmctld, slurmd on
+# 127.0.0.1); installed once with apt when missing and we are root
+nodes:
+	@{ command -v rsync && test -x /usr/sbin/sshd && command -v ssh && command -v pdsh && \
+	   test -x /usr/sbin/slurmd && test -x /usr/sbin/munged; } >/dev/null || { [ "$$(id -u)" = 0 ] && \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server \
+	    openssh-client rsync pdsh munge slurmctld slurmd slurm-client >/dev/null; } \
+	  || echo "sshd/rsync/pdsh/slurm missing (not root): the remote tests will be skipped"; }
 
-test: venv lint chromium sshd
+test: venv lint chromium nodes
 	# notebooks write their runs to a temporary runs root, not into the repo
 	JUPYTER_LLM_HOME=$$(mktemp -d) $(VENV)/bin/pytest -p no:cacheprovider -ra tests notebooks --nbval-lax
 

@@ -83,10 +83,11 @@ class SshOptions(_Model):
 
 
 class SlurmOptions(_Model):
+    nodes: int | None = Field(None, ge=1, le=100000)  # None: as many as hosts are listed (else 1)
     partition: str | None = None
     account: str | None = None
     time: str | None = None  # e.g. "02:00:00"
-    gpus_per_node: int | None = Field(None, ge=0)  # None: the ranks per node
+    gpus_per_node: int | None = Field(None, ge=0)  # --gpus-per-node (None: none asked for)
     cpus_per_task: int | None = Field(None, ge=1)
     extra: list[str] = []  # more `#SBATCH` options, e.g. "--qos=high"
 
@@ -108,7 +109,7 @@ class SlurmOptions(_Model):
 
 class Cluster(_Model):
     name: str = "inline"
-    hosts: list[Host] = Field(min_length=1)
+    hosts: list[Host] = []  # at least one, except for Slurm (it allocates the nodes)
     launcher: Literal["ssh", "pdsh", "slurm"] = "ssh"  # ssh: our supervisor starts one launcher per node
     workdir: str = "~/jupyter-llm-runs"  # remote folder of run folders ("~" is the node's home)
     python: str = "python3"  # the node's interpreter, with jupyter-llm, torch and deepspeed
@@ -146,6 +147,8 @@ class Cluster(_Model):
 
     @model_validator(mode="after")
     def _consistent(self) -> Cluster:
+        if not self.hosts and self.launcher != "slurm":
+            raise ValueError("hosts: give at least one host")
         labels = [h.label for h in self.hosts]
         if len(set(labels)) != len(labels):
             raise ValueError(f"a host is listed twice: {labels}")

@@ -71,19 +71,22 @@ def _free_port() -> int:
     raise RuntimeError("no port free on both loopback nodes")
 
 
-def start_sshd(tmp: Path) -> Sshd:
-    sshd = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
-    missing = [t for t in ("ssh", "ssh-keygen", "rsync") if not shutil.which(t)]
-    why = None
-    if sshd is None or missing:
-        why = f"openssh-server/openssh-client/rsync missing ({', '.join(missing) or 'sshd'}); `make sshd` installs them"
-    elif os.geteuid() != 0:
-        why = "the test sshd runs as root (it must switch to the logged-in user)"
+def require(tools: tuple[str, ...], what: str) -> None:
+    """Skip unless every tool exists and we are root; fail instead where CI sets
+    JUPYTER_LLM_REQUIRE_SSHD (there these tests must run)."""
+    missing = [t for t in tools if not (shutil.which(t) or os.path.exists(f"/usr/sbin/{t}"))]
+    why = f"{what} missing ({', '.join(missing)}); `make nodes` installs them" if missing else None
+    if why is None and os.geteuid() != 0:
+        why = f"the test {what} runs as root"
     if why:
         if os.environ.get("JUPYTER_LLM_REQUIRE_SSHD"):
             pytest.fail(why)
         pytest.skip(why)
-    assert sshd is not None
+
+
+def start_sshd(tmp: Path) -> Sshd:
+    require(("sshd", "ssh", "ssh-keygen", "rsync"), "openssh-server/openssh-client/rsync")
+    sshd = shutil.which("sshd") or "/usr/sbin/sshd"
     tmp.mkdir(parents=True, exist_ok=True)
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
     for name in ("host_key", "user_key"):

@@ -22,7 +22,7 @@ from typing import Any
 import psutil
 import pytest
 import yaml
-from sshd import Sshd, start_sshd
+from sshd import Sshd, require, start_sshd
 
 from conftest import tiny_spec
 from jupyter_llm import launch
@@ -90,7 +90,7 @@ def test_cluster_file_and_bad_clusters(tmp_path: Path) -> None:
 def test_slurm_script_follows_the_spec(tmp_path: Path) -> None:
     c = Cluster.model_validate({"hosts": ["n1", "n2", "n3"], "launcher": "slurm", "shared_fs": True,
                                 "python": "/opt/env/bin/python", "env": {"NCCL_DEBUG": "INFO", "X": NASTY},
-                                "slurm": {"partition": "gpu", "time": "01:00:00", "extra": ["--qos=high"]}})  # fmt: skip
+                                "slurm": {"partition": "gpu", "time": "01:00:00", "gpus_per_node": 4, "extra": ["--qos=high"]}})  # fmt: skip
     spec = Spec.from_dict(
         {**tiny_spec(tmp_path / "c.txt"), "distributed": {"procs_per_node": 4}}, check_files=False
     )
@@ -313,15 +313,36 @@ def test_stop_from_the_notebook_leaves_nothing_on_the_nodes(
 @pytest.mark.deepspeed
 def test_pdsh_mode_on_a_shared_filesystem(sshd: Sshd, corpus: Path, tmp_path: Path) -> None:
     """DeepSpeed's own pdsh launcher as the option; stopping reaps what pdsh leaves on the nodes."""
-    import shutil
-
-    if not shutil.which("pdsh"):
-        if os.environ.get("JUPYTER_LLM_REQUIRE_SSHD"):
-            pytest.fail("pdsh missing; `make sshd` installs it")
-        pytest.skip("pdsh missing; `make sshd` installs it")
+    require(("pdsh",), "pdsh")
     run = launch(tiny_spec(corpus, distributed={"nodes": sshd.cluster(shared_fs=True, launcher="pdsh"),
                                                 "procs_per_node": 1}, train={"max_steps": 30, "save_every": 0}))  # fmt: skip
     assert run.wait(300) == "completed", (run.status(), run.log_tail(40))
     assert (run.path / "final" / "config.json").is_file() and run.status()["world_size"] == 2
     launched = next(e for e in run.events() if e["event"] == "launched")
     assert "pdsh" in launched["command"] and not _job_procs(run)
+
+
+@pytest.mark.deepspeed
+def test_slurm_submission_on_a_one_machine_cluster(
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real sbatch/squeue/scontrol round trip: the generated script runs DeepSpeed's launcher
+    under srun on the allocated node and the supervisor follows the job to its end."""
+    from slurm import start_slurm
+
+    cluster = start_slurm(tmp_path / "slurm")
+    monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
+    try:
+        nodes = {"launcher": "slurm", "shared_fs": True, "master_addr": "127.0.0.1", "python": sys.executable,
+                 "env": {"GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1"}, "slurm": {"nodes": 1}}  # fmt: skip
+        run = launch(tiny_spec(corpus, distributed={"nodes": nodes, "procs_per_node": 2},
+                               train={"max_steps": 20, "save_every": 0}))  # fmt: skip
+        assert run.wait(300) == "completed", (run.status(), run.log_tail(40))
+        job = run.status()["slurm_job"]
+        finished = next(e for e in run.events() if e["event"] == "slurm_finished")
+        assert finished["state"] == "COMPLETED" and finished["slurm_job"] == job
+        log = (run.path / "logs" / f"slurm-{job}.log").read_text()
+        assert "node_rank=0" in log, log[-2000:]  # DeepSpeed's launcher ran under srun
+        assert (run.path / "final" / "config.json").is_file() and run.status()["world_size"] == 2
+    finally:
+        cluster.stop()

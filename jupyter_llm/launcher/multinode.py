@@ -55,7 +55,7 @@ class MultiNode:
         pp = self.spec.distributed.procs_per_node
         nodes = remote.plan_nodes(c, self.sup.run.id, self.dir, pp if isinstance(pp, int) else 0)
         if c.launcher == "slurm":
-            return self._slurm(nodes)
+            return self._slurm()
         sup.set_status(State.STARTING, phase="preflight")
         inputs = [Path(f) for f in [*self.spec.data.train, *(self.spec.data.validation or [])]]
         pre_dir = (
@@ -278,14 +278,13 @@ class MultiNode:
 
     # -- Slurm ---------------------------------------------------------------------------
 
-    def _slurm(self, nodes: list[remote.Node]) -> int:
+    def _slurm(self) -> int:
         sup, c = self.sup, self.cluster
         sup.set_status(State.STARTING, phase="data")
         if err := self._prepare_data():
             return sup._fail(err)
-        (self.dir / "hostfile").write_text(
-            remote.hostfile([remote.Node(n.index, n.host, n.run_dir, n.slots or 1) for n in nodes])
-        )
+        nodes = slurm.plan(self.spec, c, self.dir)
+        (self.dir / "hostfile").write_text(remote.hostfile(nodes))
         port = self.spec.distributed.master_port or slurm.port_for(self.sup.run.id)
         script = slurm.sbatch_script(self.spec, c, self.dir, nodes, port, self.attempt)
         path = self.dir / f"job-{self.attempt}.sbatch"
@@ -295,7 +294,8 @@ class MultiNode:
             return sup._fail(f"sbatch refused the job: {(out.stderr or out.stdout).strip()[-500:]}")
         job_id = slurm.parse_job_id(out.stdout)
         sup.event("launched", attempt=self.attempt, slurm_job=job_id, master_port=port, script=str(path))
-        sup.set_status(State.RUNNING, phase=None, slurm_job=job_id, master_port=port)
+        sup.set_status(State.RUNNING, phase=None, slurm_job=job_id, master_port=port,
+                       world_size=sum(n.slots for n in nodes))  # fmt: skip
         grace = self.spec.train.stop_grace_s
         cancelled = False
         while (state := slurm.job_state(job_id)) in slurm.ACTIVE:

@@ -28,11 +28,22 @@ def port_for(run_id: str) -> int:
     return 20000 + zlib.crc32(run_id.encode()) % 10000
 
 
+def plan(spec: Spec, cluster: Cluster, run_dir: Path) -> list[Node]:
+    """The nodes Slurm is asked for: `slurm.nodes` (else one per listed host, else 1), each
+    with `procs_per_node` ranks (for "auto": `slurm.gpus_per_node`, else 1)."""
+    from ..cluster import Host
+    from .remote import Node
+
+    count = cluster.slurm.nodes or len(cluster.hosts) or 1
+    pp = spec.distributed.procs_per_node
+    slots = pp if isinstance(pp, int) else (cluster.slurm.gpus_per_node or 1)
+    return [Node(i, Host(host=f"node{i}"), str(run_dir), slots) for i in range(count)]
+
+
 def sbatch_script(
     spec: Spec, cluster: Cluster, run_dir: Path, nodes: list[Node], port: int, attempt: int
 ) -> str:
     s = cluster.slurm
-    per_node = nodes[0].slots or 1
     lines = [
         "#!/bin/bash",
         f"#SBATCH --job-name={shlex.quote('jllm-' + run_dir.name)}",
@@ -41,11 +52,7 @@ def sbatch_script(
         f"#SBATCH --output={shlex.quote(str(run_dir / 'logs' / 'slurm-%j.log'))}",
         f"#SBATCH --chdir={shlex.quote(str(run_dir))}",
     ]
-    gpus = (
-        s.gpus_per_node
-        if s.gpus_per_node is not None
-        else (per_node if spec.distributed.procs_per_node != "auto" else None)
-    )
+    gpus = s.gpus_per_node  # asked for only when given: procs_per_node may count CPU ranks
     if gpus:
         lines.append(f"#SBATCH --gpus-per-node={gpus}")
     for key, value in (("partition", s.partition), ("account", s.account), ("time", s.time),
@@ -59,7 +66,12 @@ def sbatch_script(
     env = {"PYTHONUNBUFFERED": "1", "JUPYTER_LLM_JOB": f"{run_dir.name}:{attempt}", "JUPYTER_LLM_ATTEMPT": str(attempt),
            "JUPYTER_LLM_RUN_DIR": str(run_dir), "JUPYTER_LLM_DATA_READY": "1", **cluster.env}  # fmt: skip
     lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
-    lines.append('export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"')
+    if cluster.python.startswith("/"):  # its folder first, as for local ranks (its ninja built the ops)
+        lines.append(f'export PATH={shlex.quote(cluster.python.rsplit("/", 1)[0])}:"$PATH"')
+    if cluster.master_addr:
+        lines.append(f"export MASTER_ADDR={shlex.quote(cluster.master_addr)}")
+    else:
+        lines.append('export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"')
     fixed = [
         cluster.python,
         "-u",
@@ -106,8 +118,18 @@ def job_state(job_id: str) -> str | None:
     return state or None
 
 
+def show_argv(job_id: str) -> list[str]:
+    return ["scontrol", "show", "job", "-o", job_id]
+
+
 def final_state(job_id: str) -> tuple[str | None, int]:
-    """(State, exit code) from accounting, e.g. ("COMPLETED", 0) or ("FAILED", 1)."""
+    """(State, exit code), e.g. ("COMPLETED", 0) or ("FAILED", 1): from the controller while
+    it remembers the job (MinJobAge), else from accounting."""
+    out = subprocess.run(show_argv(job_id), capture_output=True, text=True)
+    fields = dict(f.split("=", 1) for f in out.stdout.split() if "=" in f) if out.returncode == 0 else {}
+    if "JobState" in fields:
+        code = fields.get("ExitCode", "1:0").split(":")[0]
+        return fields["JobState"], int(code) if code.isdigit() else 1
     out = subprocess.run(accounting_argv(job_id), capture_output=True, text=True)
     for line in out.stdout.splitlines():
         parts = line.strip().split("|")
