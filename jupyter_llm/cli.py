@@ -29,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, e.g. --set optim.lr=3e-4 (repeatable)")  # fmt: skip
     t.add_argument("--wait", action="store_true", help="follow the run; exit 0 only if it completed")
-    t.add_argument("--dry-run", action="store_true", help="validate and print the DeepSpeed config")
+    t.add_argument("--dry-run", action="store_true",
+                   help="validate; print the DeepSpeed config, the commands and the pre-flight (exit 1 if it fails)")  # fmt: skip
 
     pr = sub.add_parser("prepare", help="prepare a spec's data (tokenizer, cleaning, packing) as a job")
     pr.add_argument("spec", help="YAML spec file")
@@ -105,13 +106,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace, store: RunStore) -> int:
     from .launcher import launch
-    from .spec import Spec, deepspeed_config
+    from .spec import Spec
 
     spec = Spec.from_file(args.spec, args.overrides)
-    if args.dry_run:
-        print(spec.to_yaml())
-        print(json.dumps(deepspeed_config(spec), indent=2))
-        return 0
+    if args.dry_run:  # the spec, DeepSpeed config, every command and the pre-flight (nodes included)
+        from .preflight import dry_run
+
+        plan = dry_run(spec, estimate_memory=False)
+        print(plan)
+        return 0 if plan.ok else 1
     run = launch(spec, root=store.root)
     print(run.id)
     sys.stdout.flush()

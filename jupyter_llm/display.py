@@ -246,7 +246,20 @@ def dry_run_html(d: DryRun) -> str:
     mem = memory_html(d.memory, d.memory_error)
     return (
         f"<h4>Dry run: {'ready' if d.ok else 'NOT ready'}</h4><table>{checks}</table>"
-        f"<h4>Command ({d.ranks} rank(s))</h4><pre>{html.escape(' '.join(d.command))}</pre>{mem}"
+        f"<h4>Command ({d.ranks} rank(s))</h4>{_commands_html(d)}{mem}"
         f"<details><summary>spec</summary><pre>{html.escape(d.spec.to_yaml())}</pre></details>"
         f"<details><summary>DeepSpeed config</summary><pre>{html.escape(json.dumps(d.ds_config, indent=2))}</pre></details>"
     )
+
+
+def _commands_html(d: Any) -> str:
+    import shlex
+
+    if not d.commands:
+        return f"<pre>{html.escape(' '.join(d.command))}</pre>"
+    out = ""
+    for c in d.commands:
+        out += f"<div><i>{html.escape(c.where)}</i></div><pre style='white-space:pre-wrap'>{html.escape(shlex.join(c.argv))}</pre>"
+        if c.script:
+            out += f"<pre style='white-space:pre-wrap'>{html.escape(c.script)}</pre>"
+    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .launcher.local import build_command, free_port, gpu_count, port_free
+from .launcher.local import free_port, gpu_count, port_free
 from .spec import Spec, deepspeed_config
 
 
@@ -38,6 +39,7 @@ class DryRun:
     memory: dict[str, Any] | None = None
     memory_error: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    commands: list[Any] = field(default_factory=list)  # backends.Command: every place's command
 
     @property
     def ok(self) -> bool:
@@ -49,8 +51,12 @@ class DryRun:
         return dry_run_html(self)
 
     def __str__(self) -> str:
-        lines = ["spec:", self.spec.to_yaml(), "deepspeed config:", json.dumps(self.ds_config, indent=2),
-                 "command:", " ".join(self.command), "checks:"]  # fmt: skip
+        lines = ["spec:", self.spec.to_yaml(), "deepspeed config:", json.dumps(self.ds_config, indent=2)]
+        for c in self.commands or []:
+            lines += [f"command ({c.where}):", shlex.join(c.argv)] + ([c.script] if c.script else [])
+        if not self.commands:
+            lines += ["command:", " ".join(self.command)]
+        lines.append("checks:")
         lines += [f"  [{'ok' if c.ok else 'FAIL'}] {c.name}: {c.detail}" for c in self.checks]
         if self.memory:
             lines.append(f"memory per rank (GiB), {self.memory['params']:,} parameters:")
@@ -95,37 +101,43 @@ def dry_run(spec: Spec, estimate_memory: bool = True, probe: bool = True) -> Dry
         cores = os.cpu_count() or 1
         checks.append(Check("ranks", True, f"{ranks} CPU rank(s) on {cores} core(s)"
                             + (" (more ranks than cores: slow)" if ranks > cores else "")))  # fmt: skip
-    argv, env = build_command(Path("<run folder>"), ranks, want or 29500, cpu=not gpus)
+    from .launcher.backends import commands, local_node
+
+    where = Path("<run folder>")
+    cmd = commands(spec, None, where, want or 29500, [local_node(where, ranks)], cpu=not gpus)[0]
     memory, err = memory_estimate(spec, ranks) if estimate_memory else (None, None)
-    shown_env: dict[str, str] = {k: env[k] for k in ("OMP_NUM_THREADS", "GLOO_SOCKET_IFNAME") if k in env}
-    return DryRun(spec, deepspeed_config(spec), argv, ranks, checks, memory, err, shown_env)
+    shown_env: dict[str, str] = {
+        k: cmd.env[k] for k in ("OMP_NUM_THREADS", "GLOO_SOCKET_IFNAME") if k in cmd.env
+    }
+    return DryRun(spec, deepspeed_config(spec), cmd.argv, ranks, checks, memory, err, shown_env)
 
 
 def _dry_run_cluster(spec: Spec, cluster: Any, estimate_memory: bool, probe: bool) -> DryRun:
     """The pre-flight on every node (ssh, host keys, versions, ranks, port, disk) and the
-    command node 0 would run."""
-    from .launcher import remote
+    command each node would run (or the sbatch script)."""
+    from .launcher import remote, slurm
+    from .launcher.backends import commands
 
     pp = spec.distributed.procs_per_node
-    nodes = remote.plan_nodes(cluster, "<run id>", Path("<run folder>"), pp if isinstance(pp, int) else 0)
-    if cluster.launcher == "slurm" or not probe:
-        checks = [Check("slurm", True, "the nodes are allocated by Slurm: no pre-flight before submission")
-                  if cluster.launcher == "slurm" else Check("pre-flight", True, "not run yet (Dry run runs it)")]  # fmt: skip
-        argv = (["sbatch", "--parsable", "<run folder>/job-1.sbatch"] if cluster.launcher == "slurm" else
-                remote.agent_argv(cluster, remote.Node(0, nodes[0].host, nodes[0].run_dir, nodes[0].slots or 1),
-                                  attempt=1, master_addr=remote.master_addr(cluster), master_port=29500, cpu=True,
-                                  data="data", pretrained=None))  # fmt: skip
-        ranks = sum(n.slots or 1 for n in nodes)
+    where = Path("<run folder>")
+    port, cpu = spec.distributed.master_port or 29500, True
+    if cluster.launcher == "slurm":
+        nodes = slurm.plan(spec, cluster, where)
+        checks = [Check("slurm", True, "the nodes are allocated by Slurm: no pre-flight before submission")]
     else:
-        pf = remote.preflight(cluster, nodes, spec.distributed.master_port)
-        checks = [Check(name, ok, detail) for name, ok, detail in pf.checks]
-        nodes = pf.nodes
-        ranks = sum(n.slots or 1 for n in nodes)
-        node0 = remote.Node(0, nodes[0].host, nodes[0].run_dir, nodes[0].slots or 1)
-        argv = remote.agent_argv(cluster, node0, attempt=1, master_addr=remote.master_addr(cluster),
-                                 master_port=pf.master_port or 29500, cpu=pf.cpu, data="data", pretrained=None)  # fmt: skip
+        nodes = remote.plan_nodes(cluster, "<run id>", where, pp if isinstance(pp, int) else 0)
+        checks = [Check("pre-flight", True, "not run yet (Dry run runs it)")]
+        if probe:
+            pf = remote.preflight(cluster, nodes, spec.distributed.master_port)
+            checks = [Check(name, ok, detail) for name, ok, detail in pf.checks]
+            nodes, port, cpu = pf.nodes, pf.master_port or port, pf.cpu
+        nodes = [remote.Node(n.index, n.host, n.run_dir, n.slots or 1) for n in nodes]
+    cmds = commands(spec, cluster, where, port, nodes, cpu=cpu)
+    ranks = sum(n.slots for n in nodes)
     memory, err = memory_estimate(spec, ranks) if estimate_memory else (None, None)
-    return DryRun(spec, deepspeed_config(spec), argv, ranks, checks, memory, err, dict(cluster.env))
+    return DryRun(
+        spec, deepspeed_config(spec), cmds[0].argv, ranks, checks, memory, err, dict(cluster.env), cmds
+    )
 
 
 def memory_estimate(spec: Spec, ranks: int) -> tuple[dict[str, Any] | None, str | None]:

@@ -58,7 +58,8 @@ def test_dry_run_prints_config(tmp_path: Path, corpus: Path) -> None:
     f.write_text(yaml.safe_dump({"data": {"train": str(corpus)}}))
     out = cli("train", str(f), "--dry-run", "--set", "distributed.zero_stage=3")
     assert out.returncode == 0
-    cfg = json.loads(out.stdout[out.stdout.index("\n{") :])
+    text = out.stdout
+    cfg = json.loads(text[text.index("deepspeed config:\n") + 18 : text.index("\ncommand")])
     assert cfg["zero_optimization"]["stage"] == 3
     assert cli("runs", "--json").stdout.strip() == "[]"
 

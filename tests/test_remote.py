@@ -208,6 +208,30 @@ def test_preflight_fails_closed(sshd: Sshd, corpus: Path, tmp_path: Path) -> Non
     assert ok.ok and any("same as here" in c.detail for c in ok.checks), ok.checks
 
 
+def test_dry_run_shows_every_node_and_the_preflight(sshd: Sshd, corpus: Path, tmp_path: Path) -> None:
+    f = tmp_path / "spec.yaml"
+    f.write_text(
+        yaml.safe_dump(tiny_spec(corpus, distributed={"nodes": sshd.cluster(), "procs_per_node": 1}))
+    )
+    out = subprocess.run([sys.executable, "-m", "jupyter_llm.cli", "train", str(f), "--dry-run"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    for i, host in enumerate(("127.0.0.2", "127.0.0.3")):
+        assert f"command (node {i} ({host}:{sshd.port})):" in out.stdout
+        assert f"[ok] node {i} ({host}:{sshd.port}) versions: same as here" in out.stdout
+    assert "[ok] master port" in out.stdout and not list(Path(os.environ["JUPYTER_LLM_HOME"]).glob("runs/2*"))
+    slurm_spec = Spec.from_dict(tiny_spec(corpus, distributed={"procs_per_node": 2, "nodes": {
+        "launcher": "slurm", "shared_fs": True, "slurm": {"nodes": 4}}}))  # fmt: skip
+    from jupyter_llm.preflight import dry_run
+
+    plan = dry_run(slurm_spec, estimate_memory=False)
+    assert (
+        plan.ranks == 8
+        and plan.commands[0].argv[0] == "sbatch"
+        and "#SBATCH --nodes=4" in (plan.commands[0].script or "")
+    )
+
+
 @pytest.mark.deepspeed
 def test_two_nodes_zero2_via_cluster_file(sshd: Sshd, corpus: Path, tmp_path: Path) -> None:
     """2 nodes x 1 rank, ZeRO-2, nodes named by a cluster file, launched with the CLI; the

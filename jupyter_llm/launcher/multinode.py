@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from ..cluster import Cluster
 from ..runs import CKPT_MARKER, State, now_iso, read_json, write_json_atomic
 from . import remote, slurm
+from .backends import commands
 from .local import job_env, rank_env
 
 if TYPE_CHECKING:
@@ -91,7 +92,7 @@ class MultiNode:
                 return sup._fail("; ".join(problems))
             syncer = remote.Syncer(c, nodes, self.dir, CKPT_MARKER)
             syncer.start()
-        return self._ssh(nodes, port, pf.cpu, syncer, pre_dir)
+        return self._ssh(nodes, port, pf.cpu, syncer)
 
     def _prepare_data(self) -> str | None:
         """Tokenizer and packed data are made here, once, then travel to the nodes."""
@@ -109,15 +110,13 @@ class MultiNode:
 
     # -- ssh: one agent per node ----------------------------------------------------------
 
-    def _ssh(self, nodes: list[remote.Node], port: int, cpu: bool, syncer: remote.Syncer | None,
-             pretrained: str | None) -> int:  # fmt: skip
+    def _ssh(self, nodes: list[remote.Node], port: int, cpu: bool, syncer: remote.Syncer | None) -> int:
         sup, c = self.sup, self.cluster
         addr = remote.master_addr(c)
         env = job_env(self.dir, self.attempt)  # the tag lets a later attempt reap stale ssh clients
-        for n in nodes:
-            argv = remote.agent_argv(c, n, attempt=self.attempt, master_addr=addr, master_port=port, cpu=cpu,
-                                     data=None if c.shared_fs else "data",
-                                     pretrained="pretrained" if pretrained and not c.shared_fs else None)  # fmt: skip
+        cmds = commands(self.spec, c, self.dir, port, nodes, attempt=self.attempt, cpu=cpu)
+        for n, cmd in zip(nodes, cmds, strict=True):
+            argv = cmd.argv
             with open(self.dir / "logs" / f"node{n.index}.log", "ab") as log:
                 log.write(f"\n== attempt {self.attempt} at {now_iso()}: {' '.join(argv)}\n".encode())
                 log.flush()
@@ -233,8 +232,8 @@ class MultiNode:
     def _pdsh(self, nodes: list[remote.Node], port: int, cpu: bool) -> int:
         sup, c = self.sup, self.cluster
         (self.dir / "hostfile.pdsh").write_text(remote.pdsh_hostfile(nodes))
-        argv, extra = remote.pdsh_command(c, nodes, self.dir, port)
-        env = {**job_env(self.dir, self.attempt), **extra}
+        cmd = commands(self.spec, c, self.dir, port, nodes, attempt=self.attempt, cpu=cpu)[0]
+        argv, env = cmd.argv, {**job_env(self.dir, self.attempt), **cmd.env}
         base = rank_env(self.dir, self.attempt, nodes[0].slots, cpu=cpu, base_env={},
                         loopback=remote.master_addr(c).startswith("127."))  # fmt: skip
         keep = (
@@ -286,10 +285,10 @@ class MultiNode:
         nodes = slurm.plan(self.spec, c, self.dir)
         (self.dir / "hostfile").write_text(remote.hostfile(nodes))
         port = self.spec.distributed.master_port or slurm.port_for(self.sup.run.id)
-        script = slurm.sbatch_script(self.spec, c, self.dir, nodes, port, self.attempt)
-        path = self.dir / f"job-{self.attempt}.sbatch"
-        path.write_text(script)
-        out = subprocess.run(slurm.submit_argv(path), capture_output=True, text=True, cwd=self.dir)
+        cmd = commands(self.spec, c, self.dir, port, nodes, attempt=self.attempt)[0]
+        path = Path(cmd.argv[-1])
+        path.write_text(cmd.script or "")
+        out = subprocess.run(cmd.argv, capture_output=True, text=True, cwd=self.dir)
         if out.returncode != 0:
             return sup._fail(f"sbatch refused the job: {(out.stderr or out.stdout).strip()[-500:]}")
         job_id = slurm.parse_job_id(out.stdout)

@@ -29,7 +29,7 @@ from ..runs import (
     read_json,
     write_json_atomic,
 )
-from .local import build_command, free_port, gpu_count, job_env, port_free
+from .local import free_port, gpu_count, job_env, port_free
 
 POLL_S = 0.25
 SIGINT_WAIT_S = 10.0  # after SIGINT, before SIGTERM
@@ -109,7 +109,12 @@ class Supervisor:
         if want is not None and not port_free(want):
             return self._fail(f"distributed.master_port {want} is in use; remove it to pick a free port")
         port = free_port(want)  # picked just before launch: the window for a clash is short
-        argv, env = build_command(self.dir, nprocs, port, attempt=attempt, cpu=not cuda)
+        from .backends import commands, local_node
+
+        cmd = commands(
+            spec, None, self.dir, port, [local_node(self.dir, nprocs)], attempt=attempt, cpu=not cuda
+        )[0]
+        argv, env = cmd.argv, cmd.env
         self._write_manifest(argv, nprocs, port, attempt)
         if self.stop_signal is not None:  # stopped before the job started
             return self._finish(State.STOPPED, 0, None)
@@ -388,7 +393,7 @@ def _unlink_shm(port: int, addr: str = "127.0.0.1") -> list[str]:
 
 def reap_orphans(run_id: str) -> list[int]:
     """Kill processes of earlier attempts of this run, found by the job tag in their
-    environment (set by build_command), never by name pattern; returns their pids."""
+    environment (set by local.job_env), never by name pattern; returns their pids."""
     import psutil
 
     mine = []
