@@ -165,7 +165,7 @@ def load_sweep_spec(source: Any, base_dir: Path | None = None) -> tuple[SweepSpe
     if sw.objective.metric.startswith("eval.") and sw.objective.at == "best":
         problems.append(Problem("objective.at", "best", "an evaluation has one value: use at: end"))
     ranks, capacity = _ranks(base), _capacity()
-    if sw.parallel * ranks > capacity:
+    if base.distributed.nodes == 1 and sw.parallel * ranks > capacity:  # trials on this machine
         problems.append(Problem("parallel", sw.parallel, f"{sw.parallel} trials × {ranks} rank(s) would oversubscribe "
                                 f"this machine's {capacity} {'GPU' if _gpus() else 'core'}(s); lower parallel"))  # fmt: skip
     for i, params in enumerate(sw.enqueue):

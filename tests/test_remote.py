@@ -370,3 +370,15 @@ def test_slurm_submission_on_a_one_machine_cluster(
         assert (run.path / "final" / "config.json").is_file() and run.status()["world_size"] == 2
     finally:
         cluster.stop()
+
+
+def test_form_with_a_cluster_runs_no_ssh_and_names_an_unknown_cluster(corpus: Path, tmp_path: Path) -> None:
+    from jupyter_llm.widgets import SpecForm
+
+    body = tiny_spec(
+        corpus, distributed={"nodes": {"hosts": ["127.0.0.2:1"], "ssh": {"known_hosts": "/dev/null"}}}
+    )
+    form = SpecForm(body)  # an unreachable node: the side panel must not wait on ssh
+    assert "jupyter_llm.launcher.node" in form.command.value and "127.0.0.2" in form.command.value
+    form = SpecForm(tiny_spec(corpus, distributed={"nodes": "nope"}))
+    assert "no cluster named" in form.command.value and "nope" in form.command.value

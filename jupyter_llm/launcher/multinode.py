@@ -92,6 +92,8 @@ class MultiNode:
                 return sup._fail("; ".join(problems))
             syncer = remote.Syncer(c, nodes, self.dir, CKPT_MARKER)
             syncer.start()
+        if sup.stop_signal is not None:  # stopped while the data was prepared or copied
+            return sup._finish(State.STOPPED, 0, None)
         return self._ssh(nodes, port, pf.cpu, syncer)
 
     def _prepare_data(self) -> str | None:

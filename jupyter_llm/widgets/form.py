@@ -23,7 +23,7 @@ import ipywidgets as w
 import yaml
 from pydantic import BaseModel
 
-from ..errors import SpecError
+from ..errors import SpecError, UserError
 from ..runs import Run, RunStore
 from ..spec import Spec
 
@@ -341,7 +341,11 @@ class SpecForm(w.VBox):
     def _side_panel(self, spec: Spec) -> None:
         from ..preflight import dry_run
 
-        d = dry_run(spec, estimate_memory=False, probe=False)  # no ssh round trips per keystroke
+        try:
+            d = dry_run(spec, estimate_memory=False, probe=False)  # no ssh round trips per keystroke
+        except UserError as e:  # e.g. distributed.nodes names no cluster of clusters.yaml
+            self.command.value = f'<div style="{ERROR_STYLE}">{html.escape(str(e))}</div>'
+            return
         self.ds_config.value = f"<pre>{html.escape(json.dumps(d.ds_config, indent=2), quote=False)}</pre>"
         self.command.value = (f"<pre style='white-space:pre-wrap'>{html.escape(' '.join(d.command))}</pre>"
                               f"<div>{d.ranks} rank(s)</div>")  # fmt: skip
