@@ -57,7 +57,8 @@ def test_remote_command_reaches_the_node_verbatim() -> None:
     assert activation == "source /opt/venv/bin/activate"
     words = shlex.split(line)  # what the node's shell makes of it
     assert words[words.index("run") + 1] == f"/w/{NASTY}/run"
-    assert words[words.index("--env") + 1] == f"X={NASTY}"
+    assert "--env" not in words and not any("X=" in w for w in argv)  # variables go over stdin
+    assert json.loads(remote.agent_hello(c)) == {"env": {"X": NASTY}}
     assert words[words.index("--node-rank") + 1] == "1" and "--cpu" not in words
     u = remote.ssh_argv(c, c.hosts[0], ["true"])
     assert u[u.index("-p") + 1] == "2200" and u[u.index("-l") + 1] == "u"
@@ -277,7 +278,7 @@ def test_two_nodes_zero2_via_cluster_file(sshd: Sshd, corpus: Path, tmp_path: Pa
     # every shell metacharacter arrived verbatim, and no command hidden in them ran
     rec = json.loads((remote_dirs[1] / "nodes" / "node1.json").read_text())
     assert (
-        rec["argv"][rec["argv"].index("run") + 1] == str(remote_dirs[1]) and rec["env"]["JLLM_NASTY"] == NASTY
+        rec["argv"][rec["argv"].index("run") + 1] == str(remote_dirs[1]) and "JLLM_NASTY" in rec["env_keys"]
     )
     for d in (tmp_path, tmp_path / "n0", tmp_path / "n1", *remote_dirs, Path.home(), Path("/")):
         assert not (d / "PWNED1").exists() and not (d / "PWNED2").exists()
@@ -310,10 +311,15 @@ def test_stop_from_the_notebook_leaves_nothing_on_the_nodes(
     sshd: Sshd, corpus: Path, tmp_path: Path, ip: Any
 ) -> None:
     work = [str(tmp_path / f"n{i}") for i in range(2)]
-    body = tiny_spec(corpus, distributed={"nodes": sshd.cluster(work), "procs_per_node": 1, "zero_stage": 3},
+    nodes = sshd.cluster(work)
+    nodes["env"]["JLLM_NASTY"] = NASTY
+    body = tiny_spec(corpus, distributed={"nodes": nodes, "procs_per_node": 1, "zero_stage": 3},
                      train={"max_steps": 100000, "save_every": 0, "log_every": 5})  # fmt: skip
     run = launch(body)
     _wait(lambda: [m for m in run.metrics() if "loss" in m], 300, "training")
+    # the variable reached the rank on node 1 verbatim (it travelled over the agent's stdin)
+    rank1 = json.loads((Path(work[1]) / run.id / "ranks" / "rank1.json").read_text())
+    assert psutil.Process(rank1["pid"]).environ()["JLLM_NASTY"] == NASTY
     agents = [
         json.loads((Path(w) / run.id / "nodes" / f"node{i}.json").read_text()) for i, w in enumerate(work)
     ]

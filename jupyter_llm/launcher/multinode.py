@@ -126,6 +126,11 @@ class MultiNode:
                     argv, env=env, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
                     start_new_session=True,
                 )  # fmt: skip
+            with contextlib.suppress(OSError):  # a dead connection shows as its exit code below
+                stdin = self.procs[n.index].stdin
+                assert stdin is not None
+                stdin.write(remote.agent_hello(c))
+                stdin.flush()
         world = sum(n.slots for n in nodes)
         sup.event("launched", attempt=self.attempt, ranks=world, master_port=port, master_addr=addr,
                   nodes=[{"node": n.index, "host": n.host.label, "slots": n.slots, "run_dir": n.run_dir} for n in nodes])  # fmt: skip

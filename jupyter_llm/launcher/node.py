@@ -2,13 +2,14 @@
 
     python -m jupyter_llm.launcher.node probe --workdir W [--addr A --port P] [--expect PATH]
     python -m jupyter_llm.launcher.node run RUN_DIR --node-rank N --attempt K --master-addr A
-        --master-port P [--data REL] [--data-ready] [--pretrained REL] [--env K=V]...
+        --master-port P [--data REL] [--data-ready] [--pretrained REL]
     python -m jupyter_llm.launcher.node reap TAG
 
 `probe` prints one JSON line of facts (versions, cores, GPUs, free disk, whether the master
 port is free) and touches nothing. `run` starts DeepSpeed's launcher for this node
 (`--no_ssh --node_rank N`) in a process group of its own, records it in
-`RUN_DIR/nodes/nodeN.json`, relays its output, and takes commands on stdin, one per line:
+`RUN_DIR/nodes/nodeN.json`, relays its output, and reads stdin: first a JSON line with the
+ranks' variables (`{"env": {...}}`: never on a command line), then commands, one per line:
 `stop` (the stop file the ranks look for), `signal INT|TERM|KILL` (to its group only). When
 stdin closes (the supervisor or its ssh connection is gone) the group is killed: a job never
 outlives the process watching it. The last line it prints is
@@ -116,7 +117,8 @@ class Agent:
         for sub in ("logs", "control", "nodes"):
             (self.run_dir / sub).mkdir(exist_ok=True)
         (self.run_dir / "control" / "stop").unlink(missing_ok=True)
-        extra = dict(kv.split("=", 1) for kv in a.env)
+        hello = json.loads(sys.stdin.readline() or "{}")  # the supervisor's first line
+        extra = {str(k): str(v) for k, v in (hello.get("env") or {}).items()}
         env = rank_env(self.run_dir, a.attempt, a.slots, cpu=a.cpu, base_env={**os.environ, **extra},
                        loopback=a.master_addr.startswith("127."))  # fmt: skip
         if a.data is not None:  # prepared data synced into the run folder
@@ -139,7 +141,7 @@ class Agent:
         )  # fmt: skip
         record = {"node_rank": self.node, "attempt": a.attempt, "agent_pid": os.getpid(),
                   "job_pgid": self.proc.pid, "hostname": socket.gethostname(), "argv": sys.argv,
-                  "env": extra, "time": time.time()}  # fmt: skip
+                  "env_keys": sorted(extra), "time": time.time()}  # fmt: skip
         from ..runs import write_json_atomic
 
         write_json_atomic(self.run_dir / "nodes" / f"node{self.node}.json", record)
@@ -229,7 +231,6 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--data")
     r.add_argument("--data-ready", action="store_true")
     r.add_argument("--pretrained")
-    r.add_argument("--env", action="append", default=[])
     k = sub.add_parser("reap")
     k.add_argument("tag")
     args = ap.parse_args(argv)

@@ -124,9 +124,13 @@ def agent_argv(
         argv += ["--data", data]
     if pretrained is not None:
         argv += ["--pretrained", pretrained]
-    for key, value in cluster.env.items():
-        argv += ["--env", f"{key}={value}"]
     return ssh_argv(cluster, node.host, argv)
+
+
+def agent_hello(cluster: Cluster) -> bytes:
+    """The first line the agent reads on stdin: the ranks' variables. They travel inside the
+    ssh channel, never on a command line (where `ps` on the node would show them)."""
+    return json.dumps({"env": cluster.env}).encode() + b"\n"
 
 
 def hostfile(nodes: list[Node]) -> str:
