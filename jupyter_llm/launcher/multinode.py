@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -52,6 +53,15 @@ class MultiNode:
     # -- the common part ------------------------------------------------------------------
 
     def supervise(self) -> int:
+        # one shared ssh connection per node for the copies (a short socket path: /tmp)
+        self.control = tempfile.mkdtemp(prefix="jllm-ssh-", dir="/tmp")
+        try:
+            return self._supervise()
+        finally:
+            remote.close_shared(self.cluster, remote.plan_nodes(self.cluster, self.sup.run.id, self.dir, 1),
+                                self.control)  # fmt: skip
+
+    def _supervise(self) -> int:
         sup, c = self.sup, self.cluster
         pp = self.spec.distributed.procs_per_node
         nodes = remote.plan_nodes(c, self.sup.run.id, self.dir, pp if isinstance(pp, int) else 0)
@@ -87,10 +97,10 @@ class MultiNode:
         if not c.shared_fs:
             sup.set_status(State.STARTING, phase="sync")
             data_dir = Path((read_json(self.dir / "data.json") or {})["path"])
-            problems = remote.push(c, nodes, self.dir, data_dir, pre_dir, self.log)
+            problems = remote.push(c, nodes, self.dir, data_dir, pre_dir, self.log, self.control)
             if problems:
                 return sup._fail("; ".join(problems))
-            syncer = remote.Syncer(c, nodes, self.dir, CKPT_MARKER)
+            syncer = remote.Syncer(c, nodes, self.dir, CKPT_MARKER, self.control)
             syncer.start()
         if sup.stop_signal is not None:  # stopped while the data was prepared or copied
             return sup._finish(State.STOPPED, 0, None)

@@ -51,8 +51,9 @@ class Node:
 # -- pure builders ------------------------------------------------------------------------
 
 
-def ssh_options(cluster: Cluster, host: Host) -> list[str]:
-    """ssh's options for one host (no destination, no command)."""
+def ssh_options(cluster: Cluster, host: Host, control: str | None = None) -> list[str]:
+    """ssh's options for one host (no destination, no command). `control`: a folder for
+    connection sharing (the many short rsync calls of the sync reuse one connection)."""
     o = cluster.ssh
     out = ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", f"ConnectTimeout={o.connect_timeout}",
            "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]  # fmt: skip
@@ -64,6 +65,8 @@ def ssh_options(cluster: Cluster, host: Host) -> list[str]:
         out += ["-i", os.path.expanduser(o.identity), "-o", "IdentitiesOnly=yes"]
     for key, value in o.options.items():
         out += ["-o", f"{key}={value}"]
+    if control is not None:
+        out += ["-o", "ControlMaster=auto", "-o", f"ControlPath={control}/%C", "-o", "ControlPersist=60"]
     if host.port is not None:
         out += ["-p", str(host.port)]
     if host.user:
@@ -82,12 +85,19 @@ def ssh_argv(cluster: Cluster, host: Host, argv: list[str]) -> list[str]:
 
 
 def rsync_argv(
-    cluster: Cluster, host: Host, src: str, dst: str, *, push: bool, extra: Sequence[str] = ()
+    cluster: Cluster,
+    host: Host,
+    src: str,
+    dst: str,
+    *,
+    push: bool,
+    extra: Sequence[str] = (),
+    control: str | None = None,
 ) -> list[str]:
     """rsync over the same ssh options; the remote side of `src`/`dst` is a node path.
     `--secluded-args`: the paths travel inside rsync's protocol, never through the node's
     shell (rsync's default escaping does not survive a newline in a path)."""
-    rsh = shlex.join(["ssh", *ssh_options(cluster, host)])
+    rsh = shlex.join(["ssh", *ssh_options(cluster, host, control)])
     remote = f"{host.host}:"
     pair = [src, remote + dst] if push else [remote + src, dst]
     return ["rsync", "-a", "--secluded-args", "--mkpath", "-e", rsh, *extra, *pair]
@@ -351,8 +361,16 @@ class Syncer:
     every node's part once node 0 has marked it complete (node 0 is pulled before the
     others, so the parts of a marked checkpoint are whole by then)."""
 
-    def __init__(self, cluster: Cluster, nodes: list[Node], run_dir: Path, marker: str):
-        self.cluster, self.nodes, self.dir, self.marker = cluster, nodes, run_dir, marker
+    def __init__(
+        self, cluster: Cluster, nodes: list[Node], run_dir: Path, marker: str, control: str | None = None
+    ):
+        self.cluster, self.nodes, self.dir, self.marker, self.control = (
+            cluster,
+            nodes,
+            run_dir,
+            marker,
+            control,
+        )
         self.events_off: int | None = None
         self.errors: list[str] = []
 
@@ -362,7 +380,7 @@ class Syncer:
     def pull(self, node: Node) -> bool:
         filt = [f"--include={p}" for p in PULL_INCLUDE] + ["--exclude=*", "--delete", "--prune-empty-dirs"]
         argv = rsync_argv(self.cluster, node.host, node.run_dir + "/", str(self.stage(node)) + "/", push=False,
-                          extra=filt)  # fmt: skip
+                          extra=filt, control=self.control)  # fmt: skip
         rc, err = run_quiet(argv, timeout=300)
         if rc not in (0, 23, 24):  # 23/24: some files vanished meanwhile (a pruned checkpoint)
             self.errors.append(f"{node.label}: {err}")
@@ -483,32 +501,36 @@ def _replace_tree(src: Path, dst: Path) -> None:
 
 
 def push(cluster: Cluster, nodes: list[Node], run_dir: Path, data_dir: Path | None, pretrained: str | None,
-         log: Callable[[str], None]) -> list[str]:  # fmt: skip
+         log: Callable[[str], None], control: str | None = None) -> list[str]:  # fmt: skip
     """Copy the run folder (spec, tokenizer, hostfile, checkpoints), the prepared data and a
     pretrained model's folder to every node at once; returns the problems."""
 
     def one(node: Node) -> list[str]:
         t0 = time.monotonic()
-        jobs = [rsync_argv(cluster, node.host, str(run_dir) + "/", node.run_dir + "/", push=True,
-                           extra=[f"--exclude={p}" for p in PUSH_EXCLUDE])]  # fmt: skip
+        pairs = [(str(run_dir) + "/", node.run_dir + "/", [f"--exclude={p}" for p in PUSH_EXCLUDE])]
         if data_dir is not None:
-            jobs.append(
-                rsync_argv(cluster, node.host, str(data_dir) + "/", node.run_dir + "/data/", push=True)
-            )
+            pairs.append((str(data_dir) + "/", node.run_dir + "/data/", []))
         if pretrained is not None:
-            jobs.append(rsync_argv(cluster, node.host, pretrained.rstrip("/") + "/", node.run_dir + "/pretrained/",
-                                   push=True))  # fmt: skip
-        errs = []
-        for argv in jobs:
-            rc, err = run_quiet(argv)
+            pairs.append((pretrained.rstrip("/") + "/", node.run_dir + "/pretrained/", []))
+        for src, dst, extra in pairs:
+            rc, err = run_quiet(
+                rsync_argv(cluster, node.host, src, dst, push=True, extra=extra, control=control)
+            )
             if rc != 0:
-                errs.append(f"{node.label}: copying the run folder failed (rsync exit {rc}): {err}")
-                break
+                return [f"{node.label}: copying the run folder failed (rsync exit {rc}): {err}"]
         log(f"{node.label}: synced in {time.monotonic() - t0:.1f} s")
-        return errs
+        return []
 
     with ThreadPoolExecutor(max(1, len(nodes))) as pool:
         return [e for errs in pool.map(one, nodes) for e in errs]
+
+
+def close_shared(cluster: Cluster, nodes: list[Node], control: str) -> None:
+    """End the shared connections (`ssh -O exit`) and remove their folder."""
+    for n in nodes:
+        argv = ["ssh", *ssh_options(cluster, n.host, control), "-O", "exit", "--", n.host.host]
+        run_quiet(argv, timeout=10)
+    shutil.rmtree(control, ignore_errors=True)
 
 
 def tree_bytes(*paths: Path | None) -> int:
