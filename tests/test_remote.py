@@ -221,10 +221,20 @@ def test_dry_run_shows_every_node_and_the_preflight(sshd: Sshd, corpus: Path, tm
         assert f"command (node {i} ({host}:{sshd.port})):" in out.stdout
         assert f"[ok] node {i} ({host}:{sshd.port}) versions: same as here" in out.stdout
     assert "[ok] master port" in out.stdout and not list(Path(os.environ["JUPYTER_LLM_HOME"]).glob("runs/2*"))
-    slurm_spec = Spec.from_dict(tiny_spec(corpus, distributed={"procs_per_node": 2, "nodes": {
-        "launcher": "slurm", "shared_fs": True, "slurm": {"nodes": 4}}}))  # fmt: skip
     from jupyter_llm.preflight import dry_run
 
+    auto = sshd.cluster()  # no slots and procs_per_node auto: each node's GPUs, else 1 CPU rank
+    for h in auto["hosts"]:
+        del h["slots"]
+    plan = dry_run(Spec.from_dict(tiny_spec(corpus, distributed={"nodes": auto, "procs_per_node": "auto"})),
+                   estimate_memory=False)  # fmt: skip
+    assert (
+        plan.ok
+        and plan.ranks == 2
+        and "1 CPU rank(s) on" in next(c.detail for c in plan.checks if "ranks" in c.name)
+    )
+    slurm_spec = Spec.from_dict(tiny_spec(corpus, distributed={"procs_per_node": 2, "nodes": {
+        "launcher": "slurm", "shared_fs": True, "slurm": {"nodes": 4}}}))  # fmt: skip
     plan = dry_run(slurm_spec, estimate_memory=False)
     assert (
         plan.ranks == 8

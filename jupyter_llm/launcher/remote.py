@@ -309,13 +309,14 @@ def preflight(
         ]
         checks.append((f"{n.label} versions", not diff,
                        ("; ".join(diff) and f"{n.label}: versions differ: " + "; ".join(diff)) or "same as here"))  # fmt: skip
+        want = n.slots or f["gpus"] or 1
         if f["gpus"]:
             cpu = False
-            ok = n.slots <= f["gpus"]
-            checks.append((f"{n.label} ranks", ok, f"{n.slots} rank(s) on {f['gpus']} GPU(s)" if ok else
-                           f"{n.label}: {n.slots} rank(s) but the node has {f['gpus']} GPU(s)"))  # fmt: skip
+            ok = want <= f["gpus"]
+            checks.append((f"{n.label} ranks", ok, f"{want} rank(s) on {f['gpus']} GPU(s)" if ok else
+                           f"{n.label}: {want} rank(s) but the node has {f['gpus']} GPU(s)"))  # fmt: skip
         else:
-            checks.append((f"{n.label} ranks", True, f"{n.slots} CPU rank(s) on {f['cpus']} core(s)"))
+            checks.append((f"{n.label} ranks", True, f"{want} CPU rank(s) on {f['cpus']} core(s)"))
         need = sync_bytes + (256 << 20)
         ok = bool(f["writable"]) and f["disk_free"] >= need
         checks.append((f"{n.label} disk", ok, f"{f['disk_free'] / 2**30:.1f} GiB free in {f['workdir']}" if ok else
@@ -327,7 +328,9 @@ def preflight(
         if expect is not None and not f.get("expect_exists"):
             checks.append((f"{n.label} shared folder", False,
                            f"{n.label}: does not see {expect}; the cluster says shared_fs: true"))  # fmt: skip
-        resolved.append(Node(n.index, n.host, f["workdir"] if not cluster.shared_fs else n.run_dir, n.slots))
+        # procs_per_node "auto" (slots 0): the node's GPUs, or 1 CPU rank
+        slots = n.slots or f["gpus"] or 1
+        resolved.append(Node(n.index, n.host, f["workdir"] if not cluster.shared_fs else n.run_dir, slots))
         if n.index == 0 and "port_free" in f:
             addr = master_addr(cluster)
             if want_port is not None:
