@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -106,3 +108,23 @@ def gpu_count() -> int:
     except (OSError, subprocess.TimeoutExpired):
         return 0
     return sum(1 for ln in out.stdout.splitlines() if ln.startswith("GPU "))
+
+
+def signal_group(pgid: int, sig: int) -> None:
+    """Signal one process group (a job started with start_new_session); gone is fine."""
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def kill_group(pgid: int, wait_s: float = 10.0) -> None:
+    """SIGKILL a process group and wait until nothing of it is left."""
+    signal_group(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)

@@ -34,21 +34,28 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .local import kill_group, signal_group
+
 RESULT = "JUPYTER_LLM_NODE_RESULT"
 STARTED = "JUPYTER_LLM_NODE_STARTED"
 DISTS = ("jupyter-llm", "torch", "deepspeed", "transformers")
+
+
+def versions() -> dict[str, str | None]:
+    """python and the distributions that must match on every node (no imports of them)."""
+    out: dict[str, str | None] = {"python": ".".join(map(str, sys.version_info[:3]))}
+    for dist in DISTS:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
 
 
 def probe(workdir: str, addr: str | None, port: int | None, expect: str | None) -> dict[str, Any]:
     """Facts about this node for the pre-flight; imports no torch."""
     from .local import gpu_count
 
-    versions: dict[str, str | None] = {"python": ".".join(map(str, sys.version_info[:3]))}
-    for dist in DISTS:
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None
     wd = Path(os.path.expanduser(workdir)).absolute()
     existing = wd
     while not existing.exists() and existing != existing.parent:
@@ -56,7 +63,7 @@ def probe(workdir: str, addr: str | None, port: int | None, expect: str | None) 
     facts: dict[str, Any] = {
         "hostname": socket.gethostname(),
         "python": sys.executable,
-        "versions": versions,
+        "versions": versions(),
         "cpus": os.cpu_count() or 1,
         "gpus": gpu_count(),
         "workdir": str(wd),
@@ -186,23 +193,12 @@ class Agent:
 
     def _signal(self, sig: int) -> None:
         if self.proc is not None:
-            try:
-                os.killpg(self.proc.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
+            signal_group(self.proc.pid, sig)
 
     def _kill(self) -> None:
         """SIGKILL the group and wait until nothing of it is left."""
-        self._signal(signal.SIGKILL)
-        if self.proc is None:
-            return
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(self.proc.pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.05)
+        if self.proc is not None:
+            kill_group(self.proc.pid)
 
 
 def reap(tag: str) -> list[int]:

@@ -19,13 +19,12 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from ..cluster import Cluster, Host
 from ..runs import append_jsonl, read_json
-from .node import DISTS, RESULT, STARTED
+from .node import DISTS, RESULT, STARTED, versions
 
 # run-folder entries the nodes need (pushed); the rest is written by the job or the supervisor
 PUSH_EXCLUDE = ["/logs/", "/control/", "/nodes/", "/evals/", "/final/", "/.final.tmp/", "/status.json",
@@ -258,16 +257,6 @@ def probe_nodes(
         return list(pool.map(one, nodes))
 
 
-def local_versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": ".".join(map(str, sys.version_info[:3]))}
-    for dist in DISTS:
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
 @dataclass
 class Preflight:
     checks: list[tuple[str, bool, str]]  # (name, ok, detail)
@@ -291,7 +280,7 @@ def preflight(
     here, its ranks available, a free master port on node 0, free disk in the work folder."""
     answers = probe_nodes(cluster, nodes, want_port, expect)
     checks: list[tuple[str, bool, str]] = []
-    here = local_versions()
+    here = versions()
     resolved, port, cpu = [], want_port, True
     for a in answers:
         n = a.node

@@ -29,7 +29,7 @@ from ..runs import (
     read_json,
     write_json_atomic,
 )
-from .local import free_port, gpu_count, job_env, port_free
+from .local import free_port, gpu_count, job_env, kill_group, port_free, signal_group
 
 POLL_S = 0.25
 SIGINT_WAIT_S = 10.0  # after SIGINT, before SIGTERM
@@ -251,25 +251,13 @@ class Supervisor:
         return True
 
     def _signal_group(self, sig: int) -> None:
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+        if self.proc is not None:
+            signal_group(self.proc.pid, sig)
 
     def _kill_group(self, wait_s: float = 10.0) -> None:
         """SIGKILL the job's process group and wait until it is gone (reaped)."""
-        self._signal_group(signal.SIGKILL)
-        if self.proc is None:
-            return
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(self.proc.pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.05)
+        if self.proc is not None:
+            kill_group(self.proc.pid, wait_s)
 
     def _track_ranks(self) -> None:
         """Remember the first rank whose process vanished: that one failed first."""
