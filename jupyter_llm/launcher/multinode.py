@@ -63,10 +63,10 @@ class MultiNode:
 
     def _supervise(self) -> int:
         sup, c = self.sup, self.cluster
+        if c.launcher == "slurm":  # Slurm picks the nodes: nothing to probe or copy
+            return self._slurm()
         pp = self.spec.distributed.procs_per_node
         nodes = remote.plan_nodes(c, self.sup.run.id, self.dir, pp if isinstance(pp, int) else 0)
-        if c.launcher == "slurm":
-            return self._slurm()
         sup.set_status(State.STARTING, phase="preflight")
         inputs = [Path(f) for f in [*self.spec.data.train, *(self.spec.data.validation or [])]]
         pre_dir = (

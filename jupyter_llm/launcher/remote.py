@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cluster import Cluster, Host
-from ..runs import append_jsonl, read_json
+from ..runs import append_jsonl
 from .node import DISTS, RESULT, STARTED, versions
 
 # run-folder entries the nodes need (pushed); the rest is written by the job or the supervisor
@@ -102,14 +102,10 @@ def rsync_argv(
     return ["rsync", "-a", "--secluded-args", "--mkpath", "-e", rsh, *extra, *pair]
 
 
-def node_python(cluster: Cluster) -> str:
-    return cluster.python
-
-
 def probe_argv(
     cluster: Cluster, node: Node, addr: str | None, port: int | None, expect: str | None
 ) -> list[str]:
-    argv = [node_python(cluster), "-m", "jupyter_llm.launcher.node", "probe", "--workdir", node.run_dir]
+    argv = [cluster.python, "-m", "jupyter_llm.launcher.node", "probe", "--workdir", node.run_dir]
     if addr is not None:
         argv += ["--addr", addr] + (["--port", str(port)] if port is not None else [])
     if expect is not None:
@@ -122,7 +118,7 @@ def agent_argv(
     data: str | None, pretrained: str | None,
 ) -> list[str]:  # fmt: skip
     """The ssh command that runs the node agent (DeepSpeed's launcher, --no_ssh mode)."""
-    argv = [node_python(cluster), "-u", "-m", "jupyter_llm.launcher.node", "run", node.run_dir,
+    argv = [cluster.python, "-u", "-m", "jupyter_llm.launcher.node", "run", node.run_dir,
             "--node-rank", str(node.index), "--attempt", str(attempt), "--slots", str(node.slots),
             "--master-addr", master_addr, "--master-port", str(master_port)]  # fmt: skip
     if cpu:
@@ -549,5 +545,5 @@ def parse_node_log(path: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | 
     return started, result
 
 
-__all__ = ["Node", "Preflight", "Syncer", "agent_argv", "hostfile", "plan_nodes", "preflight", "push", "read_json",
-           "rsync_argv", "ssh_argv"]  # fmt: skip
+__all__ = ["Node", "Preflight", "Syncer", "agent_argv", "hostfile", "plan_nodes", "preflight", "push", "rsync_argv",
+           "ssh_argv"]  # fmt: skip
