@@ -30,6 +30,7 @@ import numpy as np
 
 from ..hashing import content_sha256
 from ..spec import Spec
+from . import bpe
 
 CAUSAL_SPECIALS = {"eos_token": "<|endoftext|>", "unk_token": "<unk>"}
 MASKED_SPECIALS = {
@@ -734,7 +735,8 @@ def _char_encoder(tok: Any) -> Any:
 
 
 def _batch_encoder(tok: Any) -> Any:
-    """Batched encoding with the fast tokenizer's Rust core (parallel over all cores)."""
+    """Batched encoding with the fast tokenizer's Rust core (parallel over all cores), or with
+    tiktoken's when it gives the same tokens (`bpe`)."""
     from tokenizers import Tokenizer
 
     core = Tokenizer.from_str(tok.backend_tokenizer.to_str())
@@ -747,7 +749,8 @@ def _batch_encoder(tok: Any) -> Any:
     def encode(pieces: list[str]) -> list[np.ndarray]:
         return [np.asarray(e.ids, dtype=np.int64) for e in batch(pieces, add_special_tokens=False)]
 
-    return encode
+    fast = bpe.encoder(tok)  # byte-level BPEs: the same tokens from tiktoken's engine
+    return bpe.checked(fast, encode) if fast else encode
 
 
 BATCH_CHARS = 1 << 22  # characters per tokenizer batch: bounds memory, keeps all cores busy
