@@ -11,7 +11,7 @@ files are checked equal, token for token.
 
 Repetitions alternate which side goes first; tokens/s medians and their ratio are printed as
 JSON. With `--big-mb`, jupyter_llm's preparation also runs in a child process on a corpus of
-that size and its peak RSS (ru_maxrss) is reported.
+that size and its peak RSS (VmHWM) is reported.
 
     python bench/prepare.py [--mb 200] [--reps 3] [--big-mb 2048]   (--mb 0: only the RSS run)
 """
@@ -93,12 +93,13 @@ def baseline(data: Path, tok_dir: Path, out: Path, cache: Path) -> tuple[float, 
 
 def peak_rss(data: Path, tok_dir: Path, out: Path) -> dict[str, float]:
     """Our preparation alone in a child process: wall time and peak RSS."""
-    # the child reports its own peak (RUSAGE_SELF): RUSAGE_CHILDREN would also count every
-    # earlier child of this process
+    # the child reports its own peak, VmHWM: its address space's high-water mark. Not
+    # ru_maxrss: RUSAGE_CHILDREN counts every earlier child, and even RUSAGE_SELF keeps the
+    # high-water mark of the address space it had before exec, i.e. this process's at fork
     code = (
-        "import resource, sys; sys.path.insert(0, sys.argv[1]); import prepare as b; from pathlib import Path; "
+        "import re, sys; sys.path.insert(0, sys.argv[1]); import prepare as b; from pathlib import Path; "
         "s, n = b.ours(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])); "
-        "print(s, n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "print(s, n, re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read()).group(1))"
     )
     res = subprocess.run([sys.executable, "-c", code, str(HERE), str(data), str(tok_dir), str(out)],
                          capture_output=True, text=True, check=True)  # fmt: skip
