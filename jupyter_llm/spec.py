@@ -52,7 +52,7 @@ class _Section(BaseModel):
 
 class LoraSpec(_Section):
     r: int = Field(8, ge=1, le=1024)  # rank of the low-rank update
-    alpha: float = Field(16, gt=0)  # scaling numerator: update scaled by alpha / r
+    alpha: int = Field(16, gt=0)  # scaling numerator: update scaled by alpha / r (an int, as peft takes it)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | None = None  # None: peft's default for the model type
 

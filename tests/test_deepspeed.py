@@ -348,3 +348,65 @@ def test_pairs_learn_the_response_only(tmp_path: Path, corpus: Path) -> None:
     # per response token: near zero once "?" -> "yes<eos>" is learnt; prompts would add ~3.3 nats
     assert val[0]["val_loss"] > 2.0 and val[-1]["val_loss"] < 0.5, val
     assert val[-1]["val_acc"] > 0.8 and train[-1]["loss"] < 0.8, train[-1]
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_lora_trains_only_the_adapter_and_exports_it_merged(
+    zero_stage: int, tmp_path: Path, corpus: Path
+) -> None:
+    """LoRA on a pretrained folder: the base weights stay as they were, the attention weights the
+    adapter targets change by its merged update, the adapter is saved too; under ZeRO-3 as well."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    from jupyter_llm.spec import Spec
+    from jupyter_llm.train.data import build_tokenizer
+
+    base_dir = tmp_path / "base"
+    tok = build_tokenizer(Spec.from_dict({"data": {"train": str(corpus)}}), base_dir)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(
+        GPT2Config(
+            n_layer=2,
+            n_head=2,
+            n_embd=32,
+            n_positions=64,
+            vocab_size=len(tok),
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    ).save_pretrained(base_dir)
+    spec = tiny_spec(
+        corpus,
+        name=f"lora-z{zero_stage}",
+        model={"task": "causal-lm", "pretrained": str(base_dir), "config": None,
+               "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["c_attn"]}},
+        tokenizer={"train": None},
+        train={"max_steps": 40, "log_every": 5, "eval_every": 0, "save_every": 0, "micro_batch_size": 8},
+        optim={"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2},
+        distributed={"procs_per_node": 2, "zero_stage": zero_stage},
+        # ZeRO-3 would keep parameters this small whole on every rank: shard them all
+        deepspeed={"zero_optimization": {"stage3_param_persistence_threshold": 0}} if zero_stage == 3 else {},
+    )  # fmt: skip
+    run = launch(spec)
+    assert finished(run)["state"] == "completed"
+    loss = losses(run)
+    assert loss[max(loss)] < loss[min(loss)] - 0.05, loss  # a random base: the adapter alone learns slowly
+    base = AutoModelForCausalLM.from_pretrained(base_dir).state_dict()
+    final = AutoModelForCausalLM.from_pretrained(run.final_model).eval()
+    merged = final.state_dict()
+    assert set(merged) == set(base)  # a plain model: no adapter weights left in it
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed == {f"transformer.h.{i}.attn.c_attn.weight" for i in range(2)}, changed
+    check = torch.load(run.path / "export_check.pt")
+    with torch.no_grad():
+        logits = final(input_ids=check["input_ids"]).logits
+    assert (logits - check["logits"]).abs().max().item() < 1e-4  # merged == what the run computed
+    adapter = run.path / "final" / "adapter"
+    assert (adapter / "adapter_config.json").is_file()
+    again = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_dir), adapter
+    ).merge_and_unload()
+    for k in changed:
+        assert torch.allclose(again.state_dict()[k], merged[k], atol=1e-6)

@@ -248,7 +248,12 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
         probe_logits = engine(input_ids=probe).logits.float().cpu()
     state = engine._zero3_consolidated_16bit_state_dict() if spec.distributed.zero_stage == 3 else None
     if master:
-        _export(engine.module, state, tok, run_dir)
+        module = engine.module
+        if state is not None and hasattr(module, "merge_and_unload"):
+            # LoRA under ZeRO-3: this module holds shards; an unsharded copy takes the whole state
+            module = build_model(spec, tok)
+            module.load_state_dict(state)
+        _export(module, state, tok, run_dir)
         torch.save({"input_ids": probe.cpu(), "logits": probe_logits}, run_dir / "export_check.pt")
         append_jsonl(
             run_dir / "events.jsonl", {"time": now_iso(), "event": "exported", "path": str(run_dir / "final")}
@@ -283,14 +288,16 @@ def layer_grad_norms(module: Any) -> dict[str, float]:
 
 
 def _export(module: Any, state: dict[str, Any] | None, tok: Any, run_dir: Path) -> None:
-    """save_pretrained into final/ via a temporary folder, so final/ is whole or absent."""
+    """save_pretrained into final/ via a temporary folder, so final/ is whole or absent.
+    With LoRA: the merged model, and the adapter alone in final/adapter/."""
     import shutil
 
-    if hasattr(module, "merge_and_unload"):  # LoRA: export the merged model
-        module = module.merge_and_unload()
-        state = None
     tmp, final = run_dir / ".final.tmp", run_dir / "final"
     shutil.rmtree(tmp, ignore_errors=True)
+    if hasattr(module, "merge_and_unload"):  # LoRA: the adapter in adapter/, the merged model
+        module.save_pretrained(tmp / "adapter")
+        module = module.merge_and_unload()
+        state = None
     if state is not None:
         module.save_pretrained(tmp, state_dict=state)
     else:
