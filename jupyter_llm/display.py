@@ -186,7 +186,7 @@ def runs_rows(runs: list[Run]) -> list[dict[str, Any]]:
     return rows
 
 
-class RunsTable:
+class RunsListing:
     """`%llm_runs`: id, name, state, step/total, last loss, started, duration."""
 
     def __init__(self, runs: list[Run]):

@@ -166,9 +166,9 @@ class LLMMagics(Magics):
     @_usage
     def llm_runs(self, line: str = "") -> Any:
         """Table of runs: id, name, state, step/total, last loss, started, duration."""
-        from .display import RunsTable
+        from .display import RunsListing
 
-        return RunsTable(self.store.list())
+        return RunsListing(self.store.list())
 
     @line_magic
     @magic_arguments()

@@ -22,6 +22,16 @@ class Slurm:
     conf: Path
 
     def stop(self) -> None:
+        """Cancel what is still queued or running (a failed test's job would outlive slurmd in
+        its slurmstepd), then stop the daemons."""
+        env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        subprocess.run(["scancel", "--full", "--user", str(os.getuid())], env=env, capture_output=True)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            out = subprocess.run(["squeue", "--noheader"], env=env, capture_output=True, text=True)
+            if out.returncode != 0 or not out.stdout.strip():
+                break
+            time.sleep(0.5)
         for name in ("d.pid", "ctld.pid", "munged.pid"):
             try:
                 os.kill(int((self.dir / name).read_text().strip()), signal.SIGTERM)

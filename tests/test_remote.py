@@ -388,6 +388,50 @@ def test_slurm_submission_on_a_one_machine_cluster(
         cluster.stop()
 
 
+@pytest.mark.deepspeed
+def test_slurm_stop_checkpoints_then_scancel_ends_a_stuck_job(
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopping a Slurm run: the ranks see the stop file on the shared filesystem and save a
+    checkpoint; a job whose rank is stuck is scancel'ed after the grace period. Both end
+    `stopped` and leave no process of the job."""
+    from slurm import start_slurm
+
+    cluster = start_slurm(tmp_path / "slurm")
+    monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
+
+    def nodes(**env: str) -> dict[str, Any]:
+        return {"launcher": "slurm", "shared_fs": True, "master_addr": "127.0.0.1", "python": sys.executable,
+                "env": {"GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1", **env}, "slurm": {"nodes": 1}}  # fmt: skip
+
+    try:
+        train = {"max_steps": 100000, "save_every": 0, "log_every": 2, "eval_every": 0}
+        run = launch(tiny_spec(corpus, name="slurm-stop", distributed={"nodes": nodes(), "procs_per_node": 2},
+                               train=train))  # fmt: skip
+        _wait(lambda: [m for m in run.metrics() if "loss" in m], 300, "training under Slurm")
+        run.stop()
+        assert run.wait(120) == "stopped", (run.status(), run.log_tail(40))
+        ev = {e["event"]: e for e in run.events()}
+        assert ev["slurm_finished"]["state"] == "COMPLETED" and "signal" not in ev  # it ended on its own
+        step = ev["stopped_at"]["step"]
+        assert (run.path / "checkpoints" / f"step{step:08d}" / CKPT_MARKER).is_file()
+        _wait(lambda: not _job_procs(run), 15, "no process of the job left")
+        # rank 0 stalls before step 3 (fault injection) and never reads the stop file: scancel
+        stuck = launch(tiny_spec(corpus, name="slurm-stuck", train={**train, "stop_grace_s": 5},
+                                 distributed={"nodes": nodes(JUPYTER_LLM_FAULT="hang_at_step:3"), "procs_per_node": 2}))  # fmt: skip
+        _wait(lambda: [m for m in stuck.metrics() if m.get("step") == 2], 300, "step 2 under Slurm")
+        t0 = time.monotonic()
+        stuck.stop()
+        assert stuck.wait(120) == "stopped", (stuck.status(), stuck.log_tail(40))
+        ev = {e["event"]: e for e in stuck.events()}
+        assert ev["signal"]["signal"] == "scancel" and ev["slurm_finished"]["state"] == "CANCELLED", ev
+        assert "stopped_at" not in ev and 5 <= time.monotonic() - t0 < 60
+        assert stuck.status()["error"].startswith("stopped without a final checkpoint")
+        _wait(lambda: not _job_procs(stuck), 30, "no process of the stuck job left")
+    finally:
+        cluster.stop()
+
+
 def test_form_with_a_cluster_runs_no_ssh_and_names_an_unknown_cluster(corpus: Path, tmp_path: Path) -> None:
     from jupyter_llm.widgets import SpecForm
 
