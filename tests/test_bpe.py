@@ -115,10 +115,44 @@ def test_only_plain_byte_level_bpe_is_converted(
     assert bpe.encoder(tok) is None
 
 
-def test_a_difference_falls_back_to_the_tokenizer(tok: Any) -> None:
+def test_preparation_encodes_through_tiktoken(
+    tok: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The prepare step's own path (tokenize_to_files) uses the tiktoken encoder for a trained
+    BPE, every batch of it, and packs exactly the reference tokens."""
+    from jupyter_llm.train.data import tokenize_to_files
+
+    calls: list[int] = []
+    real = bpe.encoder
+
+    def spying(t: Any, threads: int | None = None) -> Any:
+        fast = real(t, threads)
+        assert fast is not None
+        return lambda pieces: calls.append(len(pieces)) or fast(pieces)
+
+    monkeypatch.setattr("jupyter_llm.train.data.bpe.encoder", spying)
+    docs = _texts(7, 300)
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs if d.strip()))
+    kept = [d for d in docs if d.strip()]
+    spec = Spec.from_dict(
+        {
+            "tokenizer": {"path": str(tmp_path)},
+            "data": {"train": str(src), "val_fraction": 0},
+            "train": {"eval_every": 0},
+        }
+    )
+    index = tokenize_to_files(spec, tok, tmp_path / "out")
+    assert sum(calls) == len(kept)
+    packed = np.fromfile(tmp_path / "out" / "train.bin", dtype=index["dtype"]).tolist()
+    assert packed == [t for ids in reference(tok, kept) for t in [*ids, tok.eos_token_id]]
+
+
+def test_a_difference_falls_back_to_the_tokenizer(tok: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     texts = ["To be, or not to be", "that is the question"]
     wrong = lambda pieces: [np.zeros(1, np.uint32) for _ in pieces]  # noqa: E731
-    right = _batch_encoder(tok)
+    monkeypatch.setenv("JUPYTER_LLM_TIKTOKEN", "0")
+    right = _batch_encoder(tok)  # `tokenizers` alone
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         checked = bpe.checked(wrong, right)

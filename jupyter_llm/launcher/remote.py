@@ -294,6 +294,7 @@ def preflight(
         ]
         checks.append((f"{n.label} versions", not diff,
                        ("; ".join(diff) and f"{n.label}: versions differ: " + "; ".join(diff)) or "same as here"))  # fmt: skip
+        # procs_per_node "auto" (slots 0): the node's GPUs, or 1 CPU rank
         want = n.slots or f["gpus"] or 1
         if f["gpus"]:
             cpu = False
@@ -313,9 +314,7 @@ def preflight(
         if expect is not None and not f.get("expect_exists"):
             checks.append((f"{n.label} shared folder", False,
                            f"{n.label}: does not see {expect}; the cluster says shared_fs: true"))  # fmt: skip
-        # procs_per_node "auto" (slots 0): the node's GPUs, or 1 CPU rank
-        slots = n.slots or f["gpus"] or 1
-        resolved.append(Node(n.index, n.host, f["workdir"] if not cluster.shared_fs else n.run_dir, slots))
+        resolved.append(Node(n.index, n.host, f["workdir"] if not cluster.shared_fs else n.run_dir, want))
         if n.index == 0 and "port_free" in f:
             addr = master_addr(cluster)
             if want_port is not None:
@@ -352,13 +351,8 @@ class Syncer:
     def __init__(
         self, cluster: Cluster, nodes: list[Node], run_dir: Path, marker: str, control: str | None = None
     ):
-        self.cluster, self.nodes, self.dir, self.marker, self.control = (
-            cluster,
-            nodes,
-            run_dir,
-            marker,
-            control,
-        )
+        self.cluster, self.nodes, self.dir, self.marker = cluster, nodes, run_dir, marker
+        self.control = control
         self.events_off: int | None = None
         self.errors: list[str] = []
 
@@ -514,8 +508,9 @@ def push(cluster: Cluster, nodes: list[Node], run_dir: Path, data_dir: Path | No
 
 
 def close_shared(cluster: Cluster, nodes: list[Node], control: str) -> None:
-    """End the shared connections (`ssh -O exit`) and remove their folder."""
-    for n in nodes:
+    """End the shared connections (`ssh -O exit`) and remove their folder. None were opened
+    when nothing was copied (a shared filesystem, Slurm): no ssh call then."""
+    for n in nodes if any(Path(control).iterdir()) else []:
         argv = ["ssh", *ssh_options(cluster, n.host, control), "-O", "exit", "--", n.host.host]
         run_quiet(argv, timeout=10)
     shutil.rmtree(control, ignore_errors=True)
