@@ -234,8 +234,12 @@ def memory_html(memory: dict[str, Any] | None, error: str | None) -> str:
         f"<tr><td>ZeRO {s}</td><td>{m['device']:.3f}</td><td>{m['cpu']:.3f}</td><td>{html.escape(m['source'])}</td></tr>"
         for s, m in memory["per_rank_gib"].items()
     )
+    derived = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:,}</td></tr>"
+                      for k, v in memory.get("zero3_settings", {}).items())  # fmt: skip
     return (f"<h4>Memory per rank ({memory['params']:,} parameters)</h4><table><tr><th>stage</th>"
-            f"<th>device GiB</th><th>CPU GiB</th><th>from</th></tr>{rows}</table>")  # fmt: skip
+            f"<th>device GiB</th><th>CPU GiB</th><th>from</th></tr>{rows}</table>"
+            + (f"<details><summary>ZeRO-3 settings from the model's shape</summary><table>{derived}</table>"
+               "</details>" if derived else ""))  # fmt: skip
 
 
 def dry_run_html(d: DryRun) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .launcher.local import free_port, gpu_count, port_free
-from .spec import Spec, deepspeed_config
+from .spec import Spec, deepspeed_config, resolve_auto
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,9 @@ class DryRun:
             lines += ["command:", " ".join(self.command)]
         lines.append("checks:")
         lines += [f"  [{'ok' if c.ok else 'FAIL'}] {c.name}: {c.detail}" for c in self.checks]
+        if self.memory and self.spec.distributed.zero_stage == 3:
+            derived = ", ".join(f"{k}={v:,}" for k, v in self.memory["zero3_settings"].items())
+            lines.append(f"ZeRO-3 settings from the model's shape (a value in deepspeed: wins): {derived}")
         if self.memory:
             lines.append(f"memory per rank (GiB), {self.memory['params']:,} parameters:")
             for stage, m in self.memory["per_rank_gib"].items():
@@ -109,7 +112,7 @@ def dry_run(spec: Spec, estimate_memory: bool = True, probe: bool = True) -> Dry
     shown_env: dict[str, str] = {
         k: cmd.env[k] for k in ("OMP_NUM_THREADS", "GLOO_SOCKET_IFNAME") if k in cmd.env
     }
-    return DryRun(spec, deepspeed_config(spec), cmd.argv, ranks, checks, memory, err, shown_env)
+    return DryRun(spec, _ds_config(spec, memory), cmd.argv, ranks, checks, memory, err, shown_env)
 
 
 def _dry_run_cluster(spec: Spec, cluster: Any, estimate_memory: bool, probe: bool) -> DryRun:
@@ -136,8 +139,15 @@ def _dry_run_cluster(spec: Spec, cluster: Any, estimate_memory: bool, probe: boo
     ranks = sum(n.slots for n in nodes)
     memory, err = memory_estimate(spec, ranks) if estimate_memory else (None, None)
     return DryRun(
-        spec, deepspeed_config(spec), cmds[0].argv, ranks, checks, memory, err, dict(cluster.env), cmds
+        spec, _ds_config(spec, memory), cmds[0].argv, ranks, checks, memory, err, dict(cluster.env), cmds
     )
+
+
+def _ds_config(spec: Spec, memory: dict[str, Any] | None) -> dict[str, Any]:
+    """The DeepSpeed config, with ZeRO-3's "auto" sizes as the worker will fill them (when the
+    estimate knows the model's shape)."""
+    cfg = deepspeed_config(spec)
+    return resolve_auto(cfg, memory["shape"]) if memory and "shape" in memory else cfg
 
 
 def memory_estimate(spec: Spec, ranks: int) -> tuple[dict[str, Any] | None, str | None]:

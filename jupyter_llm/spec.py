@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import glob
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -62,7 +63,9 @@ class ModelSpec(_Section):
     pretrained: str | None = None  # local folder with a from_pretrained checkpoint
     # transformers config kwargs when building from scratch; None = a tiny default for the task
     config: dict[str, Any] | None = None
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # the weights' dtype when loaded or built; auto: a pretrained checkpoint's own dtype (its
+    # config.json), else train.precision's. A bf16 checkpoint is never silently upcast.
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     lora: LoraSpec | None = None
     gradient_checkpointing: bool = False
 
@@ -185,6 +188,9 @@ class TrainSpec(_Section):
     # first logged step, before the job is declared hung and stopped; 0 = never
     hang_timeout_s: float = Field(1800, ge=0)
     grad_norms_every: int = Field(0, ge=0)  # steps between per-layer gradient norms (grads.jsonl); 0 = off
+    # compute precision (DeepSpeed's bf16/fp16 modes keep fp32 master weights in the optimizer);
+    # auto: the weights' dtype (model.dtype)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
 
 class OptimSpec(_Section):
@@ -417,6 +423,7 @@ class Spec(_Section):
             out.append(Problem("distributed.offload", d.offload, "offload needs zero_stage 1-3"))
         if m.pretrained and m.config:
             out.append(Problem("model.config", m.config, "give model.pretrained or model.config, not both"))
+        out += self._dtype_problems()
         if self.tokenizer.path and self.tokenizer.train:
             out.append(Problem("tokenizer.train", "...", "give tokenizer.path or tokenizer.train, not both"))
         if m.lora and not m.pretrained:
@@ -443,6 +450,45 @@ class Spec(_Section):
                 )
             )
         return out
+
+    def checkpoint_dtype(self, folder: str | None = None) -> str | None:
+        """The dtype a pretrained checkpoint was saved in (its config.json), if it says.
+        `folder`: where the checkpoint is on this machine (a remote node's synced copy)."""
+        folder = folder or self.model.pretrained
+        if not folder:
+            return None
+        try:
+            with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+                cfg = json.load(f)
+        except (OSError, ValueError):
+            return None
+        saved = cfg.get("dtype") or cfg.get("torch_dtype")
+        return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(str(saved))
+
+    def load_dtype(self, folder: str | None = None) -> str:
+        """The dtype the weights are loaded (or built) in: fp32, bf16 or fp16."""
+        if self.model.dtype != "auto":
+            return self.model.dtype
+        if self.model.pretrained:
+            return self.checkpoint_dtype(folder) or "fp32"
+        return "fp32" if self.train.precision == "auto" else self.train.precision
+
+    def precision(self) -> str:
+        """The compute precision: fp32, bf16 or fp16."""
+        return self.load_dtype() if self.train.precision == "auto" else self.train.precision
+
+    def _dtype_problems(self) -> list[Problem]:
+        load, prec = self.load_dtype(), self.precision()
+        if load == prec or load == "fp32":  # fp32 weights train in any precision (mixed precision)
+            return []
+        if self.model.dtype == "auto":  # the checkpoint's own dtype
+            why = f"the checkpoint {self.model.pretrained} is {load}"
+            fix = f"set model.dtype: {prec} to convert it on purpose, or train.precision: {load}"
+        else:
+            why = f"model.dtype is {load}"
+            fix = f"set model.dtype: {prec}, or train.precision: {load}"
+        what = "would upcast it (twice the memory)" if prec == "fp32" else f"does not train {load} weights"
+        return [Problem("train.precision", self.train.precision, f"{prec} {what}: {why}; {fix}")]
 
     def tokenizer_source(self) -> str | None:
         """The folder the tokenizer loads from, or None when it is trained on the data."""
@@ -573,6 +619,43 @@ def deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]
     return out
 
 
+# ZeRO-3 settings derived from the model's shape at start (DeepSpeed's defaults let a rank keep
+# 1e9 gathered parameters live: more than many whole models)
+ZERO3_AUTO = (
+    "reduce_bucket_size",
+    "stage3_prefetch_bucket_size",
+    "stage3_param_persistence_threshold",
+    "stage3_max_live_parameters",
+    "stage3_max_reuse_distance",
+)
+
+
+def zero3_settings(shape: dict[str, int]) -> dict[str, int]:
+    """ZeRO-3's size settings from the model's shape: the buckets as the HF Trainer sizes its
+    "auto" values (hidden², 0.9·hidden², 10·hidden); the live-parameter limit (and the reuse
+    distance) at two layers or the largest module, whichever is more, never above DeepSpeed's
+    default 1e9, so a rank holds a couple of gathered layers, not the whole model."""
+    h = max(shape["hidden_size"], 1)
+    live = min(10**9, max(shape["largest_module_params"], 2 * shape["largest_layer_params"]))
+    return {
+        "reduce_bucket_size": h * h,
+        "stage3_prefetch_bucket_size": int(0.9 * h * h),
+        "stage3_param_persistence_threshold": 10 * h,
+        "stage3_max_live_parameters": live,
+        "stage3_max_reuse_distance": live,
+    }
+
+
+def resolve_auto(ds_config: dict[str, Any], shape: dict[str, int]) -> dict[str, Any]:
+    """`ds_config` with its "auto" ZeRO-3 values filled from the model's shape."""
+    zero = dict(ds_config.get("zero_optimization", {}))
+    derived = zero3_settings(shape)
+    for key, value in zero.items():
+        if value == "auto" and key in derived:
+            zero[key] = derived[key]
+    return {**ds_config, "zero_optimization": zero}
+
+
 def deepspeed_config(spec: Spec) -> dict[str, Any]:
     """The DeepSpeed config a spec implies; the raw `deepspeed:` section is merged last.
 
@@ -642,6 +725,9 @@ def deepspeed_config(spec: Spec) -> dict[str, Any]:
     if d.zero_stage == 3:
         # lets the worker gather a full state dict for the final save_pretrained export
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+        # sized from the model's shape by the worker (train.model.zero3_settings), as the HF
+        # Trainer's "auto" values are; a value in the spec's deepspeed: section wins
+        zero.update(dict.fromkeys(ZERO3_AUTO, "auto"))
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
@@ -649,8 +735,8 @@ def deepspeed_config(spec: Spec) -> dict[str, Any]:
         "optimizer": optimizer,
         "scheduler": scheduler,
         "zero_optimization": zero,
-        "bf16": {"enabled": spec.model.dtype == "bf16"},
-        "fp16": {"enabled": spec.model.dtype == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "bf16": {"enabled": spec.precision() == "bf16"},
+        "fp16": {"enabled": spec.precision() == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 2**31 - 1,  # we log ourselves; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
     }

@@ -410,3 +410,45 @@ def test_lora_trains_only_the_adapter_and_exports_it_merged(
     ).merge_and_unload()
     for k in changed:
         assert torch.allclose(again.state_dict()[k], merged[k], atol=1e-6)
+
+
+@pytest.mark.parametrize("source", ["config", "pretrained"])
+def test_zero3_partitions_the_model_as_it_is_built(source: str, tmp_path: Path, corpus: Path) -> None:
+    """Under ZeRO-3 the worker's build_model (2 real ranks over gloo, before any
+    deepspeed.initialize) yields parameters that are already partitioned: every one has
+    DeepSpeed's partition attributes, none is held whole, each rank keeps half the elements.
+    From a config (GPT-2) and from_pretrained (the shipped BERT, whose loaded weights equal
+    the checkpoint's once gathered)."""
+    from jupyter_llm.launcher.local import free_port
+
+    bert = minilm_path()
+    model = ({"task": "causal-lm", "config": {"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 32}}
+             if source == "config" else {"task": "masked-lm", "pretrained": str(bert)})  # fmt: skip
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"model": model, "tokenizer": {"path": str(bert)},
+                                    "data": {"train": [str(corpus)], "block_size": 32},
+                                    "distributed": {"procs_per_node": 2, "zero_stage": 3}}))  # fmt: skip
+    probe = Path(__file__).parent / "zero3_probe.py"
+    extra = [] if source == "config" else ["bert.embeddings.word_embeddings.weight", str(bert / "model.safetensors")]
+    env = {**os.environ, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "GLOO_SOCKET_IFNAME": "lo"}  # fmt: skip
+    procs = [
+        subprocess.Popen([sys.executable, str(probe), str(spec), str(tmp_path), str(bert), *extra],
+                         env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        for r in range(2)
+    ]
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, out[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    total = ranks[0]["total"]
+    assert total > 1_000_000  # the count comes from the partitioned parameters' ds_numel
+    for rec in ranks:
+        assert rec["all_partitioned"] and rec["status"] == ["ZeroParamStatus.NOT_AVAILABLE"], rec
+        assert rec["local_numel"] == 0, rec  # nothing held whole
+        assert total / 2 <= rec["shard_numel"] <= total / 2 + 1000, rec  # half each (+ padding)
+        assert rec["live_limit"] < total  # sized from the shape (the embeddings), not 1e9
+        if source == "pretrained":
+            assert rec["loaded_equal"], rec
+    assert ranks[0]["checksum"] == ranks[1]["checksum"] > 0  # one model, initialised, on both ranks

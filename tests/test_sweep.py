@@ -103,7 +103,10 @@ def test_sweep_view_from_the_controller_snapshot(corpus: Path, capsys: pytest.Ca
 
 
 @pytest.mark.deepspeed
-def test_real_sweep_prunes_fails_resumes_and_cleans_up(corpus: Path, ip: Any) -> None:
+def test_real_sweep_prunes_fails_resumes_and_cleans_up(corpus: Path, ip: Any, monkeypatch: Any) -> None:
+    # every step of every trial takes >= 0.2 s (fault injection), so the pruned trial still has
+    # 30 steps (>= 6 s) to go when it is pruned at step 10: its stop never races its end
+    monkeypatch.setenv("JUPYTER_LLM_FAULT", "step_delay_ms:200")
     body = {
         "base": base(corpus),
         "space": {"optim.lr": {"loguniform": [1e-6, 1e-2]}, "model.config.n_head": {"choice": [2, 3, 4]}},
@@ -170,6 +173,7 @@ def test_real_sweep_prunes_fails_resumes_and_cleans_up(corpus: Path, ip: Any) ->
         assert not r.checkpoints()
     gone([(sw.status()["pid"], sw.status()["pid_create_time"])])  # the controller too
     # the view's "Launch best as full run" starts the best spec (with overrides) as a new run
+    monkeypatch.delenv("JUPYTER_LLM_FAULT")
     view = SweepView(sw)
     run = view.launch_best()
     assert run is not None and run.spec.optim.lr == best["params"]["optim.lr"]

@@ -2,7 +2,7 @@
 
 Runs in its own process (the kernel never imports torch). Builds the model on the meta
 device (no memory, no weights read), counts parameters, and asks DeepSpeed's own
-estimators; prints JSON.
+estimators; prints JSON, with the ZeRO-3 settings the worker derives from the same shape.
 """
 
 from __future__ import annotations
@@ -14,28 +14,15 @@ from typing import Any
 
 
 def estimate(spec_path: Path, ranks: int) -> dict[str, Any]:
-    import torch
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
-    from ..spec import Spec
-    from .model import DEFAULT_CONFIGS
+    from ..spec import Spec, zero3_settings
+    from .model import meta_shape
 
     spec = Spec.from_yaml(spec_path.read_text())
-    auto = AutoModelForCausalLM if spec.model.task == "causal-lm" else AutoModelForMaskedLM
-    if spec.model.pretrained:
-        cfg = AutoConfig.from_pretrained(spec.model.pretrained)
-    else:
-        kwargs = dict(spec.model.config or DEFAULT_CONFIGS[spec.model.task])
-        cfg = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
-    vocab = _vocab_size(spec)
-    if vocab is not None:
-        cfg.vocab_size = max(vocab, int(getattr(cfg, "vocab_size", 0) if spec.model.pretrained else 0))
-    with torch.device("meta"):
-        model = auto.from_config(cfg)
-    total = sum({id(p): p.numel() for p in model.parameters()}.values())
-    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    shape = meta_shape(spec, _vocab_size(spec) or 0)
+    total, largest = shape["params"], shape["largest_module_params"]
     off = spec.distributed.offload
     z2_cpu, z2_dev = estimate_zero2_model_states_mem_needs(total, ranks, 1, cpu_offload=off != "none")
     z3_cpu, z3_dev, _ = estimate_zero3_model_states_mem_needs(
@@ -45,7 +32,9 @@ def estimate(spec_path: Path, ranks: int) -> dict[str, Any]:
     return {
         "params": total,
         "largest_layer_params": largest,
-        "vocab_size": cfg.vocab_size,
+        "shape": shape,
+        # what the worker fills in for ZeRO-3's "auto" values (a value in deepspeed: wins)
+        "zero3_settings": zero3_settings(shape),
         "per_rank_gib": {
             # stage 0 has no DeepSpeed estimator: fp32 weights + grads + Adam m and v, 16 bytes/param
             "0": {"device": 16 * total / gib, "cpu": 0.0, "source": "16 bytes/param"},

@@ -43,10 +43,10 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
     import torch.distributed as dist
     from transformers import AutoTokenizer  # every rank, in parallel: not after the barrier
 
-    from ..spec import Spec
+    from ..spec import Spec, resolve_auto
     from . import checkpoint
     from .data import Blocks, data_stage
-    from .model import build_model, flops_per_token, param_groups, peak_flops
+    from .model import build_model, flops_per_token, meta_shape, param_groups, peak_flops
 
     # validated at launch; on a remote node the data files are not there (prepared data is)
     spec = Spec.from_yaml((run_dir / "spec.yaml").read_text(), check_files=False)
@@ -81,8 +81,12 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
     has_val = val_blocks.n > 0
 
     # -- model and engine -----------------------------------------------------------------
+    if spec.distributed.zero_stage == 3:  # buffers sized from the model's shape (the "auto" values)
+        ds_config = resolve_auto(ds_config, meta_shape(spec, len(tok)))
+        if master:
+            write_json_atomic(run_dir / "ds_config.resolved.json", ds_config)
     torch.manual_seed(spec.seed)  # identical initial weights on every rank
-    model = build_model(spec, tok)
+    model = build_model(spec, tok, ds_config)  # partitioned as it is built under ZeRO-3
     fpt = flops_per_token(model, d.block_size)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, spec.optim.weight_decay), config=ds_config
@@ -178,10 +182,14 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
     engine.train()
     window_start = time.perf_counter()
     hang_at = _fault("hang_at_step")
+    # fault injection: every step takes at least this long, so a test can catch a run mid-flight
+    step_delay_s = (_fault("step_delay_ms") or 0) / 1000
     gn_every = t.grad_norms_every
     for step in range(start_step + 1, t.max_steps + 1):
         if hang_at == step and master:  # fault injection for the hang test: rank 0 stalls
             time.sleep(3600)
+        if step_delay_s:
+            time.sleep(step_delay_s)
         for micro in range(t.grad_accum):
             out = engine(**train_batch(step, micro))
             engine.backward(out.loss)
@@ -199,6 +207,7 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
             dist.all_reduce(red)
             elapsed = time.perf_counter() - window_start
             tps = tokens_per_step * window_steps / elapsed
+            peaks = _peaks_mb(torch, dist, device, world)
             gn = engine.get_global_grad_norm()
             rec: dict[str, Any] = {
                 "step": step,
@@ -214,6 +223,9 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
                 "mem_mb": (torch.cuda.max_memory_allocated(device) if cuda else proc.memory_info().rss)
                 / 2**20,
                 "mem_kind": "device_peak" if cuda else "rss",
+                # every rank's peak so far (CUDA's allocator peak; the process's VmHWM on CPU)
+                "mem_peak_mb_ranks": peaks,
+                "mem_peak_mb": max(peaks),
                 "tokens": step * tokens_per_step,
             }
             if master:
@@ -261,20 +273,12 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
     dist.barrier()
 
 
-def layer_key(name: str) -> str:
-    """The layer a parameter belongs to: its path up to the first block index
-    ("transformer.h.3.attn.c_attn.weight" -> "transformer.h.3"), else its module path."""
-    parts = name.split(".")
-    for i, part in enumerate(parts):
-        if part.isdigit():
-            return ".".join(parts[: i + 1])
-    return ".".join(parts[:-1]) or name
-
-
 def layer_grad_norms(module: Any) -> dict[str, float]:
     """L2 norm of the gradient per layer, read with DeepSpeed's ZeRO-safe accessor (under ZeRO
     1-3 it assembles partitioned gradients, so every rank must call it in the same order)."""
     from deepspeed.utils import safe_get_full_grad
+
+    from .model import layer_key
 
     sq: dict[str, float] = {}
     for name, param in module.named_parameters():
@@ -341,8 +345,28 @@ def _mask_tokens(ids: Any, tok: Any, prob: float, gen: Any) -> tuple[Any, Any]:
     return ids, labels
 
 
+def _peaks_mb(torch: Any, dist: Any, device: Any, world: int) -> list[float]:
+    """Each rank's peak memory so far in MiB: CUDA's allocator peak on a GPU, else VmHWM."""
+    mine = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else vm_hwm_mb()
+    out = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(world)]
+    dist.all_gather(out, torch.tensor([mine], dtype=torch.float64, device=device))
+    return [round(float(t.item()), 1) for t in out]
+
+
+def vm_hwm_mb() -> float:
+    """This process's resident-set high-water mark (VmHWM) in MiB; 0 where /proc has none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def _fault(name: str) -> int | None:
-    """Fault injection for tests: JUPYTER_LLM_FAULT=hang_at_step:N."""
+    """Fault injection for tests: JUPYTER_LLM_FAULT=hang_at_step:N or step_delay_ms:N."""
     kind, _, arg = os.environ.get("JUPYTER_LLM_FAULT", "").partition(":")
     return int(arg) if kind == name and arg.isdigit() else None
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from ..spec import Spec
@@ -23,48 +25,149 @@ DEFAULT_CONFIGS: dict[str, dict[str, Any]] = {
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
 
-def build_model(spec: Spec, tok: Any) -> Any:
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def pretrained_folder(spec: Spec) -> str | None:
+    """Where the pretrained checkpoint is on this machine (a remote node without a shared
+    filesystem gets the folder synced into its run folder)."""
+    return os.environ.get("JUPYTER_LLM_PRETRAINED") or spec.model.pretrained
+
+
+def model_config(spec: Spec, vocab: int) -> Any:
+    """The transformers config of the model a spec trains, with room for `vocab` tokens."""
+    import transformers as tf
+
+    if spec.model.pretrained:
+        cfg = tf.AutoConfig.from_pretrained(pretrained_folder(spec))
+        cfg.vocab_size = max(int(cfg.vocab_size), vocab)  # embeddings grow for a larger tokenizer
+        return cfg
+    kwargs = dict(spec.model.config or DEFAULT_CONFIGS[spec.model.task])
+    model_type = kwargs.pop("model_type")
+    cfg = tf.AutoConfig.for_model(model_type, **kwargs)
+    # at least the tokenizer's vocabulary; a larger configured size pads it (e.g. 50304
+    # for GPT-2, a multiple of 64 that tensor cores like)
+    cfg.vocab_size = max(vocab, int(kwargs.get("vocab_size") or 0))
+    for attr in ("n_positions", "max_position_embeddings"):
+        if getattr(cfg, attr, None) is not None and getattr(cfg, attr) < spec.data.block_size:
+            setattr(cfg, attr, spec.data.block_size)
+    return cfg
+
+
+def build_model(spec: Spec, tok: Any, ds_config: dict[str, Any] | None = None) -> Any:
+    """The model, in the spec's load dtype. With a ZeRO-3 `ds_config` it is built (or loaded)
+    partitioned: DeepSpeed's zero.Init through Transformers' integration, so no rank ever holds
+    the whole model; peft's LoRA layers are added to the partitioned model."""
+    import torch
     import transformers as tf
 
     auto = tf.AutoModelForCausalLM if spec.model.task == "causal-lm" else tf.AutoModelForMaskedLM
-    if spec.model.pretrained:
-        # a remote node without a shared filesystem gets the folder synced into its run folder
-        path = os.environ.get("JUPYTER_LLM_PRETRAINED") or spec.model.pretrained
-        model = _with_sdpa(lambda **kw: auto.from_pretrained(path, **kw))
-        if len(tok) > model.get_input_embeddings().num_embeddings:
-            model.resize_token_embeddings(len(tok))
-    else:
-        kwargs = dict(spec.model.config or DEFAULT_CONFIGS[spec.model.task])
-        model_type = kwargs.pop("model_type")
-        cfg = tf.AutoConfig.for_model(model_type, **kwargs)
-        # at least the tokenizer's vocabulary; a larger configured size pads it (e.g. 50304
-        # for GPT-2, a multiple of 64 that tensor cores like)
-        cfg.vocab_size = max(len(tok), int(kwargs.get("vocab_size") or 0))
-        for attr in ("n_positions", "max_position_embeddings"):
-            if getattr(cfg, attr, None) is not None and getattr(cfg, attr) < spec.data.block_size:
-                setattr(cfg, attr, spec.data.block_size)
-        for t in ("bos", "eos", "pad"):
-            if getattr(tok, f"{t}_token_id", None) is not None:
-                setattr(cfg, f"{t}_token_id", getattr(tok, f"{t}_token_id"))
-        model = _with_sdpa(lambda **kw: auto.from_config(cfg, **kw))
-    if spec.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    if spec.model.lora:
-        import peft
+    folder = pretrained_folder(spec)
+    dtype = getattr(torch, TORCH_DTYPES[spec.load_dtype(folder)])
+    with zero3_init(ds_config):
+        if spec.model.pretrained:
+            model = _with_sdpa(lambda **kw: auto.from_pretrained(folder, dtype=dtype, **kw))
+            if len(tok) > model.get_input_embeddings().num_embeddings:
+                model.resize_token_embeddings(len(tok))
+        else:
+            cfg = model_config(spec, len(tok))
+            for t in ("bos", "eos", "pad"):
+                if getattr(tok, f"{t}_token_id", None) is not None:
+                    setattr(cfg, f"{t}_token_id", getattr(tok, f"{t}_token_id"))
+            model = _with_sdpa(lambda **kw: auto.from_config(cfg, dtype=dtype, **kw))
+        if spec.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        if spec.model.lora:
+            import peft
 
-        lora = spec.model.lora
-        task = peft.TaskType.CAUSAL_LM if spec.model.task == "causal-lm" else peft.TaskType.FEATURE_EXTRACTION
-        model = peft.get_peft_model(
-            model,
-            peft.LoraConfig(
-                task_type=task,
-                r=lora.r,
-                lora_alpha=lora.alpha,
-                lora_dropout=lora.dropout,
-                target_modules=lora.target_modules,
-            ),
-        )
+            lora = spec.model.lora
+            task = (
+                peft.TaskType.CAUSAL_LM
+                if spec.model.task == "causal-lm"
+                else peft.TaskType.FEATURE_EXTRACTION
+            )
+            model = peft.get_peft_model(
+                model,
+                peft.LoraConfig(
+                    task_type=task,
+                    r=lora.r,
+                    lora_alpha=lora.alpha,
+                    lora_dropout=lora.dropout,
+                    target_modules=lora.target_modules,
+                ),
+            )
     return model
+
+
+@contextlib.contextmanager
+def zero3_init(ds_config: dict[str, Any] | None) -> Iterator[None]:
+    """Inside: Transformers builds and loads models partitioned (ZeRO-3's zero.Init), when
+    `ds_config` is a ZeRO-3 config; otherwise nothing changes."""
+    if not ds_config or ds_config.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    keep = HfDeepSpeedConfig(ds_config)  # Transformers holds only a weak reference to it
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del keep
+
+
+def numel(p: Any) -> int:
+    """A parameter's element count, also when ZeRO-3 has partitioned it away (ds_numel)."""
+    return int(getattr(p, "ds_numel", None) or p.numel())
+
+
+def ndim(p: Any) -> int:
+    shape = getattr(p, "ds_shape", None)
+    return len(shape) if shape is not None else int(p.dim())
+
+
+def layer_key(name: str) -> str:
+    """The layer a parameter belongs to: its path up to the first block index
+    ("transformer.h.3.attn.c_attn.weight" -> "transformer.h.3"), else its module path."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return ".".join(parts[:-1]) or name
+
+
+def shape_of(model: Any) -> dict[str, int]:
+    """What ZeRO-3's buffers are sized from: parameters (all, trainable), the largest single
+    module (often the embeddings: gathered whole) and the largest layer (one repeated block)."""
+    seen: dict[int, Any] = {id(p): p for p in model.parameters()}
+    layers: dict[str, int] = {}  # the repeated blocks ("transformer.h.3"), not the embeddings
+    for name, p in model.named_parameters():
+        key = layer_key(name)
+        if key.split(".")[-1].isdigit():
+            layers[key] = layers.get(key, 0) + numel(p)
+    largest_module = max(
+        (sum(numel(p) for p in m.parameters(recurse=False)) for m in model.modules()), default=0
+    )
+    cfg = getattr(model, "config", None)
+    return {
+        "params": sum(numel(p) for p in seen.values()),
+        "trainable_params": sum(numel(p) for p in seen.values() if p.requires_grad),
+        "largest_module_params": largest_module,
+        "largest_layer_params": max(layers.values(), default=0),
+        "hidden_size": int(getattr(cfg, "hidden_size", 0) or 0),
+        "num_layers": int(getattr(cfg, "num_hidden_layers", 0) or 0),
+    }
+
+
+def meta_shape(spec: Spec, vocab: int) -> dict[str, int]:
+    """`shape_of` the spec's model built on the meta device: no memory, no weights read."""
+    import torch
+    import transformers as tf
+
+    auto = tf.AutoModelForCausalLM if spec.model.task == "causal-lm" else tf.AutoModelForMaskedLM
+    with torch.device("meta"):
+        model = auto.from_config(model_config(spec, vocab))
+    return shape_of(model)
 
 
 def _with_sdpa(make: Any) -> Any:
@@ -77,8 +180,8 @@ def _with_sdpa(make: Any) -> Any:
 
 def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices only; biases and norm weights (1-d) are not decayed."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    decay = [p for p in model.parameters() if p.requires_grad and ndim(p) >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and ndim(p) < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
@@ -88,10 +191,10 @@ def flops_per_token(model: Any, seq_len: int) -> float:
     N excludes position embeddings, which cost no matmul FLOPs.
     """
     cfg = model.config
-    n = sum(p.numel() for p in model.parameters())
+    n = sum(numel(p) for p in model.parameters())
     for name, p in model.named_parameters():
         if "position_embeddings" in name or name.endswith("wpe.weight"):
-            n -= p.numel()
+            n -= numel(p)
     layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
     head_dim = cfg.hidden_size // heads
     return 6 * n + 12 * layers * heads * head_dim * seq_len
