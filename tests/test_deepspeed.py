@@ -153,9 +153,21 @@ def test_bert_mlm_finetune(tmp_path: Path, corpus: Path) -> None:
     assert abs(res["masked"]["loss"] - val[-1]) < 0.3 * val[-1], (res["masked"], val)
 
 
-def test_two_runs_at_once_zero0_and_zero3_default_port_taken(corpus: Path) -> None:
+def test_two_runs_at_once_zero0_and_zero3_default_port_taken(corpus: Path, tmp_path: Path) -> None:
     """Stages 0 and 3 side by side on one host while DeepSpeed's default port is held;
-    the ZeRO-3 export is consolidated from the shards and reloads with the engine's logits."""
+    the ZeRO-3 export is consolidated from the shards and reloads with the engine's logits.
+    Both start from one saved GPT-2 (ZeRO-3 builds a model from a config partitioned, and its
+    per-module initialisation draws the random numbers in another order than stage 0's)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(1234)
+    start = tmp_path / "gpt2-tiny"
+    GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=128, n_positions=32, n_layer=2, n_head=2, n_embd=32, bos_token_id=0, eos_token_id=0
+        )
+    ).save_pretrained(start)
     holder = socket.socket()
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -165,6 +177,7 @@ def test_two_runs_at_once_zero0_and_zero3_default_port_taken(corpus: Path) -> No
         pass  # already taken by someone else: the point stands
     try:
         runs = [launch(tiny_spec(corpus, name=f"zero{s}", distributed={"procs_per_node": 2, "zero_stage": s},
+                                 model={"task": "causal-lm", "pretrained": str(start), "config": None},
                                  train={"max_steps": 20, "save_every": 0, "eval_every": 0,
                                         "grad_norms_every": 5}))
                 for s in (0, 3)]  # fmt: skip
@@ -174,11 +187,14 @@ def test_two_runs_at_once_zero0_and_zero3_default_port_taken(corpus: Path) -> No
     assert states == ["completed", "completed"]
     ports = [r.status()["master_port"] for r in runs]
     assert ports[0] != ports[1] and 29500 not in ports
-    import torch
     from transformers import AutoModelForCausalLM
 
     for r in runs:
         assert r.final_model is not None and max(losses(r)) == 20
+        # every rank's peak memory (VmHWM on CPU) on every log line; the line's figure is the max
+        for m in (m for m in r.metrics() if "loss" in m):
+            assert len(m["mem_peak_mb_ranks"]) == 2 and min(m["mem_peak_mb_ranks"]) > 50, m
+            assert m["mem_peak_mb"] == max(m["mem_peak_mb_ranks"])
         check = torch.load(r.path / "export_check.pt")
         model = AutoModelForCausalLM.from_pretrained(r.final_model).eval()
         with torch.no_grad():
@@ -429,13 +445,21 @@ def test_zero3_partitions_the_model_as_it_is_built(source: str, tmp_path: Path, 
                                     "data": {"train": [str(corpus)], "block_size": 32},
                                     "distributed": {"procs_per_node": 2, "zero_stage": 3}}))  # fmt: skip
     probe = Path(__file__).parent / "zero3_probe.py"
-    extra = [] if source == "config" else ["bert.embeddings.word_embeddings.weight", str(bert / "model.safetensors")]
+    extra = (
+        []
+        if source == "config"
+        else ["bert.embeddings.word_embeddings.weight", str(bert / "model.safetensors")]
+    )
     env = {**os.environ, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port()), "GLOO_SOCKET_IFNAME": "lo"}  # fmt: skip
     procs = [
-        subprocess.Popen([sys.executable, str(probe), str(spec), str(tmp_path), str(bert), *extra],
-                         env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        subprocess.Popen(
+            [sys.executable, str(probe), str(spec), str(tmp_path), str(bert), *extra],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for r in range(2)
     ]
     for p in procs:

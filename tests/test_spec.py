@@ -164,3 +164,66 @@ def test_offload_and_schedulers(corpus: Path) -> None:
 def test_example_spec_is_valid() -> None:
     spec = Spec.from_file(Path(__file__).parent.parent / "examples" / "shakespeare-char.yaml")
     assert spec.name == "shakespeare-char" and Path(spec.data.train[0]).is_file()
+
+
+def _checkpoint(tmp_path: Path, dtype: str | None) -> str:
+    """A folder that looks like a saved checkpoint of `dtype` (its config.json says so)."""
+    import json
+
+    d = tmp_path / f"ckpt-{dtype}"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "gpt2", **({"dtype": dtype} if dtype else {})}))
+    return str(d)
+
+
+def test_load_dtype_and_precision_are_coherent(corpus: Path, tmp_path: Path) -> None:
+    base = {"data": {"train": str(corpus)}}
+    # from a config: fp32 weights, any precision (DeepSpeed keeps fp32 master weights)
+    assert Spec.from_dict(base).load_dtype() == "fp32" and Spec.from_dict(base).precision() == "fp32"
+    s = Spec.from_dict(base, ["train.precision=bf16"])
+    assert (s.load_dtype(), s.precision()) == ("bf16", "bf16")
+    assert deepspeed_config(s)["bf16"]["enabled"]
+    # a bf16 checkpoint loads and trains in bf16 by default: never silently upcast
+    bf16 = {"data": base["data"], "model": {"pretrained": _checkpoint(tmp_path, "bfloat16")}}
+    s = Spec.from_dict(bf16)
+    assert (s.load_dtype(), s.precision()) == ("bf16", "bf16") and deepspeed_config(s)["bf16"]["enabled"]
+    with pytest.raises(SpecError) as e:
+        Spec.from_dict(bf16, ["train.precision=fp32"])
+    msg = str(e.value)
+    assert "train.precision" in msg and "upcast" in msg and "is bf16" in msg and "model.dtype: fp32" in msg
+    s = Spec.from_dict(bf16, ["train.precision=fp32", "model.dtype=fp32"])  # upcast on purpose
+    assert (s.load_dtype(), s.precision()) == ("fp32", "fp32") and not deepspeed_config(s)["bf16"]["enabled"]
+    with pytest.raises(SpecError, match="does not train bf16 weights"):
+        Spec.from_dict(bf16, ["train.precision=fp16"])
+    with pytest.raises(SpecError, match=r"model\.dtype is fp16"):
+        Spec.from_dict(base, ["model.dtype=fp16", "train.precision=fp32"])
+    # an old checkpoint without a dtype in its config is fp32; old specs keep their meaning
+    s = Spec.from_dict({"data": base["data"], "model": {"pretrained": _checkpoint(tmp_path, None)}})
+    assert s.load_dtype() == "fp32"
+    s = Spec.from_dict(base, ["model.dtype=bf16"])  # what model.dtype: bf16 meant before train.precision
+    assert (s.load_dtype(), s.precision()) == ("bf16", "bf16")
+
+
+def test_zero3_sizes_are_derived_from_the_shape_unless_given(corpus: Path) -> None:
+    from jupyter_llm.spec import ZERO3_AUTO, resolve_auto, zero3_settings
+
+    base = {"data": {"train": str(corpus)}, "distributed": {"zero_stage": 3}}
+    cfg = deepspeed_config(Spec.from_dict(base))
+    assert all(cfg["zero_optimization"][k] == "auto" for k in ZERO3_AUTO)
+    assert (
+        "stage3_max_live_parameters"
+        not in deepspeed_config(Spec.from_dict(base, ["distributed.zero_stage=2"]))["zero_optimization"]
+    )
+    # a 24-layer, 1280-wide GPT-2 shape: ~64 M embedding parameters, ~20 M per block
+    shape = {"hidden_size": 1280, "largest_module_params": 64_328_960, "largest_layer_params": 19_677_440,
+             "params": 536_000_000, "trainable_params": 536_000_000, "num_layers": 24}  # fmt: skip
+    z = zero3_settings(shape)
+    assert z["reduce_bucket_size"] == 1280**2 and z["stage3_prefetch_bucket_size"] == int(0.9 * 1280**2)
+    assert z["stage3_param_persistence_threshold"] == 12_800
+    assert z["stage3_max_live_parameters"] == z["stage3_max_reuse_distance"] == 64_328_960  # not 1e9
+    assert resolve_auto(cfg, shape)["zero_optimization"]["stage3_max_live_parameters"] == 64_328_960
+    # the spec's deepspeed: section wins over the derived value
+    given = Spec.from_dict({**base, "deepspeed": {"zero_optimization": {"stage3_max_live_parameters": 123}}})
+    assert (
+        resolve_auto(deepspeed_config(given), shape)["zero_optimization"]["stage3_max_live_parameters"] == 123
+    )

@@ -514,3 +514,28 @@ def test_masked_lm_blocks_never_cross_documents(tmp_path: Path) -> None:
     flat = [t for g in got for t in g]
     assert flat == [t for e in enc for t in e]
     assert len(got) in (len(docs), len(docs) + 1)
+
+
+def test_a_bf16_checkpoint_loads_in_bf16(tmp_path: Path, small_corpus: Path) -> None:
+    """build_model loads a bf16 checkpoint as bf16 (model.dtype auto), and as fp32 only when
+    the spec asks for it."""
+    import torch
+    from tokenizers import Tokenizer, models
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from jupyter_llm.spec import Spec
+    from jupyter_llm.train.model import build_model
+
+    cfg = GPT2Config(
+        vocab_size=64, n_positions=16, n_layer=1, n_head=2, n_embd=16, bos_token_id=0, eos_token_id=0
+    )
+    GPT2LMHeadModel(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({f"t{i}": i for i in range(64)}, unk_token="t0"))
+    )
+    base = {"data": {"train": str(small_corpus), "block_size": 16}, "tokenizer": {"train": {"kind": "char"}},
+            "model": {"pretrained": str(tmp_path / "bf16")}}  # fmt: skip
+    model = build_model(Spec.from_dict(base), tok)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    model = build_model(Spec.from_dict(base, ["model.dtype=fp32", "train.precision=fp32"]), tok)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
