@@ -178,7 +178,7 @@ class RunStore:
             raise RuntimeError("could not allocate a unique run id")
         (path / "logs").mkdir()
         (path / "spec.yaml").write_text(spec.to_yaml(), encoding="utf-8")
-        write_json_atomic(path / "ds_config.json", deepspeed_config(spec))
+        write_json_atomic(path / "ds_config.json", deepspeed_config(spec, run_id))
         run = Run(path)
         write_json_atomic(
             path / "status.json",

@@ -224,8 +224,14 @@ class DistributedSpec(_Section):
     # 1: this machine; a cluster's name (clusters.yaml), a list of hosts, or an inline cluster
     nodes: int | str | list[str] | dict[str, Any] = 1
     procs_per_node: Literal["auto"] | int = "auto"  # GPUs per node; CPU ranks when no GPU
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    offload: Literal["none", "optimizer", "optimizer+params"] = "none"
+    # auto: the least sharding whose estimate fits what the nodes have (chosen at launch)
+    zero_stage: Literal[0, 1, 2, 3, "auto"] = 2
+    # optimizer / optimizer+params: to host memory; nvme: the optimizer (and, under ZeRO-3, the
+    # parameters) to files under nvme_path (ZeRO-Infinity); auto: the least offload that fits
+    offload: Literal["none", "optimizer", "optimizer+params", "nvme", "auto"] = "none"
+    # a folder on a local NVMe/SSD of every node for offload: nvme (a per-run folder inside it
+    # holds the swap files, removed when the run ends)
+    nvme_path: str | None = None
     master_port: int | None = Field(None, ge=1024, le=65535)  # None: pick a free one
 
     @field_validator("nodes")
@@ -244,6 +250,13 @@ class DistributedSpec(_Section):
             except UserError as e:
                 raise ValueError(str(e).removeprefix("distributed.nodes: ")) from None
         return v
+
+    @field_validator("nvme_path")
+    @classmethod
+    def _absolute(cls, v: str | None) -> str | None:
+        if v is not None and not os.path.isabs(os.path.expanduser(v)):
+            raise ValueError("must be an absolute path (the same folder on every node)")
+        return os.path.expanduser(v) if v is not None else v
 
     @field_validator("procs_per_node")
     @classmethod
@@ -417,10 +430,14 @@ class Spec(_Section):
                     f"must be below train.max_steps ({t.max_steps})",
                 )
             )
-        if d.offload == "optimizer+params" and d.zero_stage != 3:
-            out.append(Problem("distributed.offload", d.offload, "parameter offload needs zero_stage: 3"))
-        if d.offload != "none" and d.zero_stage == 0:
+        if d.offload in ("optimizer+params", "nvme") and d.zero_stage not in (3, "auto"):
+            what = "parameter offload" if d.offload != "nvme" else "NVMe offload (ZeRO-Infinity)"
+            out.append(Problem("distributed.offload", d.offload, f"{what} needs zero_stage: 3 (or auto)"))
+        if d.offload not in ("none", "auto") and d.zero_stage == 0:
             out.append(Problem("distributed.offload", d.offload, "offload needs zero_stage 1-3"))
+        if d.offload == "nvme" and not d.nvme_path:
+            out.append(Problem("distributed.nvme_path", None,
+                               "offload: nvme needs a folder on a local NVMe/SSD, e.g. nvme_path: /local_nvme"))  # fmt: skip
         if m.pretrained and m.config:
             out.append(Problem("model.config", m.config, "give model.pretrained or model.config, not both"))
         out += self._dtype_problems()
@@ -637,13 +654,25 @@ def zero3_settings(shape: dict[str, int]) -> dict[str, int]:
     default 1e9, so a rank holds a couple of gathered layers, not the whole model."""
     h = max(shape["hidden_size"], 1)
     live = min(10**9, max(shape["largest_module_params"], 2 * shape["largest_layer_params"]))
+    largest_param = shape.get("largest_param", shape["largest_module_params"])
     return {
         "reduce_bucket_size": h * h,
         "stage3_prefetch_bucket_size": int(0.9 * h * h),
         "stage3_param_persistence_threshold": 10 * h,
         "stage3_max_live_parameters": live,
         "stage3_max_reuse_distance": live,
+        # NVMe offload: the optimizer steps (and swaps) one sub-group of parameters at a time,
+        # and each parameter swap buffer holds one parameter: one layer, or the largest tensor
+        "sub_group_size": max(largest_param, shape["largest_layer_params"]),
+        "param_buffer_size": _round_up(largest_param, 2**20),
+        # one buffer per swapped tensor of the layers that may be live at once (two, and the
+        # one being prefetched), and the non-layer ones (embeddings, head)
+        "param_buffer_count": max(5, 3 * shape.get("layer_tensors", 0) + 2),
     }
+
+
+def _round_up(n: int, to: int) -> int:
+    return -(-max(n, 1) // to) * to
 
 
 def resolve_auto(ds_config: dict[str, Any], shape: dict[str, int]) -> dict[str, Any]:
@@ -653,10 +682,21 @@ def resolve_auto(ds_config: dict[str, Any], shape: dict[str, int]) -> dict[str, 
     for key, value in zero.items():
         if value == "auto" and key in derived:
             zero[key] = derived[key]
+    if isinstance(zero.get("offload_param"), dict) and zero["offload_param"].get("buffer_size") == "auto":
+        zero["offload_param"] = {**zero["offload_param"], "buffer_size": derived["param_buffer_size"]}
+    if isinstance(zero.get("offload_param"), dict) and zero["offload_param"].get("buffer_count") == "auto":
+        zero["offload_param"] = {**zero["offload_param"], "buffer_count": derived["param_buffer_count"]}
     return {**ds_config, "zero_optimization": zero}
 
 
-def deepspeed_config(spec: Spec) -> dict[str, Any]:
+def swap_dir(spec: Spec, run_id: str | None) -> str | None:
+    """The run's own folder under distributed.nvme_path for offload: nvme (removed at its end)."""
+    if spec.distributed.offload != "nvme" or not spec.distributed.nvme_path:
+        return None
+    return os.path.join(spec.distributed.nvme_path, "jupyter-llm-swap", run_id or "<run id>")
+
+
+def deepspeed_config(spec: Spec, run_id: str | None = None) -> dict[str, Any]:
     """The DeepSpeed config a spec implies; the raw `deepspeed:` section is merged last.
 
     The global batch size is left for DeepSpeed to derive (micro x accum x world size),
@@ -717,17 +757,33 @@ def deepspeed_config(spec: Spec) -> dict[str, Any]:
                 "warmup_type": "linear",
             },
         }
-    zero: dict[str, Any] = {"stage": d.zero_stage}
+    zero: dict[str, Any] = {"stage": d.zero_stage}  # "auto": chosen at launch (jupyter_llm.fit)
     if d.offload in ("optimizer", "optimizer+params"):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     if d.offload == "optimizer+params":
         zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    swap = swap_dir(spec, run_id)
+    extra: dict[str, Any] = {}
+    if d.offload == "nvme":
+        # ZeRO-Infinity: the optimizer's states and the parameters live in files; the buffers
+        # that stage them through memory are sized from the model (DeepSpeed's defaults hold
+        # 5 x 1e8 parameters and whole 1e9-element sub-groups)
+        zero["offload_optimizer"] = {"device": "nvme", "nvme_path": swap, "pin_memory": False,
+                                     "buffer_count": 4, "fast_init": False}  # fmt: skip
+        zero["offload_param"] = {"device": "nvme", "nvme_path": swap, "pin_memory": False,
+                                 "buffer_count": "auto", "buffer_size": "auto", "max_in_cpu": 0}  # fmt: skip
+        zero["sub_group_size"] = "auto"
+        # parameter prefetch through the NVMe swapper runs out of swap buffers (DeepSpeed
+        # issue 3062, seen here with 0.19.8): parameters are fetched when needed instead
+        zero["stage3_prefetch_bucket_size"] = 0
+        extra["aio"] = {"block_size": 1048576, "queue_depth": 8, "intra_op_parallelism": 1,
+                        "single_submit": False, "overlap_events": True}  # fmt: skip
     if d.zero_stage == 3:
         # lets the worker gather a full state dict for the final save_pretrained export
         zero["stage3_gather_16bit_weights_on_model_save"] = True
         # sized from the model's shape by the worker (train.model.zero3_settings), as the HF
         # Trainer's "auto" values are; a value in the spec's deepspeed: section wins
-        zero.update(dict.fromkeys(ZERO3_AUTO, "auto"))
+        zero.update({k: "auto" for k in ZERO3_AUTO if k not in zero})
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
@@ -739,5 +795,6 @@ def deepspeed_config(spec: Spec) -> dict[str, Any]:
         "fp16": {"enabled": spec.precision() == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 2**31 - 1,  # we log ourselves; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
+        **extra,
     }
     return deep_merge(cfg, spec.deepspeed)

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -274,9 +275,19 @@ class Supervisor:
         return self._finish(State.FAILED, rc, reason)
 
     def _finish(self, state: State, rc: int | None, error: str | None) -> int:
+        self._remove_swap()
         self.set_status(state, ended_at=now_iso(), exit_code=rc, error=error)
         self.event(state.value, **({"reason": error} if error else {}))
         return 0 if state != State.FAILED else 1
+
+    def _remove_swap(self) -> None:
+        """offload: nvme: the run's swap files are scratch (checkpoints hold the state)."""
+        from ..spec import swap_dir
+
+        swap = swap_dir(self.run.spec, self.run.id)
+        if swap and os.path.isdir(swap):
+            shutil.rmtree(swap, ignore_errors=True)
+            self.event("swap_removed", path=swap)
 
     # -- manifest -----------------------------------------------------------------------
 

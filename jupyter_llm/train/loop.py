@@ -258,7 +258,7 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
     engine.eval()
     with torch.no_grad():
         probe_logits = engine(input_ids=probe).logits.float().cpu()
-    state = engine._zero3_consolidated_16bit_state_dict() if spec.distributed.zero_stage == 3 else None
+    state = gathered_state_dict(engine, master) if spec.distributed.zero_stage == 3 else None
     if master:
         module = engine.module
         if state is not None and hasattr(module, "merge_and_unload"):
@@ -289,6 +289,42 @@ def layer_grad_norms(module: Any) -> dict[str, float]:
             key = layer_key(name)
             sq[key] = sq.get(key, 0.0) + float(grad.float().pow(2).sum())
     return {k: math.sqrt(v) for k, v in sq.items()}
+
+
+def gathered_state_dict(engine: Any, master: bool) -> dict[str, Any] | None:
+    """The whole state dict of a ZeRO-3 engine's module on rank 0 (None elsewhere), gathered
+    one module at a time (a collective: every rank calls it). As DeepSpeed's own
+    `_zero3_consolidated_16bit_state_dict`, but every value is copied out: on a CPU device its
+    `.cpu()` is no copy, and under NVMe offload a gathered parameter lives in a swap buffer
+    that the next module reuses (the export then held one tensor many times)."""
+    import deepspeed
+
+    opt = engine.optimizer
+    if hasattr(opt, "checkpoint_event_prologue"):
+        opt.checkpoint_event_prologue()  # nothing in flight: every parameter partitioned
+    state: dict[str, Any] = {}
+    first_name: dict[int, str] = {}  # ds_id -> key: tied parameters stay one tensor
+
+    def visit(module: Any, prefix: str) -> None:
+        own = list(module.parameters(recurse=False))
+        with deepspeed.zero.GatheredParameters(own, modifier_rank=0):
+            if master:
+                for name, p in module.named_parameters(recurse=False):
+                    if p.ds_id in first_name:
+                        state[prefix + name] = state[first_name[p.ds_id]]
+                    else:
+                        state[prefix + name] = p.detach().clone()
+                        first_name[p.ds_id] = prefix + name
+                for name, buf in module.named_buffers(recurse=False):
+                    if buf is not None and name not in module._non_persistent_buffers_set:
+                        state[prefix + name] = buf.detach().clone()
+        for name, child in module.named_children():
+            visit(child, prefix + name + ".")
+
+    visit(engine.module, "")
+    if hasattr(opt, "checkpoint_event_epilogue"):
+        opt.checkpoint_event_epilogue()
+    return state if master else None
 
 
 def _export(module: Any, state: dict[str, Any] | None, tok: Any, run_dir: Path) -> None:

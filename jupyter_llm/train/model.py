@@ -140,21 +140,26 @@ def shape_of(model: Any) -> dict[str, int]:
     """What ZeRO-3's buffers are sized from: parameters (all, trainable), the largest single
     module (often the embeddings: gathered whole) and the largest layer (one repeated block)."""
     seen: dict[int, Any] = {id(p): p for p in model.parameters()}
+    cfg = getattr(model, "config", None)
+    hidden = int(getattr(cfg, "hidden_size", 0) or 0)
     layers: dict[str, int] = {}  # the repeated blocks ("transformer.h.3"), not the embeddings
+    tensors: dict[str, int] = {}  # per block, the tensors too big to stay resident under ZeRO-3
     for name, p in model.named_parameters():
         key = layer_key(name)
         if key.split(".")[-1].isdigit():
             layers[key] = layers.get(key, 0) + numel(p)
+            tensors[key] = tensors.get(key, 0) + (numel(p) > 10 * hidden)
     largest_module = max(
         (sum(numel(p) for p in m.parameters(recurse=False)) for m in model.modules()), default=0
     )
-    cfg = getattr(model, "config", None)
     return {
         "params": sum(numel(p) for p in seen.values()),
+        "largest_param": max((numel(p) for p in seen.values()), default=0),
         "trainable_params": sum(numel(p) for p in seen.values() if p.requires_grad),
         "largest_module_params": largest_module,
         "largest_layer_params": max(layers.values(), default=0),
-        "hidden_size": int(getattr(cfg, "hidden_size", 0) or 0),
+        "layer_tensors": max(tensors.values(), default=0),
+        "hidden_size": hidden,
         "num_layers": int(getattr(cfg, "num_hidden_layers", 0) or 0),
     }
 
