@@ -112,7 +112,10 @@ def _train(args: argparse.Namespace, store: RunStore) -> int:
     if args.dry_run:  # the spec, DeepSpeed config, every command and the pre-flight (nodes included)
         from .preflight import dry_run
 
-        plan = dry_run(spec, estimate_memory=False)
+        # the memory estimate (a subprocess with torch) only where the launch must fit itself
+        plan = dry_run(
+            spec, estimate_memory="auto" in (spec.distributed.zero_stage, spec.distributed.offload)
+        )
         print(plan)
         return 0 if plan.ok else 1
     run = launch(spec, root=store.root)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import fit
 from .launcher.local import free_port, gpu_count, port_free
 from .spec import Spec, deepspeed_config, resolve_auto
 
@@ -40,6 +41,7 @@ class DryRun:
     memory_error: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     commands: list[Any] = field(default_factory=list)  # backends.Command: every place's command
+    fit: Any = None  # fit.Plan: the candidates, their estimates, the one chosen and why
 
     @property
     def ok(self) -> bool:
@@ -58,6 +60,10 @@ class DryRun:
             lines += ["command:", " ".join(self.command)]
         lines.append("checks:")
         lines += [f"  [{'ok' if c.ok else 'FAIL'}] {c.name}: {c.detail}" for c in self.checks]
+        if self.fit is not None:
+            lines += [f"ZeRO stage and offload: {self.fit.reason}", self.fit.table()]
+            if self.fit.suggestions:
+                lines.append("would fit: " + "; ".join(self.fit.suggestions))
         if self.memory and self.spec.distributed.zero_stage == 3:
             derived = ", ".join(f"{k}={v:,}" for k, v in self.memory["zero3_settings"].items())
             lines.append(f"ZeRO-3 settings from the model's shape (a value in deepspeed: wins): {derived}")
@@ -112,7 +118,48 @@ def dry_run(spec: Spec, estimate_memory: bool = True, probe: bool = True) -> Dry
     shown_env: dict[str, str] = {
         k: cmd.env[k] for k in ("OMP_NUM_THREADS", "GLOO_SOCKET_IFNAME") if k in cmd.env
     }
-    return DryRun(spec, _ds_config(spec, memory), cmd.argv, ranks, checks, memory, err, shown_env)
+    d = spec.distributed
+    if d.nvme_path and d.offload in ("nvme", "auto"):
+        free, problem = fit.nvme_check(d.nvme_path)
+        checks.append(Check("nvme path", problem is None or d.offload == "auto",
+                            problem or f"{d.nvme_path}: {(free or 0) / fit.GIB:.1f} GiB free"))  # fmt: skip
+    plan = None
+    if memory and "shape" in memory:
+        plan = fit.plan_spec(spec, memory["shape"], ranks, ranks, fit.probe(d.nvme_path))
+        checks.append(Check("fits", plan.chosen is not None or not _auto(spec), plan.reason))
+        if plan.chosen is not None and _auto(spec):
+            spec = fitted(spec, plan)
+    return DryRun(spec, _ds_config(spec, memory), cmd.argv, ranks, checks, memory, err, shown_env, fit=plan)
+
+
+def _auto(spec: Spec) -> bool:
+    return "auto" in (spec.distributed.zero_stage, spec.distributed.offload)
+
+
+def fitted(spec: Spec, plan: Any) -> Spec:
+    """`spec` with the ZeRO stage and offload the plan chose in place of its auto values."""
+    c = plan.chosen
+    return Spec.from_dict(
+        spec.to_dict(), {"distributed.zero_stage": c.stage, "distributed.offload": c.offload}
+    )
+
+
+def fit_spec(spec: Spec) -> tuple[Spec, Any]:
+    """For a launch on this machine: `spec` with its auto ZeRO stage/offload resolved against
+    what this machine has (the cgroup's limit included), and the plan; `fit.DoesNotFit` when
+    nothing fits, before anything is written or started."""
+    from .errors import UserError
+
+    gpus = gpu_count()
+    pp = spec.distributed.procs_per_node
+    ranks = pp if isinstance(pp, int) else (gpus or 1)
+    memory, err = memory_estimate(spec, ranks)
+    if memory is None:
+        raise UserError(f"zero_stage/offload auto needs the model's size, and the estimate failed: {err}")
+    plan = fit.plan_spec(spec, memory["shape"], ranks, ranks, fit.probe(spec.distributed.nvme_path))
+    if plan.chosen is None:
+        raise fit.DoesNotFit(plan)
+    return fitted(spec, plan), plan
 
 
 def _dry_run_cluster(spec: Spec, cluster: Any, estimate_memory: bool, probe: bool) -> DryRun:

@@ -40,7 +40,34 @@ def launch(
     from ..cluster import resolve
 
     cluster = resolve(spec.distributed.nodes) if job == "train" else None  # unknown names fail here
+    plan = None
+    if job == "train" and "auto" in (spec.distributed.zero_stage, spec.distributed.offload):
+        if cluster is not None:
+            raise UserError(
+                "distributed.zero_stage/offload auto fits a launch to this machine only so far: "
+                "give a ZeRO stage and an offload for a cluster (the dry run estimates each)"
+            )
+        from ..preflight import fit_spec
+
+        spec, plan = fit_spec(spec)  # DoesNotFit (how much is missing, what would fit) before anything
+    if (
+        job == "train"
+        and spec.distributed.offload == "nvme"
+        and cluster is None
+        and spec.distributed.nvme_path
+    ):
+        from ..fit import nvme_check
+
+        _, problem = nvme_check(spec.distributed.nvme_path)
+        if problem:
+            raise UserError(f"distributed.nvme_path: {problem}")
     run = RunStore(root).create(spec, job=job)
+    if plan is not None:
+        from ..runs import append_jsonl, now_iso, write_json_atomic
+
+        write_json_atomic(run.path / "fit.json", plan.to_dict())
+        append_jsonl(run.path / "events.jsonl", {"time": now_iso(), "event": "fitted", **plan.to_dict()["chosen"],
+                                                 "reason": plan.reason})  # fmt: skip
     if cluster is not None:
         from .multinode import write_cluster
 

@@ -160,6 +160,8 @@ def shape_of(model: Any) -> dict[str, int]:
         "largest_layer_params": max(layers.values(), default=0),
         "layer_tensors": max(tensors.values(), default=0),
         "hidden_size": hidden,
+        "num_heads": int(getattr(cfg, "num_attention_heads", 0) or 0),
+        "vocab_size": int(getattr(cfg, "vocab_size", 0) or 0),
         "num_layers": int(getattr(cfg, "num_hidden_layers", 0) or 0),
     }
 
