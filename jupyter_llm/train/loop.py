@@ -158,6 +158,10 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
             append_jsonl(
                 run_dir / "events.jsonl", {"time": now_iso(), "event": "resumed_from", "step": start_step}
             )
+            if spec.distributed.offload == "nvme":  # said where people look, not only in a README
+                append_jsonl(
+                    run_dir / "events.jsonl", {"time": now_iso(), "event": "warning", "detail": NVME_RESUME}
+                )
     elif master and attempt > 1:
         append_jsonl(
             run_dir / "events.jsonl",
@@ -271,6 +275,12 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
             run_dir / "events.jsonl", {"time": now_iso(), "event": "exported", "path": str(run_dir / "final")}
         )
     dist.barrier()
+
+
+NVME_RESUME = (
+    "resumed under offload: nvme: weights, schedule and data position are restored, but DeepSpeed "
+    "0.19.8 does not restore Adam's moments that lived in NVMe swap files (they restart from zero)"
+)
 
 
 def layer_grad_norms(module: Any) -> dict[str, float]:
