@@ -105,13 +105,16 @@ def gpu_free() -> tuple[int, ...]:
     if not smi:
         return ()
     try:
-        out = subprocess.run([smi, "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
+        out = subprocess.run([smi, "--query-gpu=memory.free,memory.total", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=20)  # fmt: skip
     except (OSError, subprocess.TimeoutExpired):
         return ()
     if out.returncode != 0:
         return ()
-    return tuple(int(float(x)) * 2**20 for x in out.stdout.split() if x.strip())
+    # JUPYTER_LLM_GPU_MEMORY_FRACTION: the share of each GPU a job may use (the worker caps it)
+    cap = float(os.environ.get("JUPYTER_LLM_GPU_MEMORY_FRACTION") or 1)
+    rows = [line.split(",") for line in out.stdout.strip().splitlines() if line.strip()]
+    return tuple(int(min(float(free), cap * float(total))) * 2**20 for free, total in rows)
 
 
 def nvme_check(path: str) -> tuple[int | None, str | None]:

@@ -60,6 +60,8 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+        if cap := os.environ.get("JUPYTER_LLM_GPU_MEMORY_FRACTION"):  # the share of the GPU this job may use
+            torch.cuda.set_per_process_memory_fraction(float(cap), device)
 
     # -- tokenizer and data: rank 0 prepares once, the others wait and reuse ---------------
     tok_dir = run_dir / "tokenizer"
@@ -262,14 +264,25 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
     engine.eval()
     with torch.no_grad():
         probe_logits = engine(input_ids=probe).logits.float().cpu()
-    state = gathered_state_dict(engine, master) if spec.distributed.zero_stage == 3 else None
+    zero3 = spec.distributed.zero_stage == 3
+    if zero3 and not spec.model.lora:
+        # streamed: one gathered module at a time into safetensors shards, so the export of a
+        # model larger than this machine's memory needs a shard's worth of it, not the model
+        shards = ShardWriter(run_dir / ".final.tmp") if master else None
+        gathered_state_dict(engine, master, shards.add if shards else None)
+        if shards is not None:
+            shards.close()
+            _export_files(engine.module, tok, run_dir)
+    else:
+        state = gathered_state_dict(engine, master) if zero3 else None
+        if master:
+            module = engine.module
+            if state is not None:
+                # LoRA under ZeRO-3: this module holds shards; an unsharded copy takes the whole state
+                module = build_model(spec, tok)
+                module.load_state_dict(state)
+            _export(module, tok, run_dir)
     if master:
-        module = engine.module
-        if state is not None and hasattr(module, "merge_and_unload"):
-            # LoRA under ZeRO-3: this module holds shards; an unsharded copy takes the whole state
-            module = build_model(spec, tok)
-            module.load_state_dict(state)
-        _export(module, state, tok, run_dir)
         torch.save({"input_ids": probe.cpu(), "logits": probe_logits}, run_dir / "export_check.pt")
         append_jsonl(
             run_dir / "events.jsonl", {"time": now_iso(), "event": "exported", "path": str(run_dir / "final")}
@@ -301,12 +314,50 @@ def layer_grad_norms(module: Any) -> dict[str, float]:
     return {k: math.sqrt(v) for k, v in sq.items()}
 
 
-def gathered_state_dict(engine: Any, master: bool) -> dict[str, Any] | None:
+class ShardWriter:
+    """Writes a state dict in safetensors shards of about `shard_bytes` as values arrive, and
+    the index Transformers loads them by (model.safetensors.index.json)."""
+
+    def __init__(self, folder: Path, shard_bytes: int = 256 * 2**20):
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        self.folder, self.limit = folder, shard_bytes
+        self.pending: dict[str, Any] = {}
+        self.size = self.total = 0
+        self.weight_map: dict[str, str] = {}
+
+    def add(self, key: str, tensor: Any) -> None:
+        self.pending[key] = tensor.contiguous()
+        self.size += tensor.numel() * tensor.element_size()
+        if self.size >= self.limit:
+            self._flush()
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        name = f"model-{len(set(self.weight_map.values())) + 1:05d}.safetensors"
+        save_file(self.pending, str(self.folder / name), metadata={"format": "pt"})
+        self.weight_map.update(dict.fromkeys(self.pending, name))
+        self.total += self.size
+        self.pending, self.size = {}, 0
+
+    def close(self) -> None:
+        self._flush()
+        index = {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}
+        write_json_atomic(self.folder / "model.safetensors.index.json", index)
+
+
+def gathered_state_dict(engine: Any, master: bool, sink: Any = None) -> dict[str, Any] | None:
     """The whole state dict of a ZeRO-3 engine's module on rank 0 (None elsewhere), gathered
     one module at a time (a collective: every rank calls it). As DeepSpeed's own
     `_zero3_consolidated_16bit_state_dict`, but every value is copied out: on a CPU device its
     `.cpu()` is no copy, and under NVMe offload a gathered parameter lives in a swap buffer
-    that the next module reuses (the export then held one tensor many times)."""
+    that the next module reuses (the export then held one tensor many times). With `sink`,
+    each value goes to `sink(key, tensor)` as it is gathered (tied copies once) instead."""
     import deepspeed
 
     opt = engine.optimizer
@@ -321,13 +372,14 @@ def gathered_state_dict(engine: Any, master: bool) -> dict[str, Any] | None:
             if master:
                 for name, p in module.named_parameters(recurse=False):
                     if p.ds_id in first_name:
-                        state[prefix + name] = state[first_name[p.ds_id]]
-                    else:
-                        state[prefix + name] = p.detach().clone()
-                        first_name[p.ds_id] = prefix + name
+                        if sink is None:
+                            state[prefix + name] = state[first_name[p.ds_id]]
+                        continue
+                    first_name[p.ds_id] = prefix + name
+                    (sink or state.__setitem__)(prefix + name, p.detach().clone())
                 for name, buf in module.named_buffers(recurse=False):
                     if buf is not None and name not in module._non_persistent_buffers_set:
-                        state[prefix + name] = buf.detach().clone()
+                        (sink or state.__setitem__)(prefix + name, buf.detach().clone())
         for name, child in module.named_children():
             visit(child, prefix + name + ".")
 
@@ -337,25 +389,32 @@ def gathered_state_dict(engine: Any, master: bool) -> dict[str, Any] | None:
     return state if master else None
 
 
-def _export(module: Any, state: dict[str, Any] | None, tok: Any, run_dir: Path) -> None:
-    """save_pretrained into final/ via a temporary folder, so final/ is whole or absent.
-    With LoRA: the merged model, and the adapter alone in final/adapter/."""
+def _export_files(module: Any, tok: Any, run_dir: Path) -> None:
+    """final/ from the weights already in .final.tmp/: the config, generation config, tokenizer."""
     import shutil
 
     tmp, final = run_dir / ".final.tmp", run_dir / "final"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if hasattr(module, "merge_and_unload"):  # LoRA: the adapter in adapter/, the merged model
-        module.save_pretrained(tmp / "adapter")
-        module = module.merge_and_unload()
-        state = None
-    if state is not None:
-        module.save_pretrained(tmp, state_dict=state)
-    else:
-        module.save_pretrained(tmp)
+    module.config.save_pretrained(tmp)  # (again, where save_pretrained wrote it: the same file)
+    if getattr(module, "generation_config", None) is not None and module.can_generate():
+        module.generation_config.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+
+
+def _export(module: Any, tok: Any, run_dir: Path) -> None:
+    """save_pretrained into final/ via a temporary folder, so final/ is whole or absent.
+    With LoRA: the merged model, and the adapter alone in final/adapter/."""
+    import shutil
+
+    tmp = run_dir / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if hasattr(module, "merge_and_unload"):  # LoRA: the adapter in adapter/, the merged model
+        module.save_pretrained(tmp / "adapter")
+        module = module.merge_and_unload()
+    module.save_pretrained(tmp)
+    _export_files(module, tok, run_dir)
 
 
 def mlm_inputs(ids: Any, lens: Any, tok: Any, prob: float, mask_seed: int) -> dict[str, Any]:

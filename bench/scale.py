@@ -1,0 +1,136 @@
+"""A model whose training state is bigger than the machine: `python bench/scale.py`.
+
+A job confined by a cgroup v1 memory limit (`--limit-gib`) trains a GPT-2-shaped model whose
+fp32 training state (16 bytes per parameter: weights, gradients, Adam's m and v) is at least
+twice that limit, launched with `zero_stage: 3, offload: auto`: the launch must itself find
+that only NVMe offload fits (ZeRO-Infinity), and the loss must fall. Beside it, in the same
+invocation and under the same limit, the largest model of the same width that completes a few
+steps through Hugging Face's DeepSpeed integration at DeepSpeed's default ZeRO-3 settings
+(bench/hf_zero3.py), tried from large to small. Prints JSON: both sizes, their ratio, the
+step time, the peaks (the rank's VmHWM, the cgroup's), the estimate the launch used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+import cgroup  # noqa: E402
+
+CORPUS = HERE.parent / "examples" / "tinyshakespeare.txt"
+GIB = 2**30
+
+
+def gpt2_params(layers: int, embd: int, vocab: int, block: int) -> int:
+    return layers * (12 * embd * embd + 13 * embd) + vocab * embd + block * embd + 2 * embd
+
+
+def ours(limit: int, layers: int, embd: int, heads: int, steps: int, work: Path) -> dict:
+    spec = {
+        "name": "scale",
+        "model": {"config": {"model_type": "gpt2", "n_layer": layers, "n_head": heads, "n_embd": embd}},
+        "tokenizer": {"train": {"kind": "char"}},
+        "data": {"train": [str(CORPUS)], "block_size": 32, "val_fraction": 0.01},
+        "train": {"micro_batch_size": 1, "max_steps": steps, "log_every": 1, "eval_every": 0, "eval_batches": 1,
+                  "save_every": 0},
+        "optim": {"lr": 3e-4, "warmup_steps": 1, "min_lr": 3e-5},
+        "distributed": {"procs_per_node": 1, "zero_stage": 3, "offload": "auto", "nvme_path": str(work / "nvme")},
+    }  # fmt: skip
+    (work / "nvme").mkdir(exist_ok=True)
+    f = work / "scale.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "JUPYTER_LLM_HOME": str(work / "home")}
+    with cgroup.memory_limit(f"jllm-scale-{os.getpid()}", limit) as group:
+        t0 = time.time()
+        out = subprocess.run([sys.executable, "-m", "jupyter_llm.cli", "train", str(f), "--wait"], env=env,
+                             capture_output=True, text=True, preexec_fn=lambda: cgroup.enter(group))  # fmt: skip
+        wall, kills, cg_peak = time.time() - t0, cgroup.oom_kills(group), cgroup.peak(group)
+    runs = sorted((work / "home" / "runs").glob("*-scale-*"))
+    if not runs:
+        return {"ok": False, "stdout": out.stdout[-2000:], "stderr": out.stderr[-2000:]}
+    run = runs[-1]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps_ = [m for m in metrics if "loss" in m]
+    plan = json.loads((run / "fit.json").read_text())
+    chosen = next(c for c in plan["candidates"] if c["chosen"])
+    status = json.loads((run / "status.json").read_text())
+    return {
+        "ok": status["state"] == "completed" and kills == 0,
+        "state": status["state"],
+        "error": status.get("error"),
+        "params": gpt2_params(layers, embd, 70, 32),
+        "chosen": plan["chosen"],
+        "estimate_gib": chosen["device_gib"] + chosen["host_gib"],
+        "losses": [round(m["loss"], 4) for m in steps_],
+        "step_time_s": [round(m["step_time_s"], 2) for m in steps_],
+        "vmhwm_gib": max(m["mem_peak_mb"] for m in steps_) / 1024 if steps_ else None,
+        "cgroup_peak_gib": cg_peak / GIB,
+        "oom_kills": kills,
+        "wall_s": round(wall, 1),
+        "export_loads": (run / "final" / "model.safetensors.index.json").is_file(),
+    }
+
+
+def baseline(limit: int, layers: int, embd: int, heads: int, steps: int) -> dict:
+    """One try of bench/hf_zero3.py under the limit: completed, or killed."""
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(29700 + layers)}  # fmt: skip
+    with cgroup.memory_limit(f"jllm-hf-{os.getpid()}", limit) as group:
+        t0 = time.time()
+        out = subprocess.run([sys.executable, str(HERE / "hf_zero3.py"), "--layers", str(layers), "--embd", str(embd),
+                              "--heads", str(heads), "--block", "32", "--steps", str(steps), "--corpus", str(CORPUS)],
+                             env=env, capture_output=True, text=True, preexec_fn=lambda: cgroup.enter(group))  # fmt: skip
+        kills, peak = cgroup.oom_kills(group), cgroup.peak(group)
+    return {"layers": layers, "params": gpt2_params(layers, embd, 70, 32), "ok": out.returncode == 0 and kills == 0,
+            "oom_kills": kills, "cgroup_peak_gib": peak / GIB, "wall_s": round(time.time() - t0, 1)}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--limit-gib", type=float, default=2.5)
+    ap.add_argument("--embd", type=int, default=768)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--out", default=str(HERE / "scale.json"))
+    args = ap.parse_args()
+    if not cgroup.available():
+        sys.exit("needs a writable cgroup v1 memory controller (root)")
+    limit = int(args.limit_gib * GIB)
+    layers = 1
+    while 16 * gpt2_params(layers, args.embd, 70, 32) < 2 * limit:  # training state >= 2x the limit
+        layers += 1
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+        mine = ours(limit, layers, args.embd, args.heads, args.steps, Path(tmp))
+    print(json.dumps(mine), file=sys.stderr, flush=True)
+    tries: list[dict] = []
+    lo, hi = 0, layers  # the largest depth that completes: bisection (lo completes, hi+1 does not)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        tries.append(baseline(limit, mid, args.embd, args.heads, args.steps))
+        print(json.dumps(tries[-1]), file=sys.stderr, flush=True)
+        lo, hi = (mid, hi) if tries[-1]["ok"] else (lo, mid - 1)
+    best = max((t for t in tries if t["ok"]), key=lambda t: t["layers"], default=None)
+    result = {
+        "limit_gib": args.limit_gib,
+        "ours": mine,
+        "ours_state_over_limit": 16 * mine.get("params", 0) / limit,
+        "hf_default_zero3_largest": best,
+        "hf_tries": tries,
+        "ratio": (mine["params"] / best["params"]) if best and mine.get("ok") else None,
+    }
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
