@@ -242,6 +242,20 @@ def memory_html(memory: dict[str, Any] | None, error: str | None) -> str:
                "</details>" if derived else ""))  # fmt: skip
 
 
+def fit_html(plan: Any) -> str:
+    """The candidates of a launch that fits itself (fit.Plan): estimates, the choice, why."""
+    rows = "".join(
+        f"<tr{' style=font-weight:bold' if r['chosen'] else ''}><td>{r['zero_stage']}</td><td>{r['offload']}</td>"
+        f"<td>{r['device_gib']:.2f}</td><td>{r['host_gib']:.2f}</td><td>{r['nvme_gib']:.2f}</td>"
+        f"<td>{html.escape(r['why'])}{' (chosen)' if r['chosen'] else ''}</td></tr>"
+        for r in plan.rows()
+    )
+    tips = "; ".join(plan.suggestions)
+    return (f"<h4>ZeRO stage and offload</h4><p>{html.escape(plan.reason)}</p><table><tr><th>stage</th>"
+            "<th>offload</th><th>device GiB/rank</th><th>host GiB/rank</th><th>NVMe GiB/rank</th><th></th></tr>"
+            f"{rows}</table>" + (f"<p>would fit: {html.escape(tips)}</p>" if tips else ""))  # fmt: skip
+
+
 def dry_run_html(d: DryRun) -> str:
     checks = "".join(
         f"<tr><td>{'✅' if c.ok else '❌'}</td><td>{html.escape(c.name)}</td><td>{html.escape(c.detail)}</td></tr>"
@@ -249,16 +263,7 @@ def dry_run_html(d: DryRun) -> str:
     )
     mem = memory_html(d.memory, d.memory_error)
     if d.fit is not None:
-        rows = "".join(
-            f"<tr{' style=font-weight:bold' if r['chosen'] else ''}><td>{r['zero_stage']}</td><td>{r['offload']}</td>"
-            f"<td>{r['device_gib']:.2f}</td><td>{r['host_gib']:.2f}</td><td>{r['nvme_gib']:.2f}</td>"
-            f"<td>{html.escape(r['why'])}{' (chosen)' if r['chosen'] else ''}</td></tr>"
-            for r in d.fit.rows()
-        )
-        tips = "; ".join(d.fit.suggestions)
-        mem += (f"<h4>ZeRO stage and offload</h4><p>{html.escape(d.fit.reason)}</p><table><tr><th>stage</th>"
-                "<th>offload</th><th>device GiB/rank</th><th>host GiB/rank</th><th>NVMe GiB/rank</th><th></th></tr>"
-                f"{rows}</table>" + (f"<p>would fit: {html.escape(tips)}</p>" if tips else ""))  # fmt: skip
+        mem += fit_html(d.fit)
     return (
         f"<h4>Dry run: {'ready' if d.ok else 'NOT ready'}</h4><table>{checks}</table>"
         f"<h4>Command ({d.ranks} rank(s))</h4>{_commands_html(d)}{mem}"

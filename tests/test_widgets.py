@@ -73,7 +73,7 @@ def test_every_change_is_validated_at_once(corpus: Path) -> None:
     slider = lr.view.children[0]
     assert isinstance(slider, w.FloatLogSlider) and (slider.min, slider.max) == (-6, 0)
     assert isinstance(form.fields["train.micro_batch_size"].widget, w.BoundedIntText)
-    assert list(form.fields["distributed.zero_stage"].widget.options) == [0, 1, 2, 3]
+    assert list(form.fields["distributed.zero_stage"].widget.options) == [0, 1, 2, 3, "auto"]
     assert list(form.fields["optim.scheduler"].widget.options) == ["cosine", "linear", "constant"]
     assert form.fields["distributed.offload"].widget.options[0] == "none"
     # a cross-field problem appears beside its field, and clears when fixed
@@ -140,6 +140,11 @@ def test_memory_estimate_runs_off_the_kernel_thread(corpus: Path) -> None:
     assert time.perf_counter() - t0 < 5  # the estimate (torch + DeepSpeed in a subprocess) is not awaited
     until(lambda: "ZeRO 3" in form.memory.value, timeout=180)
     assert "parameters" in form.memory.value
+    # a spec that fits itself shows every candidate, its estimate, and the one chosen
+    form = SpecForm(Spec.from_dict(tiny_spec(corpus, distributed={"zero_stage": "auto", "offload": "auto"})),
+                    estimate_memory=True)  # fmt: skip
+    until(lambda: "ZeRO stage and offload" in form.memory.value, timeout=180)
+    assert "(chosen)" in form.memory.value and "least sharding and offload" in form.memory.value
 
 
 def test_form_clones_an_earlier_run(corpus: Path, ip: Any) -> None:

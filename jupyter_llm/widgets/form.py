@@ -350,22 +350,31 @@ class SpecForm(w.VBox):
         self.command.value = (f"<pre style='white-space:pre-wrap'>{html.escape(' '.join(d.command))}</pre>"
                               f"<div>{d.ranks} rank(s)</div>")  # fmt: skip
         if self._estimate_memory:
-            key = json.dumps([spec.model.model_dump(mode="json"), d.ranks, spec.distributed.offload])
+            dd = spec.distributed
+            key = json.dumps([spec.model.model_dump(mode="json"), d.ranks, dd.offload, dd.zero_stage, dd.nvme_path,
+                              spec.train.micro_batch_size, spec.data.block_size, spec.train.precision])  # fmt: skip
             if key != self._memory_key:
                 self._memory_key = key
                 self.memory.value = "<i>estimating…</i>"
                 threading.Thread(target=self._estimate, args=(spec, d.ranks, key), daemon=True).start()
 
     def _estimate(self, spec: Spec, ranks: int, key: str) -> None:
-        from ..display import memory_html
+        from ..display import fit_html, memory_html
         from ..preflight import memory_estimate
 
         with self._memory_lock:  # one estimate at a time; a stale one is dropped
             if key != self._memory_key:
                 return
             memory, err = memory_estimate(spec, ranks)
+            plan = None
+            if memory and "shape" in memory and spec.distributed.nodes == 1:  # this machine's resources
+                from .. import fit
+
+                plan = fit.plan_spec(
+                    spec, memory["shape"], ranks, ranks, fit.probe(spec.distributed.nvme_path)
+                )
         if key == self._memory_key:
-            self.memory.value = memory_html(memory, err)
+            self.memory.value = memory_html(memory, err) + ("" if plan is None else fit_html(plan))
 
     # -- actions --------------------------------------------------------------------------
 
