@@ -27,6 +27,9 @@ RUNTIME_CPU = 560 * 2**20
 # on a GPU node: the CUDA context and kernels on the device, the same libraries on the host
 RUNTIME_GPU_DEVICE = 600 * 2**20
 RUNTIME_GPU_HOST = 1536 * 2**20
+# per node, besides the ranks: the supervisor and DeepSpeed's launcher processes (measured
+# here: an 85 M- and a 340 M-parameter rank fit their own estimate but not a cgroup without this)
+NODE_OVERHEAD = 512 * 2**20
 SAFETY = 0.9  # plan to fill at most this share of what a node reports free
 # candidates from the least sharding and offload to the most (the first that fits is chosen)
 CANDIDATES: tuple[tuple[int, str], ...] = (
@@ -305,7 +308,7 @@ def candidates_for(zero_stage: int | str, offload: str, nvme: bool) -> list[tupl
 def judge(job: Job, res: Resources, stage: int, offload: str) -> Candidate:
     cuda = bool(res.gpu_free)
     nd = need(job, stage, offload, cuda)
-    per_node_host = (nd.host + (0 if cuda else nd.device)) * job.ranks_per_node
+    per_node_host = (nd.host + (0 if cuda else nd.device)) * job.ranks_per_node + NODE_OVERHEAD
     short = []
     if cuda and nd.device > SAFETY * min(res.gpu_free):
         short.append(f"GPU {nd.device / GIB:.2f} > {SAFETY * min(res.gpu_free) / GIB:.2f} GiB free")
@@ -337,7 +340,8 @@ def choose(job: Job, res: Resources, zero_stage: int | str, offload: str, nvme: 
     cuda = bool(res.gpu_free)
 
     def missing(c: Candidate) -> float:
-        host = (c.need.host + (0 if cuda else c.need.device)) * job.ranks_per_node - SAFETY * res.host_bytes
+        host = (c.need.host + (0 if cuda else c.need.device)) * job.ranks_per_node + NODE_OVERHEAD
+        host -= SAFETY * res.host_bytes
         dev = c.need.device - SAFETY * min(res.gpu_free) if cuda else 0
         return max(host, dev, 0)
 
