@@ -340,8 +340,8 @@ def choose(job: Job, res: Resources, zero_stage: int | str, offload: str, nvme: 
     cuda = bool(res.gpu_free)
 
     def missing(c: Candidate) -> float:
-        host = (c.need.host + (0 if cuda else c.need.device)) * job.ranks_per_node + NODE_OVERHEAD
-        host -= SAFETY * res.host_bytes
+        used = (c.need.host + (0 if cuda else c.need.device)) * job.ranks_per_node + NODE_OVERHEAD
+        host = used - SAFETY * res.host_bytes
         dev = c.need.device - SAFETY * min(res.gpu_free) if cuda else 0
         return max(host, dev, 0)
 
