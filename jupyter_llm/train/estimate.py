@@ -24,9 +24,10 @@ def estimate(spec_path: Path, ranks: int) -> dict[str, Any]:
     shape = meta_shape(spec, _vocab_size(spec) or 0)
     total, largest = shape["params"], shape["largest_module_params"]
     off = spec.distributed.offload
-    z2_cpu, z2_dev = estimate_zero2_model_states_mem_needs(total, ranks, 1, cpu_offload=off != "none")
+    cpu = off in ("optimizer", "optimizer+params")  # DeepSpeed's estimators know CPU offload only
+    z2_cpu, z2_dev = estimate_zero2_model_states_mem_needs(total, ranks, 1, cpu_offload=cpu)
     z3_cpu, z3_dev, _ = estimate_zero3_model_states_mem_needs(
-        total, largest, ranks, 1, cpu_offload=off != "none", cpu_offload_params=off == "optimizer+params"
+        total, largest, ranks, 1, cpu_offload=cpu, cpu_offload_params=off == "optimizer+params"
     )
     gib = 2**30
     return {
