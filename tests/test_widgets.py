@@ -185,6 +185,11 @@ def test_dashboard_follows_a_metrics_file(corpus: Path) -> None:
     append_jsonl(run.path / "metrics.jsonl", metric(50, 1.5))
     until(lambda: list(view.loss.y)[-1] == 1.5)
     assert len(view.loss.x) == 5
+    # a launch that fitted itself: the rank's peak beside the estimate it was chosen by
+    write_json_atomic(run.path / "fit.json", {"resources": {"gpu_free": []}, "candidates": [
+        {"chosen": True, "device_gib": 0.25, "host_gib": 0.25, "zero_stage": 3, "offload": "nvme"}]})  # fmt: skip
+    append_jsonl(run.path / "metrics.jsonl", {**metric(55, 2.5), "mem_peak_mb": 400.0})
+    until(lambda: "peak 400 MB of 512 MB estimated" in dash.stats.value)
     # the run ends: the badge says so, Stop is disabled, and the reader thread ends
     set_state(run, "completed")
     until(lambda: not dash.live)

@@ -19,6 +19,7 @@ import ipywidgets as w
 import numpy as np
 
 from ..display import COLORS, _badge, _fmt_s
+from ..runs import read_json
 from ..errors import UserError
 from ..runs import Run, RunStore, State
 from .feed import RunFeed, Snapshot
@@ -113,6 +114,16 @@ class _RunView:
         except Exception:
             return None
 
+    def _estimate_mb(self) -> float | None:
+        """The per-rank estimate the launch chose by (fit.json, a launch that fitted itself)."""
+        if not hasattr(self, "_estimate"):
+            plan = read_json(self.run.path / "fit.json") or {}
+            chosen = next((c for c in plan.get("candidates", []) if c.get("chosen")), None)
+            gpu = bool((plan.get("resources") or {}).get("gpu_free"))
+            self._estimate = None if chosen is None else 1024 * (
+                chosen["device_gib"] if gpu else chosen["device_gib"] + chosen["host_gib"])  # fmt: skip
+        return self._estimate
+
     def stats_row(self) -> str:
         snap = self.snap
         if snap is None:
@@ -124,6 +135,11 @@ class _RunView:
             mfu = "n/a (no peak FLOP/s known for this device)" if m else "–"
         mem = "–" if m.get("mem_mb") is None else f"{m['mem_mb']:,.0f} MB " + (
             "device peak" if m.get("mem_kind") == "device_peak" else "RSS")  # fmt: skip
+        if m.get("mem_peak_mb") is not None:
+            est = self._estimate_mb()
+            mem += f"; peak {m['mem_peak_mb']:,.0f} MB" + (
+                "" if est is None else f" of {est:,.0f} MB estimated"
+            )
         cells = [html.escape(self.run.name), _fmt(m.get("loss")), _fmt(v.get("val_loss")), _fmt(m.get("lr"), ".3g"),
                  _fmt(m.get("grad_norm"), ".3g"), _fmt(m.get("tokens_per_s"), ",.0f"), mfu, mem]  # fmt: skip
         err = snap.status.get("error")
