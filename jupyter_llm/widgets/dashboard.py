@@ -19,9 +19,8 @@ import ipywidgets as w
 import numpy as np
 
 from ..display import COLORS, _badge, _fmt_s
-from ..runs import read_json
 from ..errors import UserError
-from ..runs import Run, RunStore, State
+from ..runs import Run, RunStore, State, read_json
 from .feed import RunFeed, Snapshot
 
 PALETTE = ["#1565c0", "#c62828", "#2e7d32", "#6a1b9a", "#ef6c00", "#00838f", "#5d4037", "#ad1457"]
