@@ -36,15 +36,20 @@ def gpt2_params(layers: int, embd: int, vocab: int, block: int) -> int:
 
 
 def ours(limit: int, layers: int, embd: int, heads: int, steps: int, work: Path) -> dict:
+    # four 32-token blocks, all of them in every step (4 micro steps of 1): each step's loss is
+    # the loss on the same text, so a handful of steps shows whether it falls (fresh 32-token
+    # blocks per step gave losses that wander by +-0.5 whatever the model does)
+    text = work / "four-blocks.txt"
+    text.write_text(CORPUS.read_text(encoding="utf-8")[:128], encoding="utf-8")
     spec = {
         "name": "scale",
         "model": {"config": {"model_type": "gpt2", "n_layer": layers, "n_head": heads, "n_embd": embd}},
         "tokenizer": {"train": {"kind": "char"}},
-        "data": {"train": [str(CORPUS)], "block_size": 32, "val_fraction": 0.01},
+        "data": {"train": [str(text)], "block_size": 32, "val_fraction": 0},
         # a small step on a deep model from scratch (3e-4 made the loss climb at 76 layers)
-        "train": {"micro_batch_size": 1, "grad_accum": 2, "max_steps": steps, "log_every": 1, "eval_every": 0, "eval_batches": 1,
+        "train": {"micro_batch_size": 1, "grad_accum": 4, "max_steps": steps, "log_every": 1, "eval_every": 0, "eval_batches": 1,
                   "save_every": 0},
-        "optim": {"lr": 5e-5, "warmup_steps": 1, "min_lr": 5e-5, "scheduler": "constant"},
+        "optim": {"lr": 1e-4, "warmup_steps": 1, "min_lr": 1e-4, "scheduler": "constant"},
         "distributed": {"procs_per_node": 1, "zero_stage": 3, "offload": "auto", "nvme_path": str(work / "nvme")},
     }  # fmt: skip
     (work / "nvme").mkdir(exist_ok=True)
@@ -73,6 +78,8 @@ def ours(limit: int, layers: int, embd: int, heads: int, steps: int, work: Path)
         "chosen": plan["chosen"],
         "estimate_gib": chosen["device_gib"] + chosen["host_gib"],
         "losses": [round(m["loss"], 4) for m in steps_],
+        "first_half_mean_loss": _mean([m["loss"] for m in steps_[: len(steps_) // 2]]),
+        "second_half_mean_loss": _mean([m["loss"] for m in steps_[len(steps_) // 2 :]]),
         "step_time_s": [round(m["step_time_s"], 2) for m in steps_],
         "vmhwm_gib": max(m["mem_peak_mb"] for m in steps_) / 1024 if steps_ else None,
         "cgroup_peak_gib": cg_peak / GIB,
@@ -80,6 +87,10 @@ def ours(limit: int, layers: int, embd: int, heads: int, steps: int, work: Path)
         "wall_s": round(wall, 1),
         "export_loads": (run / "final" / "model.safetensors.index.json").is_file(),
     }
+
+
+def _mean(xs: list[float]) -> float | None:
+    return round(sum(xs) / len(xs), 4) if xs else None
 
 
 def baseline(limit: int, layers: int, embd: int, heads: int, steps: int) -> dict:
@@ -101,7 +112,7 @@ def main() -> None:
     ap.add_argument("--limit-gib", type=float, default=4.0)
     ap.add_argument("--embd", type=int, default=768)
     ap.add_argument("--heads", type=int, default=12)
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default=str(HERE / "scale.json"))
     args = ap.parse_args()
     if not cgroup.available():
