@@ -63,11 +63,6 @@ class Resources:
         return {"host_bytes": self.host_bytes, "host_source": self.host_source, "gpu_free": list(self.gpu_free),
                 "nvme_free": self.nvme_free, "nvme_problem": self.nvme_problem}  # fmt: skip
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Resources:
-        return cls(int(d["host_bytes"]), str(d["host_source"]), tuple(d.get("gpu_free") or ()),
-                   d.get("nvme_free"), d.get("nvme_problem"))  # fmt: skip
-
 
 def probe(nvme_path: str | None = None) -> Resources:
     """This machine's resources, as a job started from this process would see them."""

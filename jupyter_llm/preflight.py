@@ -84,8 +84,7 @@ def dry_run(spec: Spec, estimate_memory: bool = True, probe: bool = True) -> Dry
     if cluster is not None:
         return _dry_run_cluster(spec, cluster, estimate_memory, probe)
     gpus = gpu_count()
-    pp = spec.distributed.procs_per_node
-    ranks = pp if isinstance(pp, int) else (gpus or 1)
+    ranks = local_ranks(spec, gpus)
     checks = []
     want = spec.distributed.master_port
     if want is not None:
@@ -132,6 +131,12 @@ def dry_run(spec: Spec, estimate_memory: bool = True, probe: bool = True) -> Dry
     return DryRun(spec, _ds_config(spec, memory), cmd.argv, ranks, checks, memory, err, shown_env, fit=plan)
 
 
+def local_ranks(spec: Spec, gpus: int) -> int:
+    """Ranks on this machine: procs_per_node, or auto: one per GPU (one CPU rank without)."""
+    pp = spec.distributed.procs_per_node
+    return pp if isinstance(pp, int) else (gpus or 1)
+
+
 def _auto(spec: Spec) -> bool:
     return "auto" in (spec.distributed.zero_stage, spec.distributed.offload)
 
@@ -150,9 +155,7 @@ def fit_spec(spec: Spec) -> tuple[Spec, Any]:
     nothing fits, before anything is written or started."""
     from .errors import UserError
 
-    gpus = gpu_count()
-    pp = spec.distributed.procs_per_node
-    ranks = pp if isinstance(pp, int) else (gpus or 1)
+    ranks = local_ranks(spec, gpu_count())
     memory, err = memory_estimate(spec, ranks)
     if memory is None:
         raise UserError(f"zero_stage/offload auto needs the model's size, and the estimate failed: {err}")

@@ -4,6 +4,7 @@ v1 memory limit (the machine's own probe reads the limit; nothing starts when no
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -65,8 +66,7 @@ def test_only_nvme_fits_then_nvme_is_chosen_and_shown() -> None:
     assert isinstance(e.value, UserError) and "nvme_path" in str(e.value) and "GiB" in str(e.value)
 
 
-def test_a_spec_that_fits_nowhere_names_what_would(corpus: Path, tmp_path: Path) -> None:
-    (tmp_path / "ckpt").mkdir()
+def test_a_spec_that_fits_nowhere_names_what_would(corpus: Path) -> None:
     spec = Spec.from_dict({"data": {"train": str(corpus), "block_size": 512},
                            "train": {"micro_batch_size": 8},
                            "distributed": {"zero_stage": "auto", "offload": "auto"}})  # fmt: skip
@@ -128,3 +128,21 @@ def test_inside_a_memory_limit_the_launch_fits_itself_or_refuses(corpus: Path, t
         assert "does not fit" in out.stderr and "misses" in out.stderr and "GiB" in out.stderr, out.stderr
         assert cgroup.oom_kills(group) == 0  # refused by the plan, not killed by the kernel
     assert not (home / "runs").exists() or not any((home / "runs").iterdir())  # nothing was written
+
+
+@pytest.mark.deepspeed
+def test_a_launch_with_auto_records_its_choice_and_trains(corpus: Path) -> None:
+    """The real launch path: auto values resolved before the run folder is written (spec.yaml
+    and ds_config.json hold the chosen stage), the plan in fit.json and a `fitted` event, and
+    the run trains to completion with that choice."""
+    from conftest import tiny_spec
+    from jupyter_llm import launch
+
+    run = launch(tiny_spec(corpus, name="autofit", train={"max_steps": 10, "eval_every": 0, "save_every": 0},
+                           distributed={"procs_per_node": 2, "zero_stage": "auto", "offload": "auto"}))  # fmt: skip
+    plan = json.loads((run.path / "fit.json").read_text())
+    assert plan["chosen"] == {"zero_stage": 0, "offload": "none"}  # a tiny model fits the least sharding
+    assert run.spec.distributed.zero_stage == 0 and run.ds_config["zero_optimization"]["stage"] == 0
+    fitted = [e for e in run.events() if e["event"] == "fitted"]
+    assert len(fitted) == 1 and fitted[0]["zero_stage"] == 0 and "least sharding" in fitted[0]["reason"]
+    assert run.wait(600) == "completed"

@@ -65,9 +65,10 @@ def launch(
     if plan is not None:
         from ..runs import append_jsonl, now_iso, write_json_atomic
 
-        write_json_atomic(run.path / "fit.json", plan.to_dict())
-        append_jsonl(run.path / "events.jsonl", {"time": now_iso(), "event": "fitted", **plan.to_dict()["chosen"],
-                                                 "reason": plan.reason})  # fmt: skip
+        record = plan.to_dict()
+        write_json_atomic(run.path / "fit.json", record)
+        append_jsonl(run.path / "events.jsonl",
+                     {"time": now_iso(), "event": "fitted", **record["chosen"], "reason": plan.reason})  # fmt: skip
     if cluster is not None:
         from .multinode import write_cluster
 
