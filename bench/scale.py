@@ -65,6 +65,10 @@ def ours(limit: int, layers: int, embd: int, heads: int, steps: int, work: Path)
     if not runs:
         return {"ok": False, "stdout": out.stdout[-2000:], "stderr": out.stderr[-2000:]}
     run = runs[-1]
+    if not (run / "metrics.jsonl").is_file():  # ended before its first step
+        status = json.loads((run / "status.json").read_text())
+        return {"ok": False, "state": status["state"], "error": status.get("error"), "oom_kills": kills,
+                "log": (run / "logs" / "rank0.log").read_text()[-2000:] if (run / "logs" / "rank0.log").is_file() else ""}  # fmt: skip
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps_ = [m for m in metrics if "loss" in m]
     plan = json.loads((run / "fit.json").read_text())
@@ -93,26 +97,36 @@ def _mean(xs: list[float]) -> float | None:
     return round(sum(xs) / len(xs), 4) if xs else None
 
 
-def baseline(limit: int, layers: int, embd: int, heads: int, steps: int) -> dict:
-    """One try of bench/hf_zero3.py under the limit: completed, or killed."""
+def baseline(limit: int, layers: int, embd: int, heads: int, steps: int, timeout: float) -> dict:
+    """One try of bench/hf_zero3.py under the limit: completed, killed, or still not done after
+    `timeout` s (a job at its limit thrashes its page cache for many minutes before the OOM kill)."""
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(29700 + layers)}  # fmt: skip
     with cgroup.memory_limit(f"jllm-hf-{os.getpid()}", limit) as group:
         t0 = time.time()
-        out = subprocess.run([sys.executable, str(HERE / "hf_zero3.py"), "--layers", str(layers), "--embd", str(embd),
-                              "--heads", str(heads), "--block", "32", "--steps", str(steps), "--corpus", str(CORPUS)],
-                             env=env, capture_output=True, text=True, preexec_fn=lambda: cgroup.enter(group))  # fmt: skip
+        proc = subprocess.Popen([sys.executable, str(HERE / "hf_zero3.py"), "--layers", str(layers), "--embd", str(embd),
+                                 "--heads", str(heads), "--block", "32", "--steps", str(steps), "--corpus", str(CORPUS)],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                preexec_fn=lambda: cgroup.enter(group))  # fmt: skip
+        try:
+            rc: int | None = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            rc = None  # the cgroup's removal kills it
         kills, peak = cgroup.oom_kills(group), cgroup.peak(group)
-    return {"layers": layers, "params": gpt2_params(layers, embd, 70, 32), "ok": out.returncode == 0 and kills == 0,
-            "oom_kills": kills, "cgroup_peak_gib": peak / GIB, "wall_s": round(time.time() - t0, 1)}  # fmt: skip
+    return {"layers": layers, "params": gpt2_params(layers, embd, 70, 32), "ok": rc == 0 and kills == 0,
+            "timed_out": rc is None, "oom_kills": kills, "cgroup_peak_gib": peak / GIB,
+            "wall_s": round(time.time() - t0, 1)}  # fmt: skip
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--limit-gib", type=float, default=4.0)
+    ap.add_argument("--limit-gib", type=float, default=5.0)
     ap.add_argument("--embd", type=int, default=768)
     ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument(
+        "--baseline-timeout", type=float, default=600, help="s before a baseline try counts as failed"
+    )
     ap.add_argument("--out", default=str(HERE / "scale.json"))
     args = ap.parse_args()
     if not cgroup.available():
@@ -128,7 +142,7 @@ def main() -> None:
     lo, hi = 0, layers  # the largest depth that completes: bisection (lo completes, hi+1 does not)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        tries.append(baseline(limit, mid, args.embd, args.heads, args.steps))
+        tries.append(baseline(limit, mid, args.embd, args.heads, args.steps, args.baseline_timeout))
         print(json.dumps(tries[-1]), file=sys.stderr, flush=True)
         lo, hi = (mid, hi) if tries[-1]["ok"] else (lo, mid - 1)
     best = max((t for t in tries if t["ok"]), key=lambda t: t["layers"], default=None)

@@ -64,6 +64,27 @@ class Resources:
                 "nvme_free": self.nvme_free, "nvme_problem": self.nvme_problem}  # fmt: skip
 
 
+def tightest(nodes: dict[str, dict[str, Any]]) -> Resources:
+    """What every node of a job offers (`nodes`: a node's label -> its probed Resources dict):
+    the least host memory, the least free memory of any GPU, the least NVMe space, each
+    naming the node it comes from; the first NVMe problem found."""
+    if not nodes:
+        raise ValueError("no node answered the pre-flight")
+    host_label, host = min(nodes.items(), key=lambda kv: kv[1]["host_bytes"])
+    gpus = [g for r in nodes.values() for g in r["gpu_free"]]
+    nvme = [r["nvme_free"] for r in nodes.values() if r.get("nvme_free") is not None]
+    problem = next(
+        (f"{label}: {r['nvme_problem']}" for label, r in nodes.items() if r.get("nvme_problem")), None
+    )
+    return Resources(
+        host_bytes=host["host_bytes"],
+        host_source=f"{host_label}: {host['host_source']}",
+        gpu_free=(min(gpus),) if gpus else (),
+        nvme_free=min(nvme) if nvme and len(nvme) == len(nodes) else None,
+        nvme_problem=problem,
+    )
+
+
 def probe(nvme_path: str | None = None) -> Resources:
     """This machine's resources, as a job started from this process would see them."""
     avail = _meminfo("MemAvailable") or 0

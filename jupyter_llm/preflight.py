@@ -150,19 +150,49 @@ def fitted(spec: Spec, plan: Any) -> Spec:
 
 
 def fit_spec(spec: Spec) -> tuple[Spec, Any]:
-    """For a launch on this machine: `spec` with its auto ZeRO stage/offload resolved against
-    what this machine has (the cgroup's limit included), and the plan; `fit.DoesNotFit` when
-    nothing fits, before anything is written or started."""
+    """For a launch: `spec` with its auto ZeRO stage/offload resolved against what the nodes
+    have (this machine, the cgroup's limit included, or every node of an ssh cluster, asked
+    over ssh), and the plan; `fit.DoesNotFit` when nothing fits, before anything is written or
+    started."""
+    from .cluster import resolve
     from .errors import UserError
 
-    ranks = local_ranks(spec, gpu_count())
+    cluster = resolve(spec.distributed.nodes)
+    if cluster is None:
+        ranks = per_node = local_ranks(spec, gpu_count())
+        res = fit.probe(spec.distributed.nvme_path)
+    else:
+        ranks, per_node, res = _cluster_resources(spec, cluster)
     memory, err = memory_estimate(spec, ranks)
     if memory is None:
         raise UserError(f"zero_stage/offload auto needs the model's size, and the estimate failed: {err}")
-    plan = fit.plan_spec(spec, memory["shape"], ranks, ranks, fit.probe(spec.distributed.nvme_path))
+    plan = fit.plan_spec(spec, memory["shape"], ranks, per_node, res)
     if plan.chosen is None:
         raise fit.DoesNotFit(plan)
     return fitted(spec, plan), plan
+
+
+def _cluster_resources(spec: Spec, cluster: Any) -> tuple[int, int, fit.Resources]:
+    """Ranks, ranks per node and the tightest node's resources of an ssh cluster (its
+    pre-flight, run now); Slurm's nodes are not known before the allocation."""
+    from .errors import UserError
+    from .launcher import remote
+
+    if cluster.launcher == "slurm":
+        raise UserError(
+            "distributed.zero_stage/offload auto cannot see a Slurm allocation's nodes before it "
+            "exists: give a ZeRO stage and an offload (the dry run estimates each)"
+        )
+    pp = spec.distributed.procs_per_node
+    nodes = remote.plan_nodes(cluster, "<run id>", Path("<run folder>"), pp if isinstance(pp, int) else 0)
+    pf = remote.preflight(cluster, nodes, spec.distributed.master_port, nvme=spec.distributed.nvme_path)
+    # under offload auto a node's unusable NVMe folder rules NVMe out (the plan says so), no more
+    problems = [d for name, ok, d in pf.checks
+                if not ok and (not name.endswith(" nvme") or spec.distributed.offload == "nvme")]  # fmt: skip
+    if problems or not pf.resources:
+        raise UserError("pre-flight failed: " + "; ".join(problems or ["no node answered"]))
+    slots = [n.slots or 1 for n in pf.nodes]
+    return sum(slots), max(slots), fit.tightest(pf.resources)
 
 
 def _dry_run_cluster(spec: Spec, cluster: Any, estimate_memory: bool, probe: bool) -> DryRun:
@@ -174,6 +204,7 @@ def _dry_run_cluster(spec: Spec, cluster: Any, estimate_memory: bool, probe: boo
     pp = spec.distributed.procs_per_node
     where = Path("<run folder>")
     port, cpu = spec.distributed.master_port or 29500, True
+    resources = None
     if cluster.launcher == "slurm":
         nodes = slurm.plan(spec, cluster, where)
         checks = [Check("slurm", True, "the nodes are allocated by Slurm: no pre-flight before submission")]
@@ -181,16 +212,26 @@ def _dry_run_cluster(spec: Spec, cluster: Any, estimate_memory: bool, probe: boo
         nodes = remote.plan_nodes(cluster, "<run id>", where, pp if isinstance(pp, int) else 0)
         checks = [Check("pre-flight", True, "not run yet (Dry run runs it)")]
         if probe:
-            pf = remote.preflight(cluster, nodes, spec.distributed.master_port)
-            checks = [Check(name, ok, detail) for name, ok, detail in pf.checks]
+            d = spec.distributed
+            nvme = d.nvme_path if d.offload in ("nvme", "auto") else None
+            pf = remote.preflight(cluster, nodes, d.master_port, nvme=nvme)
+            # under offload auto a node's unusable NVMe folder rules NVMe out, no more
+            checks = [Check(name, ok or (d.offload == "auto" and name.endswith(" nvme")), detail)
+                      for name, ok, detail in pf.checks]  # fmt: skip
             nodes, port, cpu = pf.nodes, pf.master_port or port, pf.cpu
+            resources = fit.tightest(pf.resources) if pf.resources else None
         nodes = [remote.Node(n.index, n.host, n.run_dir, n.slots or 1) for n in nodes]
     cmds = commands(spec, cluster, where, port, nodes, cpu=cpu)
     ranks = sum(n.slots for n in nodes)
     memory, err = memory_estimate(spec, ranks) if estimate_memory else (None, None)
-    return DryRun(
-        spec, _ds_config(spec, memory), cmds[0].argv, ranks, checks, memory, err, dict(cluster.env), cmds
-    )
+    plan = None
+    if memory and "shape" in memory and resources is not None:
+        plan = fit.plan_spec(spec, memory["shape"], ranks, max(n.slots for n in nodes), resources)
+        checks.append(Check("fits", plan.chosen is not None or not _auto(spec), plan.reason))
+        if plan.chosen is not None and _auto(spec):
+            spec = fitted(spec, plan)
+    return DryRun(spec, _ds_config(spec, memory), cmds[0].argv, ranks, checks, memory, err, dict(cluster.env),
+                  cmds, fit=plan)  # fmt: skip
 
 
 def _ds_config(spec: Spec, memory: dict[str, Any] | None) -> dict[str, Any]:

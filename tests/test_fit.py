@@ -146,3 +146,17 @@ def test_a_launch_with_auto_records_its_choice_and_trains(corpus: Path) -> None:
     fitted = [e for e in run.events() if e["event"] == "fitted"]
     assert len(fitted) == 1 and fitted[0]["zero_stage"] == 0 and "least sharding" in fitted[0]["reason"]
     assert run.wait(600) == "completed"
+
+
+def test_the_tightest_node_bounds_a_cluster() -> None:
+    nodes = {
+        "node 0": fit.Resources(8 * GIB, "MemAvailable", (40 * GIB, 30 * GIB), 100 * GIB).to_dict(),
+        "node 1": fit.Resources(
+            3 * GIB, "cgroup /job (limit 3.00 GiB)", (50 * GIB,), None, "/x is on tmpfs"
+        ).to_dict(),
+    }
+    res = fit.tightest(nodes)
+    assert res.host_bytes == 3 * GIB and res.host_source == "node 1: cgroup /job (limit 3.00 GiB)"
+    assert (
+        res.gpu_free == (30 * GIB,) and res.nvme_free is None and res.nvme_problem == "node 1: /x is on tmpfs"
+    )

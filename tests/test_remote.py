@@ -243,6 +243,46 @@ def test_dry_run_shows_every_node_and_the_preflight(sshd: Sshd, corpus: Path, tm
     )
 
 
+def test_auto_on_a_cluster_fits_what_the_nodes_report(sshd: Sshd, corpus: Path, tmp_path: Path) -> None:
+    """zero_stage/offload auto on an ssh cluster: every node is asked over ssh (its memory, the
+    cgroup's limit it runs under included, its NVMe folder) and the plan fits the tightest one;
+    a fixed `offload: nvme` whose folder the nodes lack fails their pre-flight, naming the node."""
+    import cgroup
+
+    from jupyter_llm.preflight import dry_run
+
+    missing = str(tmp_path / "no-such-folder")
+    dist = {
+        "nodes": sshd.cluster(),
+        "procs_per_node": 1,
+        "zero_stage": "auto",
+        "offload": "auto",
+        "nvme_path": missing,
+    }
+    spec = Spec.from_dict(tiny_spec(corpus, distributed=dist))
+    dr = dry_run(spec)
+    assert dr.ok and dr.fit is not None and dr.fit.chosen is not None, str(dr)
+    assert (dr.fit.chosen.stage, dr.fit.chosen.offload) == (0, "none") and dr.spec.distributed.zero_stage == 0
+    res = dr.fit.resources
+    assert res.host_source.startswith("node ") and "MemAvailable" in res.host_source, res
+    assert res.nvme_problem and res.nvme_problem.startswith("node 0") and "does not exist" in res.nvme_problem
+    if cgroup.available():  # the nodes' processes are sshd's children: confine sshd, ask again
+        with cgroup.memory_limit(f"jllm-sshd-{os.getpid()}", 3 * 2**30) as group:
+            (group / "cgroup.procs").write_text(str(sshd.pid))
+            try:
+                dr = dry_run(spec)
+            finally:
+                (cgroup.ROOT / "cgroup.procs").write_text(str(sshd.pid))  # out again before removal
+        assert dr.fit is not None and "limit 3.00 GiB" in dr.fit.resources.host_source, dr.fit.resources
+        assert dr.fit.resources.host_bytes <= 3 * 2**30
+    fixed = Spec.from_dict(tiny_spec(corpus, distributed={**dist, "zero_stage": 3, "offload": "nvme"}))
+    dr = dry_run(fixed, estimate_memory=False)
+    bad = [c for c in dr.checks if not c.ok]
+    assert bad and all(c.name.endswith(" nvme") and "does not exist" in c.detail for c in bad), dr.checks
+    labels = [f"node {i} ({h}:{sshd.port})" for i, h in enumerate(("127.0.0.2", "127.0.0.3"))]
+    assert sorted(c.detail.split(": ")[0] for c in bad) == labels, bad
+
+
 @pytest.mark.deepspeed
 def test_two_nodes_zero2_via_cluster_file(sshd: Sshd, corpus: Path, tmp_path: Path) -> None:
     """2 nodes x 1 rank, ZeRO-2, nodes named by a cluster file, launched with the CLI; the
@@ -301,8 +341,16 @@ def test_two_nodes_zero2_via_cluster_file(sshd: Sshd, corpus: Path, tmp_path: Pa
 @pytest.mark.deepspeed
 def test_killed_rank_on_one_node_stops_the_job(sshd: Sshd, corpus: Path) -> None:
     """A shared filesystem this time: both agents work in the run folder itself."""
-    run = launch(tiny_spec(corpus, distributed={"nodes": sshd.cluster(shared_fs=True), "procs_per_node": 1},
+    run = launch(tiny_spec(corpus, distributed={"nodes": sshd.cluster(shared_fs=True), "procs_per_node": 1,
+                                                "zero_stage": "auto", "offload": "auto"},
                            train={"max_steps": 100000, "save_every": 0, "log_every": 5}))  # fmt: skip
+    # auto: fitted before launch to what the nodes reported over ssh
+    plan = json.loads((run.path / "fit.json").read_text())
+    assert plan["resources"]["host_source"].startswith("node ") and plan["chosen"] == {
+        "zero_stage": 0,
+        "offload": "none",
+    }
+    assert run.spec.distributed.zero_stage == 0
     info = run.path / "ranks" / "rank1.json"
     _wait(lambda: info.is_file() and [m for m in run.metrics() if "loss" in m], 300, "rank 1 training")
     pid = json.loads(info.read_text())["pid"]

@@ -42,11 +42,6 @@ def launch(
     cluster = resolve(spec.distributed.nodes) if job == "train" else None  # unknown names fail here
     plan = None
     if job == "train" and "auto" in (spec.distributed.zero_stage, spec.distributed.offload):
-        if cluster is not None:
-            raise UserError(
-                "distributed.zero_stage/offload auto fits a launch to this machine only so far: "
-                "give a ZeRO stage and an offload for a cluster (the dry run estimates each)"
-            )
         from ..preflight import fit_spec
 
         spec, plan = fit_spec(spec)  # DoesNotFit (how much is missing, what would fit) before anything

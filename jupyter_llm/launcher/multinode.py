@@ -75,8 +75,10 @@ class MultiNode:
             else None
         )
         sync_bytes = 0 if c.shared_fs else remote.tree_bytes(*inputs, Path(pre_dir) if pre_dir else None)
-        pf = remote.preflight(c, nodes, self.spec.distributed.master_port, sync_bytes,
-                              expect=str(self.dir) if c.shared_fs else None)  # fmt: skip
+        d = self.spec.distributed
+        nvme = d.nvme_path if d.offload == "nvme" else None  # checked on every node
+        pf = remote.preflight(c, nodes, d.master_port, sync_bytes, expect=str(self.dir) if c.shared_fs else None,
+                              nvme=nvme)  # fmt: skip
         sup.event(
             "preflight", ok=pf.ok, checks=[{"name": n, "ok": ok, "detail": d} for n, ok, d in pf.checks]
         )
@@ -189,6 +191,10 @@ class MultiNode:
         if syncer is not None:
             syncer.cycle(final=True)
         codes = {i: p.returncode for i, p in self.procs.items()}
+        for n in nodes:  # each node's agent removed its NVMe swap folder (offload: nvme)
+            _, result = remote.parse_node_log(self.dir / "logs" / f"node{n.index}.log")
+            if result and result.get("swap_removed"):
+                sup.event("swap_removed", path=result["swap_removed"], node=n.index)
         sup.set_status(State(sup.run.status()["state"]), nodes=[{"node": n.index, "host": n.host.label, "slots": n.slots,
                                                        "exit_code": codes[n.index]} for n in nodes])  # fmt: skip
         if failed is not None:

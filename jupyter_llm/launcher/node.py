@@ -52,8 +52,13 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def probe(workdir: str, addr: str | None, port: int | None, expect: str | None) -> dict[str, Any]:
-    """Facts about this node for the pre-flight; imports no torch."""
+def probe(
+    workdir: str, addr: str | None, port: int | None, expect: str | None, nvme: str | None = None
+) -> dict[str, Any]:
+    """Facts about this node for the pre-flight; imports no torch. `resources`: what a job
+    started here has (host memory, the cgroup's room included; free GPU memory; free space in
+    the NVMe folder, or why it cannot hold swap files) for `zero_stage`/`offload: auto`."""
+    from .. import fit
     from .local import gpu_count
 
     wd = Path(os.path.expanduser(workdir)).absolute()
@@ -70,6 +75,7 @@ def probe(workdir: str, addr: str | None, port: int | None, expect: str | None) 
         "disk_free": shutil.disk_usage(existing).free,
         "writable": os.access(existing, os.W_OK),
         "rsync": shutil.which("rsync") is not None,
+        "resources": fit.probe(nvme).to_dict(),
     }
     if addr is not None:
         facts["port_free"] = _bindable(addr, port or 0)
@@ -163,6 +169,8 @@ class Agent:
                 self.first_dead = first_dead_rank(self.run_dir, a.attempt)
         self._kill()
         result: dict[str, Any] = {"node_rank": self.node, "exit_code": rc, "hostname": socket.gethostname()}
+        if swap := self._remove_swap():
+            result["swap_removed"] = swap
         if rc != 0:
             from .supervisor import diagnose
 
@@ -170,6 +178,20 @@ class Agent:
             result["error"] = diagnose(self.run_dir, a.attempt, rc, self.first_dead, list(self.tail))
         self.say(f"{RESULT} {json.dumps(result)}")
         return 0 if rc == 0 else 1
+
+    def _remove_swap(self) -> str | None:
+        """offload: nvme: this node's swap files are scratch (the checkpoints hold the state)."""
+        from ..errors import UserError
+        from ..spec import Spec, swap_dir
+
+        try:
+            swap = swap_dir(Spec.load(self.run_dir / "spec.yaml"), self.run_dir.name)
+        except (OSError, UserError):  # no readable spec: no swap folder of ours either
+            return None
+        if swap and os.path.isdir(swap):
+            shutil.rmtree(swap, ignore_errors=True)
+            return swap
+        return None
 
     def _relay(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -216,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--addr")
     p.add_argument("--port", type=int)
     p.add_argument("--expect")
+    p.add_argument("--nvme")
     r = sub.add_parser("run")
     r.add_argument("run_dir")
     r.add_argument("--node-rank", type=int, required=True)
@@ -231,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("tag")
     args = ap.parse_args(argv)
     if args.cmd == "probe":
-        print(json.dumps(probe(args.workdir, args.addr, args.port, args.expect)))
+        print(json.dumps(probe(args.workdir, args.addr, args.port, args.expect, args.nvme)))
         return 0
     if args.cmd == "reap":
         print(json.dumps({"reaped": reap(args.tag)}))

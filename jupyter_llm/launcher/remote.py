@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -103,13 +103,16 @@ def rsync_argv(
 
 
 def probe_argv(
-    cluster: Cluster, node: Node, addr: str | None, port: int | None, expect: str | None
-) -> list[str]:
+    cluster: Cluster, node: Node, addr: str | None, port: int | None, expect: str | None,
+    nvme: str | None = None,
+) -> list[str]:  # fmt: skip
     argv = [cluster.python, "-m", "jupyter_llm.launcher.node", "probe", "--workdir", node.run_dir]
     if addr is not None:
         argv += ["--addr", addr] + (["--port", str(port)] if port is not None else [])
     if expect is not None:
         argv += ["--expect", expect]
+    if nvme is not None:
+        argv += ["--nvme", nvme]
     return ssh_argv(cluster, node.host, argv)
 
 
@@ -226,13 +229,14 @@ def _last(text: str) -> str:
 
 
 def probe_nodes(
-    cluster: Cluster, nodes: list[Node], port: int | None, expect: str | None, timeout: float = 60
-) -> list[NodeFacts]:
+    cluster: Cluster, nodes: list[Node], port: int | None, expect: str | None, timeout: float = 60,
+    nvme: str | None = None,
+) -> list[NodeFacts]:  # fmt: skip
     """Ask every node at once; node 0 also checks the master port on the master address."""
     addr = master_addr(cluster)
 
     def one(node: Node) -> NodeFacts:
-        argv = probe_argv(cluster, node, addr if node.index == 0 else None, port, expect)
+        argv = probe_argv(cluster, node, addr if node.index == 0 else None, port, expect, nvme)
         try:
             out = subprocess.run(
                 argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
@@ -259,6 +263,7 @@ class Preflight:
     nodes: list[Node]  # with run folders resolved to absolute node paths
     master_port: int | None
     cpu: bool
+    resources: dict[str, dict[str, Any]] = field(default_factory=dict)  # node label -> fit.Resources dict
 
     @property
     def ok(self) -> bool:
@@ -270,14 +275,18 @@ class Preflight:
 
 
 def preflight(
-    cluster: Cluster, nodes: list[Node], want_port: int | None, sync_bytes: int = 0, expect: str | None = None
-) -> Preflight:
+    cluster: Cluster, nodes: list[Node], want_port: int | None, sync_bytes: int = 0, expect: str | None = None,
+    nvme: str | None = None,
+) -> Preflight:  # fmt: skip
     """Every node reachable non-interactively with a known host key, the same versions as
-    here, its ranks available, a free master port on node 0, free disk in the work folder."""
-    answers = probe_nodes(cluster, nodes, want_port, expect)
+    here, its ranks available, a free master port on node 0, free disk in the work folder;
+    with `nvme`, that folder on every node (exists, writable, not a tmpfs). Each node's
+    resources (memory, GPUs, NVMe space) come back for the fit."""
+    answers = probe_nodes(cluster, nodes, want_port, expect, nvme=nvme)
     checks: list[tuple[str, bool, str]] = []
     here = versions()
     resolved, port, cpu = [], want_port, True
+    resources: dict[str, dict[str, Any]] = {}
     for a in answers:
         n = a.node
         if not a.ok:
@@ -286,6 +295,12 @@ def preflight(
             continue
         f = a.facts
         checks.append((f"{n.label} reachable", True, f"ssh ok ({f['hostname']}, {f['python']})"))
+        if "resources" in f:
+            resources[n.label] = f["resources"]
+            if nvme is not None:
+                problem, free = f["resources"].get("nvme_problem"), f["resources"].get("nvme_free") or 0
+                checks.append((f"{n.label} nvme", problem is None,
+                               f"{n.label}: {problem}" if problem else f"{nvme}: {free / 2**30:.1f} GiB free"))  # fmt: skip
         theirs = f["versions"]
         diff = [
             f"{k} {theirs.get(k)} here {here.get(k)}"
@@ -325,7 +340,7 @@ def preflight(
                 port = f.get("free_port")
                 checks.append(("master port", port is not None, f"{port} (free on {addr})" if port else
                                f"cannot bind on {addr} on {n.label}: set master_addr to the node's address"))  # fmt: skip
-    return Preflight(checks, resolved, port, cpu)
+    return Preflight(checks, resolved, port, cpu, resources)
 
 
 # -- the sync (no shared filesystem) ------------------------------------------------------
