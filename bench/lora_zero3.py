@@ -72,13 +72,14 @@ def one(layers: int, args: argparse.Namespace, work: Path) -> dict:
     estimate = (need.device + need.host) if need else None  # a CPU rank: both are host memory
     # an unconfined group (no limit) only to read the whole job's high-water mark
     with cgroup.memory_limit(f"jllm-lora-{os.getpid()}-{layers}", 2**62) as group:
-        cgroup.enter(group)  # the launch's children (the supervisor, the ranks) inherit it
+        cgroup.enter(group)  # the supervisor started here, and the ranks it starts, stay inside
+        t0 = time.time()
         try:
-            t0 = time.time()
-            run = launch(spec, wait=True, timeout=args.timeout)
-            wall = time.time() - t0
+            run = launch(spec)
         finally:
-            cgroup.leave()
+            cgroup.leave()  # before the group's removal, which kills what is left inside
+        run.wait(args.timeout)
+        wall = time.time() - t0
         job_peak = cgroup.peak(group)
     steps = [m for m in run.metrics() if "loss" in m]
     ranks = [max(m["mem_peak_mb_ranks"][r] for m in steps) for r in range(2)] if steps else []

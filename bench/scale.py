@@ -6,7 +6,8 @@ twice that limit, launched with `zero_stage: 3, offload: auto`: the launch must 
 that only NVMe offload fits (ZeRO-Infinity), and the loss must fall. Beside it, in the same
 invocation and under the same limit, the largest model of the same width that completes a few
 steps through Hugging Face's DeepSpeed integration at DeepSpeed's default ZeRO-3 settings
-(bench/hf_zero3.py), tried from large to small. Prints JSON: both sizes, their ratio, the
+(bench/hf_zero3.py): depths doubled from 4, then bisected; a try that has not finished
+after `--baseline-timeout` s counts as not completing. Prints JSON: both sizes, their ratio, the
 step time, the peaks (the rank's VmHWM, the cgroup's), the estimate the launch used.
 """
 
@@ -139,12 +140,21 @@ def main() -> None:
         mine = ours(limit, layers, args.embd, args.heads, args.steps, Path(tmp))
     print(json.dumps(mine), file=sys.stderr, flush=True)
     tries: list[dict] = []
-    lo, hi = 0, layers  # the largest depth that completes: bisection (lo completes, hi+1 does not)
+
+    def completes(depth: int) -> bool:
+        tries.append(baseline(limit, depth, args.embd, args.heads, args.steps, args.baseline_timeout))
+        print(json.dumps(tries[-1]), file=sys.stderr, flush=True)
+        return bool(tries[-1]["ok"])
+
+    # the largest depth that completes: doubling from 4 layers (a failed try can take minutes,
+    # so start small), then bisection between the last that completed and the first that did not
+    lo, probe = 0, 4
+    while probe <= layers and completes(probe):
+        lo, probe = probe, 2 * probe
+    hi = min(probe - 1, layers)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        tries.append(baseline(limit, mid, args.embd, args.heads, args.steps, args.baseline_timeout))
-        print(json.dumps(tries[-1]), file=sys.stderr, flush=True)
-        lo, hi = (mid, hi) if tries[-1]["ok"] else (lo, mid - 1)
+        lo, hi = (mid, hi) if completes(mid) else (lo, mid - 1)
     best = max((t for t in tries if t["ok"]), key=lambda t: t["layers"], default=None)
     result = {
         "limit_gib": args.limit_gib,
@@ -153,6 +163,7 @@ def main() -> None:
         "hf_default_zero3_largest": best,
         "hf_tries": tries,
         "ratio": (mine["params"] / best["params"]) if best and mine.get("ok") else None,
+        "argv": sys.argv[1:],
     }
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

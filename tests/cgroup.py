@@ -40,6 +40,11 @@ def enter(path: Path) -> None:
     (path / "cgroup.procs").write_text(str(os.getpid()))
 
 
+def leave() -> None:
+    """Move the calling process back to the root cgroup (what it started inside stays)."""
+    (ROOT / "cgroup.procs").write_text(str(os.getpid()))
+
+
 def oom_kills(path: Path) -> int:
     for line in (path / "memory.oom_control").read_text().splitlines():
         if line.startswith("oom_kill "):
