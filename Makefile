@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
+# DeepSpeed's JIT-built ops live with the venv: two checkouts sharing ~/.cache/torch_extensions
+# rebuild each other's ops at every switch (their build paths differ), minutes each time
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: venv demo test test-fast lint format bench clean chromium nodes aio
 

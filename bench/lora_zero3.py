@@ -109,6 +109,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "lora_zero3.json"))
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from scale import warm_ops  # bench/scale.py
+
+    warm_ops()
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
         os.environ["JUPYTER_LLM_HOME"] = str(Path(tmp) / "home")
         small = one(2, args, Path(tmp))

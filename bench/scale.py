@@ -32,6 +32,14 @@ CORPUS = HERE.parent / "examples" / "tinyshakespeare.txt"
 GIB = 2**30
 
 
+def warm_ops() -> None:
+    """Build (or load) DeepSpeed's JIT ops outside any limit: a compiler inside the job's
+    cgroup is OOM-killed long before the job itself would be."""
+    names = "AsyncIOBuilder CPUAdamBuilder FusedAdamBuilder PinMemoryBuilder ShareMemCommBuilder"
+    code = f"import deepspeed.ops.op_builder.cpu as c\nfor n in {names.split()!r}: getattr(c, n)().load()"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
 def gpt2_params(layers: int, embd: int, vocab: int, block: int) -> int:
     return layers * (12 * embd * embd + 13 * embd) + vocab * embd + block * embd + 2 * embd
 
@@ -133,6 +141,7 @@ def main() -> None:
     if not cgroup.available():
         sys.exit("needs a writable cgroup v1 memory controller (root)")
     limit = int(args.limit_gib * GIB)
+    warm_ops()
     layers = 1
     while 16 * gpt2_params(layers, args.embd, 70, 32) < 2 * limit:  # training state >= 2x the limit
         layers += 1
