@@ -564,3 +564,22 @@ def test_streamed_export_shards_reload_as_the_model(tmp_path: Path) -> None:
     ids = torch.randint(0, 64, (2, 16))
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_the_estimate_trains_only_the_lora_adapters(tmp_path: Path, corpus: Path) -> None:
+    """The fit's shape of a LoRA spec: every parameter, but only the adapters trainable (an
+    estimate that counted the base as trainable was 2.2x the measured peak of a 478 M model)."""
+    from transformers import GPT2Config
+
+    from jupyter_llm.spec import Spec
+    from jupyter_llm.train.model import meta_shape
+
+    GPT2Config(n_layer=3, n_head=4, n_embd=64, vocab_size=80).save_pretrained(tmp_path)
+    lora = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["c_attn"]}
+    spec = Spec.from_dict(
+        {"model": {"pretrained": str(tmp_path), "lora": lora}, "data": {"train": str(corpus)}}
+    )
+    shape = meta_shape(spec, 80)
+    assert shape["trainable_params"] == 3 * 8 * (64 + 3 * 64)  # r x (in + out) of each c_attn
+    assert shape["params"] == shape["trainable_params"] + meta_shape(Spec.from_dict(
+        {"model": {"pretrained": str(tmp_path)}, "data": {"train": str(corpus)}}), 80)["params"]  # fmt: skip

@@ -78,25 +78,20 @@ def build_model(spec: Spec, tok: Any, ds_config: dict[str, Any] | None = None) -
         if spec.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         if spec.model.lora:
-            import peft
-
-            lora = spec.model.lora
-            task = (
-                peft.TaskType.CAUSAL_LM
-                if spec.model.task == "causal-lm"
-                else peft.TaskType.FEATURE_EXTRACTION
-            )
-            model = peft.get_peft_model(
-                model,
-                peft.LoraConfig(
-                    task_type=task,
-                    r=lora.r,
-                    lora_alpha=lora.alpha,
-                    lora_dropout=lora.dropout,
-                    target_modules=lora.target_modules,
-                ),
-            )
+            model = add_lora(model, spec)
     return model
+
+
+def add_lora(model: Any, spec: Spec) -> Any:
+    """The spec's LoRA adapters (peft) on `model`: only they train."""
+    import peft
+
+    lora = spec.model.lora
+    assert lora is not None
+    task = peft.TaskType.CAUSAL_LM if spec.model.task == "causal-lm" else peft.TaskType.FEATURE_EXTRACTION
+    config = peft.LoraConfig(task_type=task, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                             target_modules=lora.target_modules)  # fmt: skip
+    return peft.get_peft_model(model, config)
 
 
 @contextlib.contextmanager
@@ -174,6 +169,8 @@ def meta_shape(spec: Spec, vocab: int) -> dict[str, int]:
     auto = tf.AutoModelForCausalLM if spec.model.task == "causal-lm" else tf.AutoModelForMaskedLM
     with torch.device("meta"):
         model = auto.from_config(model_config(spec, vocab))
+        if spec.model.lora:  # the adapters are what trains (and what the optimizer holds)
+            model = add_lora(model, spec)
     return shape_of(model)
 
 
