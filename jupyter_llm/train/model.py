@@ -65,8 +65,17 @@ def build_model(spec: Spec, tok: Any, ds_config: dict[str, Any] | None = None) -
     folder = pretrained_folder(spec)
     dtype = getattr(torch, TORCH_DTYPES[spec.load_dtype(folder)])
     with zero3_init(ds_config):
+        model: Any = None
+        if spec.model.pretrained and folder and _zero3(ds_config):
+            # built partitioned, then filled one module at a time (Transformers' own ZeRO-3
+            # load first reads the whole checkpoint into rank 0's memory)
+            base_cfg = tf.AutoConfig.from_pretrained(folder)
+            model = _with_sdpa(lambda **kw: auto.from_config(base_cfg, dtype=dtype, **kw))
+            if not load_partitioned(model, folder):
+                model = None  # names or shapes Transformers converts: its loader below
         if spec.model.pretrained:
-            model = _with_sdpa(lambda **kw: auto.from_pretrained(folder, dtype=dtype, **kw))
+            if model is None:
+                model = _with_sdpa(lambda **kw: auto.from_pretrained(folder, dtype=dtype, **kw))
             if len(tok) > model.get_input_embeddings().num_embeddings:
                 model.resize_token_embeddings(len(tok))
         else:
@@ -80,6 +89,61 @@ def build_model(spec: Spec, tok: Any, ds_config: dict[str, Any] | None = None) -
         if spec.model.lora:
             model = add_lora(model, spec)
     return model
+
+
+def _zero3(ds_config: dict[str, Any] | None) -> bool:
+    return bool(ds_config and ds_config.get("zero_optimization", {}).get("stage") == 3)
+
+
+def load_partitioned(model: Any, folder: str) -> bool:
+    """Copy a safetensors checkpoint into a ZeRO-3-partitioned model one module at a time:
+    rank 0 reads only that module's tensors, DeepSpeed scatters them to the ranks' shards, so
+    no rank holds more than one module of the checkpoint. False, with nothing copied, when the
+    checkpoint's names or shapes do not cover every parameter (renamed or converted weights,
+    .bin files): the caller then loads with Transformers."""
+    from pathlib import Path
+
+    import deepspeed
+    import torch.distributed as dist
+    from safetensors import safe_open
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    where: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            where.update({k: (f, tuple(h.get_slice(k).get_shape())) for k in h.keys()})  # noqa: SIM118
+    prefix = getattr(model, "base_model_prefix", "") or ""
+
+    def key_of(name: str) -> str | None:  # a task model's checkpoint may lack its base prefix
+        short = name[len(prefix) + 1 :] if prefix and name.startswith(prefix + ".") else None
+        return next(
+            (k for k in (name, short, f"{prefix}.{name}" if prefix else None) if k and k in where), None
+        )
+
+    keys: dict[str, str] = {}
+    for name, p in model.named_parameters():
+        key = key_of(name)
+        shape = tuple(getattr(p, "ds_shape", None) or p.shape)
+        if key is None or where[key][1] != shape:
+            return False
+        keys[name] = key
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    for mod_name, module in model.named_modules():
+        full = lambda n, m=mod_name: f"{m}.{n}" if m else n  # noqa: E731
+        # a tied parameter is named once (by its first module): the others skip it
+        own = [(keys[full(n)], p) for n, p in module.named_parameters(recurse=False) if full(n) in keys]
+        if own:
+            with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=0):
+                if rank0:
+                    for key, p in own:
+                        with safe_open(str(where[key][0]), framework="pt") as h:
+                            p.data.copy_(h.get_tensor(key))
+        for n, b in module.named_buffers(recurse=False):  # buffers are whole on every rank
+            key = key_of(full(n))
+            if key is not None and where[key][1] == tuple(b.shape):
+                with safe_open(str(where[key][0]), framework="pt") as h:
+                    b.data.copy_(h.get_tensor(key))
+    return True
 
 
 def add_lora(model: Any, spec: Spec) -> Any:
@@ -98,7 +162,7 @@ def add_lora(model: Any, spec: Spec) -> Any:
 def zero3_init(ds_config: dict[str, Any] | None) -> Iterator[None]:
     """Inside: Transformers builds and loads models partitioned (ZeRO-3's zero.Init), when
     `ds_config` is a ZeRO-3 config; otherwise nothing changes."""
-    if not ds_config or ds_config.get("zero_optimization", {}).get("stage") != 3:
+    if not _zero3(ds_config):
         yield
         return
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
