@@ -185,14 +185,21 @@ def _cluster_resources(spec: Spec, cluster: Any) -> tuple[int, int, fit.Resource
         )
     pp = spec.distributed.procs_per_node
     nodes = remote.plan_nodes(cluster, "<run id>", Path("<run folder>"), pp if isinstance(pp, int) else 0)
-    pf = remote.preflight(cluster, nodes, spec.distributed.master_port, nvme=spec.distributed.nvme_path)
-    # under offload auto a node's unusable NVMe folder rules NVMe out (the plan says so), no more
-    problems = [d for name, ok, d in pf.checks
-                if not ok and (not name.endswith(" nvme") or spec.distributed.offload == "nvme")]  # fmt: skip
-    if problems or not pf.resources:
-        raise UserError("pre-flight failed: " + "; ".join(problems or ["no node answered"]))
+    pf = remote.preflight(cluster, nodes, spec.distributed.master_port, **_nvme_checks(spec))
+    if not pf.ok or not pf.resources:
+        raise UserError("pre-flight failed: " + "; ".join(pf.problems or ["no node answered"]))
     slots = [n.slots or 1 for n in pf.nodes]
     return sum(slots), max(slots), fit.tightest(pf.resources)
+
+
+def _nvme_checks(spec: Spec) -> dict[str, Any]:
+    """The nodes' NVMe check: required under offload: nvme; under auto an unusable folder only
+    rules NVMe out of the plan."""
+    d = spec.distributed
+    return {
+        "nvme": d.nvme_path if d.offload in ("nvme", "auto") else None,
+        "nvme_required": d.offload == "nvme",
+    }
 
 
 def _dry_run_cluster(spec: Spec, cluster: Any, estimate_memory: bool, probe: bool) -> DryRun:
@@ -212,12 +219,8 @@ def _dry_run_cluster(spec: Spec, cluster: Any, estimate_memory: bool, probe: boo
         nodes = remote.plan_nodes(cluster, "<run id>", where, pp if isinstance(pp, int) else 0)
         checks = [Check("pre-flight", True, "not run yet (Dry run runs it)")]
         if probe:
-            d = spec.distributed
-            nvme = d.nvme_path if d.offload in ("nvme", "auto") else None
-            pf = remote.preflight(cluster, nodes, d.master_port, nvme=nvme)
-            # under offload auto a node's unusable NVMe folder rules NVMe out, no more
-            checks = [Check(name, ok or (d.offload == "auto" and name.endswith(" nvme")), detail)
-                      for name, ok, detail in pf.checks]  # fmt: skip
+            pf = remote.preflight(cluster, nodes, spec.distributed.master_port, **_nvme_checks(spec))
+            checks = [Check(name, ok, detail) for name, ok, detail in pf.checks]
             nodes, port, cpu = pf.nodes, pf.master_port or port, pf.cpu
             resources = fit.tightest(pf.resources) if pf.resources else None
         nodes = [remote.Node(n.index, n.host, n.run_dir, n.slots or 1) for n in nodes]

@@ -276,12 +276,13 @@ class Preflight:
 
 def preflight(
     cluster: Cluster, nodes: list[Node], want_port: int | None, sync_bytes: int = 0, expect: str | None = None,
-    nvme: str | None = None,
+    nvme: str | None = None, nvme_required: bool = True,
 ) -> Preflight:  # fmt: skip
     """Every node reachable non-interactively with a known host key, the same versions as
     here, its ranks available, a free master port on node 0, free disk in the work folder;
-    with `nvme`, that folder on every node (exists, writable, not a tmpfs). Each node's
-    resources (memory, GPUs, NVMe space) come back for the fit."""
+    with `nvme`, that folder on every node (exists, writable, not a tmpfs): a failed check
+    unless `nvme_required` is false (offload: auto, where an unusable folder only rules NVMe
+    out). Each node's resources (memory, GPUs, NVMe space) come back for the fit."""
     answers = probe_nodes(cluster, nodes, want_port, expect, nvme=nvme)
     checks: list[tuple[str, bool, str]] = []
     here = versions()
@@ -299,7 +300,7 @@ def preflight(
             resources[n.label] = f["resources"]
             if nvme is not None:
                 problem, free = f["resources"].get("nvme_problem"), f["resources"].get("nvme_free") or 0
-                checks.append((f"{n.label} nvme", problem is None,
+                checks.append((f"{n.label} nvme", problem is None or not nvme_required,
                                f"{n.label}: {problem}" if problem else f"{nvme}: {free / 2**30:.1f} GiB free"))  # fmt: skip
         theirs = f["versions"]
         diff = [
