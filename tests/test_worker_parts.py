@@ -583,3 +583,41 @@ def test_the_estimate_trains_only_the_lora_adapters(tmp_path: Path, corpus: Path
     assert shape["trainable_params"] == 3 * 8 * (64 + 3 * 64)  # r x (in + out) of each c_attn
     assert shape["params"] == shape["trainable_params"] + meta_shape(Spec.from_dict(
         {"model": {"pretrained": str(tmp_path)}, "data": {"train": str(corpus)}}), 80)["params"]  # fmt: skip
+
+
+LOAD_PARTITIONED = """
+import os, sys, torch, deepspeed, transformers as tf
+from safetensors.torch import load_file
+from jupyter_llm.train import model as M
+deepspeed.init_distributed()
+folder = sys.argv[1]
+with M.zero3_init({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}):
+    m = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.from_pretrained(folder))
+    streamed = M.load_partitioned(m, folder)
+params = dict(m.named_parameters())
+ref = load_file(os.path.join(folder, "model.safetensors"))
+with deepspeed.zero.GatheredParameters(list(params.values())):
+    equal = all(torch.equal(p.data, ref[n]) for n, p in params.items())
+print(streamed, all(hasattr(p, "ds_id") for p in params.values()), equal)
+"""
+
+
+@pytest.mark.deepspeed
+def test_a_checkpoint_streams_into_a_partitioned_model(tmp_path: Path) -> None:
+    """ZeRO-3 from a saved GPT-2: the module-at-a-time loader takes it (no fallback to
+    Transformers' whole-dict load), the model stays partitioned, every weight equals the file's."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=70)).save_pretrained(tmp_path)
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", LOAD_PARTITIONED, str(tmp_path)], env=env, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-3:] == ["True", "True", "True"], out.stdout
