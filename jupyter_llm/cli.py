@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     rs = sub.add_parser("resume", help="continue a stopped or failed run from its newest checkpoint")
     rs.add_argument("run", nargs="?")
     rs.add_argument("--wait", action="store_true")
+    rs.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                    help="continue on other ranks: distributed.procs_per_node, distributed.nodes, "
+                         "distributed.tensor_parallel, train.micro_batch_size, train.grad_accum")  # fmt: skip
 
     from .evaluation import add_arguments
 
@@ -220,7 +223,7 @@ def _stop(args: argparse.Namespace, store: RunStore) -> int:
 
 
 def _resume(args: argparse.Namespace, store: RunStore) -> int:
-    run = store.get(args.run).resume()
+    run = store.get(args.run).resume(args.overrides)
     print(run.id)
     sys.stdout.flush()
     return _follow(run) if args.wait else 0

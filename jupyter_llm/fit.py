@@ -383,6 +383,17 @@ def job_for(spec: Any, shape: dict[str, int], ranks: int, ranks_per_node: int) -
     from .spec import zero3_settings
 
     prec = spec.precision()
+    tp = spec.distributed.tensor_parallel
+    if tp > 1:  # a rank holds 1/tp of every split weight; the replicas are ranks/tp
+        split = (
+            "params",
+            "trainable_params",
+            "largest_param",
+            "largest_module_params",
+            "largest_layer_params",
+        )
+        shape = {**shape, **{k: -(-shape[k] // tp) for k in split if k in shape}}
+        ranks = max(ranks // tp, 1)
     return Job(shape=shape, ranks=ranks, ranks_per_node=ranks_per_node, compute_bytes=4 if prec == "fp32" else 2,
                micro_batch=spec.train.micro_batch_size, block=spec.data.block_size,
                vocab=max(shape.get("vocab_size", 0), 1), heads=max(shape.get("num_heads", 0), 1),

@@ -209,10 +209,19 @@ class LLMMagics(Magics):
     @line_magic
     @magic_arguments()
     @argument("run", nargs="?")
+    @argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="continue on other ranks (distributed.procs_per_node, tensor_parallel, ...)",
+    )
     @_usage
     def llm_resume(self, line: str = "") -> Run:
         """Continue a stopped or failed run from its newest complete checkpoint."""
-        return self._run(_parse(self.llm_resume, line).run).resume()
+        args = _parse(self.llm_resume, line)
+        return self._run(args.run).resume(args.overrides)
 
     @line_magic
     @magic_arguments()

@@ -122,6 +122,8 @@ def dry_run(spec: Spec, estimate_memory: bool = True, probe: bool = True) -> Dry
         free, problem = fit.nvme_check(d.nvme_path)
         checks.append(Check("nvme path", problem is None or d.offload == "auto",
                             problem or f"{d.nvme_path}: {(free or 0) / fit.GIB:.1f} GiB free"))  # fmt: skip
+    if d.tensor_parallel > 1:
+        checks.append(tp_check(spec, ranks, ranks, memory["shape"] if memory and "shape" in memory else None))
     plan = None
     if memory and "shape" in memory:
         plan = fit.plan_spec(spec, memory["shape"], ranks, ranks, fit.probe(d.nvme_path))
@@ -129,6 +131,40 @@ def dry_run(spec: Spec, estimate_memory: bool = True, probe: bool = True) -> Dry
         if plan.chosen is not None and _auto(spec):
             spec = fitted(spec, plan)
     return DryRun(spec, _ds_config(spec, memory), cmd.argv, ranks, checks, memory, err, shown_env, fit=plan)
+
+
+def tp_check(spec: Spec, ranks: int, per_node: int, shape: dict[str, int] | None) -> Check:
+    """Whether `ranks` (`per_node` on the smallest node) split into tensor-parallel groups
+    of distributed.tensor_parallel, and the model's heads and hidden size split evenly; the
+    detail shows the layout (data-parallel replicas x tensor-parallel ranks)."""
+    tp = spec.distributed.tensor_parallel
+    problems = []
+    if per_node % tp:
+        problems.append(
+            f"{per_node} rank(s) per node do not split into groups of {tp} (a group stays on one node)"
+        )
+    for key, what in (("num_heads", "attention heads"), ("num_kv_heads", "key/value heads"),
+                      ("hidden_size", "hidden size")):  # fmt: skip
+        n = (shape or {}).get(key) or 0
+        if n and n % tp:
+            problems.append(f"the model's {what} ({n}) do not divide by {tp}")
+    if problems:
+        return Check("tensor parallel", False, "; ".join(problems) + ": change distributed.tensor_parallel")
+    layout = f"{ranks} rank(s) = {ranks // tp} data-parallel x {tp} tensor-parallel"
+    if shape:
+        layout += (f"; per rank {shape['num_heads'] // tp} of {shape['num_heads']} heads, "
+                   f"{shape['hidden_size'] // tp} of {shape['hidden_size']} hidden")  # fmt: skip
+    return Check("tensor parallel", True, layout)
+
+
+def check_tensor_parallel(spec: Spec, ranks: int, per_node: int) -> None:
+    """At launch: a tensor-parallel spec that cannot split raises UserError before anything."""
+    from .errors import UserError
+
+    memory, _ = memory_estimate(spec, ranks)
+    c = tp_check(spec, ranks, per_node, memory["shape"] if memory and "shape" in memory else None)
+    if not c.ok:
+        raise UserError(f"distributed.tensor_parallel: {c.detail}")
 
 
 def local_ranks(spec: Spec, gpus: int) -> int:
@@ -227,6 +263,9 @@ def _dry_run_cluster(spec: Spec, cluster: Any, estimate_memory: bool, probe: boo
     cmds = commands(spec, cluster, where, port, nodes, cpu=cpu)
     ranks = sum(n.slots for n in nodes)
     memory, err = memory_estimate(spec, ranks) if estimate_memory else (None, None)
+    if spec.distributed.tensor_parallel > 1:
+        shape = memory["shape"] if memory and "shape" in memory else None
+        checks.append(tp_check(spec, ranks, min(n.slots for n in nodes), shape))
     plan = None
     if memory and "shape" in memory and resources is not None:
         plan = fit.plan_spec(spec, memory["shape"], ranks, max(n.slots for n in nodes), resources)

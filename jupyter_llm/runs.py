@@ -231,6 +231,11 @@ class RunStore:
 # -- one run ------------------------------------------------------------------------------
 
 
+# what a resume may change (Run.resume): where the run runs, not what it trains
+RESUME_KEYS = ("distributed.procs_per_node", "distributed.nodes", "distributed.tensor_parallel",
+               "train.micro_batch_size", "train.grad_accum")  # fmt: skip
+
+
 class Run:
     """A handle on one run folder. Cheap to create; every read goes to disk."""
 
@@ -255,7 +260,7 @@ class Run:
 
     @functools.cached_property
     def spec(self) -> Spec:
-        """The run's spec (spec.yaml never changes after launch, so it is read once)."""
+        """The run's spec (read once: only a resume onto other ranks rewrites spec.yaml)."""
         from .spec import Spec
 
         return Spec.from_yaml((self.path / "spec.yaml").read_text(encoding="utf-8"))
@@ -405,21 +410,66 @@ class Run:
             return self.wait(timeout)
         return self.state
 
-    def resume(self, overrides: list[str] | None = None) -> Run:
-        """Start the job again; the ranks continue from the newest complete checkpoint."""
-        if overrides:
-            raise UserError(
-                "resume takes no overrides: the spec of a run never changes; start a new run from it instead"
-            )
+    def resume(self, overrides: list[str] | dict[str, Any] | None = None) -> Run:
+        """Start the job again; the ranks continue from the newest complete checkpoint.
+
+        `overrides` (`KEY=VALUE` or a dict) may change where it runs, and nothing else: the
+        ranks (distributed.procs_per_node, distributed.nodes), distributed.tensor_parallel and
+        the batch (train.micro_batch_size, train.grad_accum). On other ranks the worker loads
+        the checkpoint through DeepSpeed's universal format; the data position continues by
+        sample count. The previous values are kept in the `resume_overrides` event."""
         st = self.status()
         if not State(st["state"]).terminal:
             raise RunStateError(f"run {self.id} is {st['state']}; stop it before resuming")
         if st["state"] == State.COMPLETED.value:
             raise RunStateError(f"run {self.id} already completed; nothing to resume")
+        if overrides:
+            self._relayout(overrides)
         from .launcher import start
 
         start(self, resume=True)
         return self
+
+    def _relayout(self, overrides: list[str] | dict[str, Any]) -> None:
+        import yaml
+
+        from .spec import Spec, apply_overrides, deepspeed_config, split_override
+
+        items = dict(overrides.items() if isinstance(overrides, dict) else map(split_override, overrides))
+        if bad := sorted(set(items) - set(RESUME_KEYS)):
+            raise UserError(f"resume cannot change {', '.join(bad)}: the run's model, data and schedule "
+                            f"stay; it may change {', '.join(RESUME_KEYS)} (or start a new run from its spec)")  # fmt: skip
+        raw = yaml.safe_load((self.path / "spec.yaml").read_text(encoding="utf-8"))
+        new = Spec.from_dict(apply_overrides(raw, items), check_files=False)  # SpecError names the key
+        old, now = self.spec.to_dict(), new.to_dict()
+
+        def value(d: dict[str, Any], key: str) -> Any:
+            for part in key.split("."):
+                d = d.get(part) if isinstance(d, dict) else None  # type: ignore[assignment]
+            return d
+
+        changes = {
+            k: {"from": value(old, k), "to": value(now, k)} for k in items if value(old, k) != value(now, k)
+        }
+        if not changes:
+            return
+        if "distributed.nodes" in changes:
+            from .cluster import resolve
+            from .launcher.multinode import CLUSTER_FILE, write_cluster
+
+            cluster = resolve(new.distributed.nodes)
+            if cluster is not None:
+                write_cluster(self.path, cluster)
+            else:
+                (self.path / CLUSTER_FILE).unlink(missing_ok=True)
+        append_jsonl(
+            self.path / "events.jsonl", {"time": now_iso(), "event": "resume_overrides", "changes": changes}
+        )
+        write_json_atomic(self.path / "ds_config.json", deepspeed_config(new, self.id))
+        tmp = self.path / ".spec.yaml.tmp"
+        tmp.write_text(new.to_yaml(), encoding="utf-8")
+        os.replace(tmp, self.path / "spec.yaml")
+        self.__dict__.pop("spec", None)
 
     def evaluate(self, wait: bool = False, timeout: float | None = None, **params: Any) -> Any:
         """Evaluate this run's final model (or `checkpoint=`) as a detached job; see

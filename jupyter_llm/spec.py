@@ -232,6 +232,9 @@ class DistributedSpec(_Section):
     # a folder on a local NVMe/SSD of every node for offload: nvme (a per-run folder inside it
     # holds the swap files, removed when the run ends)
     nvme_path: str | None = None
+    # ranks that split each layer's weights (DeepSpeed AutoTP); the ranks of a node are grouped
+    # into tensor-parallel groups of this size, data parallelism runs across the groups
+    tensor_parallel: int = Field(1, ge=1, le=64)
     master_port: int | None = Field(None, ge=1024, le=65535)  # None: pick a free one
 
     @field_validator("nodes")
@@ -416,6 +419,27 @@ class Spec(_Section):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def _tensor_parallel_problems(self) -> list[Problem]:
+        """What AutoTP training here does not combine with (the model's head and hidden sizes
+        are checked by the pre-flight, which knows the model's shape)."""
+        d, tp = self.distributed, self.distributed.tensor_parallel
+        if tp == 1:
+            return []
+        key, out = "distributed.tensor_parallel", []
+        if isinstance(d.procs_per_node, int) and d.procs_per_node % tp:
+            out.append(Problem(key, tp, f"must divide distributed.procs_per_node ({d.procs_per_node}): "
+                                        "a tensor-parallel group stays within one node"))  # fmt: skip
+        if d.zero_stage not in (0, 1, 2):
+            out.append(Problem(key, tp, f"combines with zero_stage 0, 1 or 2, not {d.zero_stage!r}: "
+                                        "set distributed.zero_stage"))  # fmt: skip
+        if d.offload != "none":
+            out.append(Problem(key, tp, f"does not combine with offload {d.offload!r}: set offload: none"))
+        if self.model.lora:
+            out.append(Problem(key, tp, "does not combine with model.lora (the adapters are not split)"))
+        if self.model.task != "causal-lm":
+            out.append(Problem(key, tp, f"trains causal LMs; model.task is {self.model.task}"))
+        return out
+
     def _semantic_problems(self) -> list[Problem]:
         """Checks across fields, run once every field is valid on its own."""
         out = []
@@ -438,6 +462,7 @@ class Spec(_Section):
         if d.offload == "nvme" and not d.nvme_path:
             out.append(Problem("distributed.nvme_path", None,
                                "offload: nvme needs a folder on a local NVMe/SSD, e.g. nvme_path: /local_nvme"))  # fmt: skip
+        out += self._tensor_parallel_problems()
         if m.pretrained and m.config:
             out.append(Problem("model.config", m.config, "give model.pretrained or model.config, not both"))
         out += self._dtype_problems()
@@ -599,7 +624,7 @@ def _looks_like_hub_id(v: str) -> bool:
 def apply_overrides(data: dict[str, Any], overrides: list[str] | Mapping[str, Any]) -> dict[str, Any]:
     """Apply `a.b.c=value` overrides (values parsed as YAML) to a copy of `data`."""
     out = copy.deepcopy(data)
-    items = overrides.items() if isinstance(overrides, Mapping) else map(_split_override, overrides)
+    items = overrides.items() if isinstance(overrides, Mapping) else map(split_override, overrides)
     for key, value in items:
         parts = key.split(".")
         node = out
@@ -615,7 +640,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | Mapping[str, An
     return out
 
 
-def _split_override(item: str) -> tuple[str, Any]:
+def split_override(item: str) -> tuple[str, Any]:
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key or any(not p for p in key.split(".")):
@@ -784,6 +809,8 @@ def deepspeed_config(spec: Spec, run_id: str | None = None) -> dict[str, Any]:
         # sized from the model's shape by the worker (train.model.zero3_settings), as the HF
         # Trainer's "auto" values are; a value in the spec's deepspeed: section wins
         zero.update({k: "auto" for k in ZERO3_AUTO if k not in zero})
+    if d.tensor_parallel > 1:  # DeepSpeed's AutoTP training: every linear layer split N ways
+        extra["tensor_parallel"] = {"autotp_size": d.tensor_parallel}
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,

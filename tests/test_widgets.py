@@ -132,6 +132,11 @@ def test_side_panel_follows_the_fields(corpus: Path) -> None:
     assert '"stage": 3' in form.ds_config.value
     form.fields["distributed.offload"].widget.value = "optimizer"
     assert '"offload_optimizer"' in form.ds_config.value
+    form.fields["distributed.offload"].widget.value = "none"
+    form.fields["distributed.zero_stage"].widget.value = 1
+    form.fields["distributed.tensor_parallel"].widget.value = 2  # the layout, from the field
+    assert '"autotp_size": 2' in form.ds_config.value
+    assert "2 rank(s) = 1 data-parallel x 2 tensor-parallel" in form.command.value
 
 
 def test_memory_estimate_runs_off_the_kernel_thread(corpus: Path) -> None:

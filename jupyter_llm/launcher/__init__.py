@@ -45,6 +45,15 @@ def launch(
         from ..preflight import fit_spec
 
         spec, plan = fit_spec(spec)  # DoesNotFit (how much is missing, what would fit) before anything
+    if job == "train" and spec.distributed.tensor_parallel > 1:
+        from ..preflight import check_tensor_parallel, local_ranks
+        from .local import gpu_count
+
+        pp = spec.distributed.procs_per_node  # a cluster's nodes: procs_per_node each (else checked there)
+        ranks = local_ranks(spec, gpu_count()) if cluster is None else (pp if isinstance(pp, int) else 0)
+        check_tensor_parallel(
+            spec, ranks or spec.distributed.tensor_parallel, ranks or spec.distributed.tensor_parallel
+        )
     if (
         job == "train"
         and spec.distributed.offload == "nvme"

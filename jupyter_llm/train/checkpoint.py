@@ -51,6 +51,51 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def newest(run_dir: Path) -> tuple[int, Path, dict[str, Any]] | None:
+    """(step, folder, marker) of the newest complete checkpoint, or None."""
+    done = complete_checkpoints(run_dir / "checkpoints")
+    if not done:
+        return None
+    step, path = done[-1]
+    return step, path, json.loads((path / CKPT_MARKER).read_text())
+
+
+def layout(marker: dict[str, Any]) -> tuple[int, int]:
+    """(ranks, tensor-parallel degree) a checkpoint was saved with."""
+    return int(marker.get("world_size", 0)), int(marker.get("tensor_parallel", 1))
+
+
+def to_universal(path: Path) -> tuple[Path, float]:
+    """DeepSpeed's universal checkpoint of the checkpoint in `path` (ds_to_universal: every
+    parameter and optimizer state whole, loadable on any number of ranks and any TP degree),
+    made once into `path/universal`; returns it and the seconds the conversion took."""
+    import subprocess
+    import sys
+    import time
+
+    out = path / UNIVERSAL
+    if (out / ".converted").is_file():
+        return out, 0.0
+    shutil.rmtree(out, ignore_errors=True)  # an interrupted conversion
+    t0 = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+         "--output_folder", str(out), "--inject_missing_state", "--num_extract_workers", "1",
+         "--num_merge_workers", "1"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise CheckpointError(
+            f"converting checkpoint {path} to a universal checkpoint failed: {' / '.join(tail)}"
+        )
+    (out / ".converted").write_text(now_iso())
+    return out, time.monotonic() - t0
+
+
+UNIVERSAL = "universal"
+
+
 def save(engine: Any, run_dir: Path, step: int, rank: int, keep: int, client: dict[str, Any]) -> None:
     """Save on every rank; rank 0 writes the completion marker after all ranks are done."""
     import torch.distributed as dist
@@ -63,7 +108,12 @@ def save(engine: Any, run_dir: Path, step: int, rank: int, keep: int, client: di
     if rank == 0:
         write_json_atomic(
             ckpt_dir / tag / CKPT_MARKER,
-            {"step": step, "time": now_iso(), "world_size": dist.get_world_size()},
+            {
+                "step": step,
+                "time": now_iso(),
+                "world_size": dist.get_world_size(),
+                "tensor_parallel": client.get("tensor_parallel", 1),
+            },
         )
         append_jsonl(
             run_dir / "events.jsonl", {"time": now_iso(), "event": "checkpoint", "step": step, "tag": tag}
@@ -81,21 +131,26 @@ def prune(ckpt_dir: Path, keep: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def load_latest(engine: Any, run_dir: Path, rank: int) -> tuple[int, dict[str, Any]] | None:
-    """Load the newest complete checkpoint into the engine; None when there is none."""
+def load_latest(
+    engine: Any, run_dir: Path, rank: int, universal: bool = False
+) -> tuple[int, dict[str, Any]] | None:
+    """Load the newest complete checkpoint into the engine; None when there is none. With
+    `universal`, its universal conversion (`to_universal`, made by rank 0 before): the ranks
+    changed, so the per-rank random streams start afresh."""
     done = complete_checkpoints(run_dir / "checkpoints")
     if not done:
         return None
     step, path = done[-1]
+    where, tag = (path, UNIVERSAL) if universal else (path.parent, path.name)
     try:
         loaded, client = engine.load_checkpoint(
-            str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+            str(where), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
     except Exception as e:  # torch.load / DeepSpeed raise many types for damaged files
         raise CheckpointError(f"checkpoint {path} is marked complete but cannot be loaded: {e}") from e
     if loaded is None:
         raise CheckpointError(f"checkpoint {path} is marked complete but its model files are missing")
     rng_file = path / f"rng_rank{rank}.pt"
-    if rng_file.is_file():
+    if rng_file.is_file() and not universal:
         set_rng_state(torch.load(rng_file, weights_only=False))
     return step, client or {}

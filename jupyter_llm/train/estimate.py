@@ -23,6 +23,9 @@ def estimate(spec_path: Path, ranks: int) -> dict[str, Any]:
     spec = Spec.from_yaml(spec_path.read_text())
     shape = meta_shape(spec, _vocab_size(spec) or 0)
     total, largest = shape["params"], shape["largest_module_params"]
+    tp = spec.distributed.tensor_parallel
+    if tp > 1:  # each rank holds 1/tp of the (split) weights; ZeRO shards across the replicas
+        total, largest, ranks = -(-total // tp), -(-largest // tp), max(ranks // tp, 1)
     off = spec.distributed.offload
     cpu = off in ("optimizer", "optimizer+params")  # DeepSpeed's estimators know CPU offload only
     z2_cpu, z2_dev = estimate_zero2_model_states_mem_needs(total, ranks, 1, cpu_offload=cpu)
@@ -31,8 +34,9 @@ def estimate(spec_path: Path, ranks: int) -> dict[str, Any]:
     )
     gib = 2**30
     return {
-        "params": total,
-        "largest_layer_params": largest,
+        "params": shape["params"],
+        "tensor_parallel": tp,
+        "largest_layer_params": shape["largest_module_params"],
         "shape": shape,
         # what the worker fills in for ZeRO-3's "auto" values (a value in deepspeed: wins)
         "zero3_settings": zero3_settings(shape),

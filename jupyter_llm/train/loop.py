@@ -87,14 +87,31 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
         ds_config = resolve_auto(ds_config, meta_shape(spec, len(tok)))
         if master:
             write_json_atomic(run_dir / "ds_config.resolved.json", ds_config)
+    tp = spec.distributed.tensor_parallel
+    universal = _needs_universal(run_dir, spec, world, tp)  # the newest checkpoint is on other ranks
+    if universal:
+        ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+        if master:
+            found = checkpoint.newest(run_dir)
+            assert found is not None
+            out, secs = checkpoint.to_universal(found[1])
+            saved = checkpoint.layout(found[2])
+            append_jsonl(run_dir / "events.jsonl", {
+                "time": now_iso(), "event": "checkpoint_converted", "step": found[0], "path": str(out),
+                "from": {"ranks": saved[0], "tensor_parallel": saved[1]},
+                "to": {"ranks": world, "tensor_parallel": tp}, "seconds": round(secs, 1)})  # fmt: skip
+        dist.barrier()
     torch.manual_seed(spec.seed)  # identical initial weights on every rank
     model = build_model(spec, tok, ds_config)  # partitioned as it is built under ZeRO-3
     fpt = flops_per_token(model, d.block_size)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, spec.optim.weight_decay), config=ds_config
     )
-    torch.manual_seed(spec.seed + rank)  # per-rank dropout / masking streams
-    np.random.seed(spec.seed + rank)
+    # tensor parallelism: DeepSpeed groups consecutive ranks (a node's) into groups of `tp`
+    # that see one batch; data parallelism runs across the groups
+    dp_rank, dp_world = rank // tp, world // tp
+    torch.manual_seed(spec.seed + dp_rank)  # per-replica dropout / masking streams
+    np.random.seed(spec.seed + dp_rank)
 
     def batch(blocks: Blocks, first: int, shuffle: bool, mask_seed: int) -> dict[str, torch.Tensor]:
         ids = torch.from_numpy(blocks.batch(first, t.micro_batch_size, shuffle))
@@ -114,13 +131,20 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
         lens = blocks.lengths(first, t.micro_batch_size, shuffle)
         return {k: v.to(device) for k, v in mlm_inputs(ids, lens, tok, d.mlm_probability, mask_seed).items()}
 
-    per_step = world * t.micro_batch_size  # samples per micro step, all ranks
+    per_step = dp_world * t.micro_batch_size  # samples per micro step, all replicas
+    trace = os.environ.get("JUPYTER_LLM_TRACE") == "samples"  # tests: which samples each rank read
+
+    def samples_at(step: int) -> int:
+        """Samples read by all ranks when `step` ends: the data position, counted in samples so
+        that a resume on other ranks (another batch per step) continues it exactly."""
+        return base_samples + (step - start_step) * t.grad_accum * per_step
 
     def train_batch(step: int, micro: int) -> dict[str, torch.Tensor]:
-        g = (step - 1) * t.grad_accum + micro  # global micro-batch counter: the data position
-        return batch(
-            train_blocks, g * per_step + rank * t.micro_batch_size, True, _seed(spec.seed, step, micro, rank)
-        )
+        first = samples_at(step - 1) + micro * per_step + dp_rank * t.micro_batch_size
+        if trace:
+            with open(run_dir / "logs" / f"samples.rank{rank}.txt", "a") as f:
+                f.write(f"{attempt} {step} {first} {t.micro_batch_size}\n")
+        return batch(train_blocks, first, True, _seed(spec.seed, step, micro, dp_rank))
 
     def evaluate() -> dict[str, float]:
         engine.eval()
@@ -129,7 +153,10 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
         with torch.no_grad():
             for i in range(n_batches):
                 b = batch(
-                    val_blocks, i * per_step + rank * t.micro_batch_size, False, _seed(spec.seed, -1, i, rank)
+                    val_blocks,
+                    i * per_step + dp_rank * t.micro_batch_size,
+                    False,
+                    _seed(spec.seed, -1, i, dp_rank),
                 )
                 logits = engine(
                     input_ids=b["input_ids"], attention_mask=b.get("attention_mask")
@@ -142,7 +169,7 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
                 nll[0] += torch.nn.functional.cross_entropy(lg, lb, reduction="sum").double()
                 nll[1] += keep.sum()
                 nll[2] += (lg.argmax(-1) == lb).sum()
-        dist.all_reduce(nll)
+        dist.all_reduce(nll)  # (each replica's sums counted tp times: the ratios are the same)
         engine.train()
         val_loss = (nll[0] / nll[1].clamp(min=1)).item()
         return {
@@ -152,10 +179,12 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
         }
 
     # -- resume ---------------------------------------------------------------------------
-    start_step = 0
-    resumed = checkpoint.load_latest(engine, run_dir, rank)
+    start_step = base_samples = 0
+    resumed = checkpoint.load_latest(engine, run_dir, rank, universal)
     if resumed is not None:
         start_step = resumed[0]
+        # (a checkpoint from before the count was kept was saved on these ranks)
+        base_samples = int(resumed[1].get("samples", start_step * t.grad_accum * per_step))
         if master:
             append_jsonl(
                 run_dir / "events.jsonl", {"time": now_iso(), "event": "resumed_from", "step": start_step}
@@ -200,7 +229,7 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
             out = engine(**train_batch(step, micro))
             engine.backward(out.loss)
             if gn_every and step % gn_every == 0 and micro == t.grad_accum - 1:
-                norms = layer_grad_norms(engine.module)  # every rank: ZeRO gathers collectively
+                norms = layer_grad_norms(engine.module, tp)  # every rank: ZeRO gathers collectively
                 if master:
                     append_jsonl(run_dir / "grads.jsonl", {"step": step, "time": time.time(), "norms": norms})
             engine.step()
@@ -232,7 +261,8 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
                 # every rank's peak so far (CUDA's allocator peak; the process's VmHWM on CPU)
                 "mem_peak_mb_ranks": peaks,
                 "mem_peak_mb": max(peaks),
-                "tokens": step * tokens_per_step,
+                "tokens": samples_at(step) * d.block_size,
+                "samples": samples_at(step),
             }
             if master:
                 append_jsonl(run_dir / "metrics.jsonl", rec)
@@ -248,7 +278,8 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
                 )
             window_start = time.perf_counter()  # eval time is not training time
         if stopped_at or (t.save_every and step % t.save_every == 0 and not last):
-            checkpoint.save(engine, run_dir, step, rank, t.keep_checkpoints, {"attempt": attempt})
+            client = {"attempt": attempt, "samples": samples_at(step), "tensor_parallel": tp}
+            checkpoint.save(engine, run_dir, step, rank, t.keep_checkpoints, client)
             window_start = time.perf_counter()
         if stopped_at:
             if master:
@@ -274,11 +305,17 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
             shards.close()
             _export_files(engine.module, tok, run_dir)
     else:
-        state = gathered_state_dict(engine, master) if zero3 else None
+        if zero3:
+            state = gathered_state_dict(engine, master)
+        elif tp > 1:  # each rank holds a slice of every linear layer: rank 0 gathers them
+            state = engine._consolidated_16bit_state_dict()
+        else:
+            state = None
         if master:
             module = engine.module
             if state is not None:
-                # LoRA under ZeRO-3: this module holds shards; an unsharded copy takes the whole state
+                # LoRA under ZeRO-3 or tensor parallel: this module holds shards; an unsharded
+                # copy takes the whole state
                 module = build_model(spec, tok)
                 module.load_state_dict(state)
             _export(module, tok, run_dir)
@@ -290,28 +327,81 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
     dist.barrier()
 
 
+def _needs_universal(run_dir: Path, spec: Any, world: int, tp: int) -> bool:
+    """Whether the newest checkpoint was saved on other ranks (or another TP degree) and must
+    load through DeepSpeed's universal format; CheckpointError where that cannot work."""
+    from . import checkpoint
+
+    found = checkpoint.newest(run_dir)
+    if found is None:
+        return False
+    ranks, saved_tp = checkpoint.layout(found[2])
+    if not ranks or (ranks, saved_tp) == (world, tp):
+        return False
+    d = spec.distributed
+    if d.zero_stage == 0 and saved_tp == tp:
+        return False  # no ZeRO: every rank's file holds the whole state, loadable on any ranks
+    what = f"checkpoint {found[1].name} was saved on {ranks} rank(s), tensor_parallel {saved_tp}"
+    if d.zero_stage == 0:
+        raise checkpoint.CheckpointError(
+            f"{what}: zero_stage 0 cannot change tensor_parallel; resume with {saved_tp}"
+        )
+    if d.offload == "nvme":
+        raise checkpoint.CheckpointError(
+            f"{what}: offload nvme resumes on the same ranks only; resume with {ranks}"
+        )
+    return True
+
+
 NVME_RESUME = (
     "resumed under offload: nvme: weights, schedule and data position are restored, but DeepSpeed "
     "0.19.8 does not restore Adam's moments that lived in NVMe swap files (they restart from zero)"
 )
 
 
-def layer_grad_norms(module: Any) -> dict[str, float]:
+def layer_grad_norms(module: Any, tp: int = 1) -> dict[str, float]:
     """L2 norm of the gradient per layer, read with DeepSpeed's ZeRO-safe accessor (under ZeRO
-    1-3 it assembles partitioned gradients, so every rank must call it in the same order)."""
+    1-3 it assembles partitioned gradients, so every rank must call it in the same order).
+    Under tensor parallelism a split weight's squares are summed over its group; a replicated
+    one (norms, a row-split layer's bias) counts once."""
+    import torch
+    import torch.distributed as dist
     from deepspeed.utils import safe_get_full_grad
 
     from .model import layer_key
 
-    sq: dict[str, float] = {}
+    keys: list[str] = []
+    sq = []  # per parameter: [split part, replicated part]
     for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
         grad = safe_get_full_grad(param)
         if grad is not None:
-            key = layer_key(name)
-            sq[key] = sq.get(key, 0.0) + float(grad.float().pow(2).sum())
-    return {k: math.sqrt(v) for k, v in sq.items()}
+            keys.append(layer_key(name))
+            s = grad.float().pow(2).sum()
+            split = tp > 1 and _tp_split(param)
+            sq.append(torch.stack([s, torch.zeros_like(s)] if split else [torch.zeros_like(s), s]))
+    if not sq:
+        return {}
+    parts = torch.stack(sq).cpu()
+    if tp > 1:
+        from deepspeed.utils import groups
+
+        split = parts[:, 0].clone()
+        dist.all_reduce(split, group=groups.get_tensor_model_parallel_group())
+        parts[:, 0] = split
+    out: dict[str, float] = {}
+    for key, v in zip(keys, parts.sum(1).tolist(), strict=True):
+        out[key] = out.get(key, 0.0) + v
+    return {k: math.sqrt(v) for k, v in out.items()}
+
+
+def _tp_split(param: Any) -> bool:
+    """Whether AutoTP holds only a slice of `param` on this rank."""
+    from deepspeed.checkpoint.constants import DS_AUTOTP_UC_META
+
+    meta = getattr(param, DS_AUTOTP_UC_META, None) or {}
+    return bool(getattr(param, "tensor_model_parallel", False)) and not meta.get("replicated", False)
 
 
 class ShardWriter:

@@ -220,6 +220,9 @@ def shape_of(model: Any) -> dict[str, int]:
         "layer_tensors": max(tensors.values(), default=0),
         "hidden_size": hidden,
         "num_heads": int(getattr(cfg, "num_attention_heads", 0) or 0),
+        "num_kv_heads": int(
+            getattr(cfg, "num_key_value_heads", 0) or getattr(cfg, "num_attention_heads", 0) or 0
+        ),
         "vocab_size": int(getattr(cfg, "vocab_size", 0) or 0),
         "num_layers": int(getattr(cfg, "num_hidden_layers", 0) or 0),
     }

@@ -347,8 +347,10 @@ class SpecForm(w.VBox):
             self.command.value = f'<div style="{ERROR_STYLE}">{html.escape(str(e))}</div>'
             return
         self.ds_config.value = f"<pre>{html.escape(json.dumps(d.ds_config, indent=2), quote=False)}</pre>"
+        layout = next((c for c in d.checks if c.name == "tensor parallel"), None)  # DP x TP, or why not
+        ranks = f"{d.ranks} rank(s)" if layout is None else html.escape(layout.detail)
         self.command.value = (f"<pre style='white-space:pre-wrap'>{html.escape(' '.join(d.command))}</pre>"
-                              f"<div>{d.ranks} rank(s)</div>")  # fmt: skip
+                              f"<div>{ranks}</div>")  # fmt: skip
         if self._estimate_memory:
             dd = spec.distributed
             key = json.dumps([spec.model.model_dump(mode="json"), d.ranks, dd.offload, dd.zero_stage, dd.nvme_path,
