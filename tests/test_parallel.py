@@ -40,29 +40,37 @@ def test_tensor_parallel_matches_one_rank_resumes_and_exports_whole(
     corpus: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """2 ranks splitting every layer in two (no data parallelism) train the same curve as 1
-    rank without TP, stop and resume from a TP-sharded checkpoint on the way, and export
-    one ordinary from_pretrained folder that gives the run's own logits."""
+    rank without TP while stopped three times: resumed from its TP-sharded checkpoint as it
+    is, then on 1 rank without TP, then on 2 with TP again (both through the universal
+    format); and export one ordinary from_pretrained folder that gives the run's own logits."""
     ref = launch(llama_spec(corpus, 1, 1))
     monkeypatch.setenv("JUPYTER_LLM_FAULT", "step_delay_ms:150")  # a stop lands mid-run
     run = launch(llama_spec(corpus, 2, 2))
-    wait_for(lambda: any(m.get("step", 0) >= 20 for m in run.metrics()), what="step 20")
-    assert run.stop(wait=True, timeout=180) == "stopped"
-    monkeypatch.delenv("JUPYTER_LLM_FAULT")
-    (ck,) = run.checkpoints()
-    assert sorted(p.name for p in ck.glob("mp_rank_*_model_states.pt")) == [
-        "mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"
-    ]  # one slice of the model per tensor-parallel rank  # fmt: skip
-    stopped = [e for e in run.events() if e["event"] == "stopped_at"][-1]["step"]
-    assert 20 <= stopped < 50
-    run.resume()
+    stops = []
+    for at, layout in ((10, []), (20, ["distributed.procs_per_node=1", "distributed.tensor_parallel=1"]),
+                       (30, ["distributed.procs_per_node=2", "distributed.tensor_parallel=2"])):  # fmt: skip
+        wait_for(lambda at=at: any(m.get("step", 0) >= at for m in run.metrics()), what=f"step {at}")
+        assert run.stop(wait=True, timeout=180) == "stopped"
+        stops.append([e for e in run.events() if e["event"] == "stopped_at"][-1]["step"])
+        if not stops[1:]:
+            ck = run.checkpoints()[-1]
+            assert sorted(p.name for p in ck.glob("mp_rank_*_model_states.pt")) == [
+                "mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"
+            ]  # one slice of the model per tensor-parallel rank  # fmt: skip
+        run.resume(layout)
     assert finished(run)["state"] == "completed"
+    monkeypatch.delenv("JUPYTER_LLM_FAULT")
     assert finished(ref)["state"] == "completed"
+    conv = [(e["from"], e["to"]) for e in run.events() if e["event"] == "checkpoint_converted"]
+    assert conv == [({"ranks": 2, "tensor_parallel": 2}, {"ranks": 1, "tensor_parallel": 1}),
+                    ({"ranks": 1, "tensor_parallel": 1}, {"ranks": 2, "tensor_parallel": 2})]  # fmt: skip
 
     mine, base = losses(run), losses(ref)
     assert sorted(mine) == sorted(base) == list(range(1, 51))
     for step in base:
         assert mine[step] == pytest.approx(base[step], rel=1e-3), step
-    assert min(losses(run, attempt=2)) == stopped + 1  # resumed where it stopped
+    for attempt, stopped in enumerate(stops, start=2):
+        assert min(losses(run, attempt=attempt)) == stopped + 1  # resumed where it stopped
     assert base[50] < base[1] - 0.5  # and it learns
     # the per-layer gradient norms count a split weight's slices together, a replicated one once
     tn, bn = grad_norms(run), grad_norms(ref)

@@ -29,6 +29,28 @@ def test_build_command_is_exact(tmp_path: Path) -> None:
     assert user["OMP_NUM_THREADS"] == "7"  # the user's setting wins
 
 
+def test_cuda_visible_devices_chooses_the_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA_VISIBLE_DEVICES as CUDA reads it (indices, UUID prefixes, up to the first entry
+    naming no GPU), and the launch takes those GPUs: DeepSpeed's launcher, given --num_gpus,
+    would drop the variable and take GPUs 0..N-1."""
+    from jupyter_llm.launcher import local
+
+    smi = [f"GPU {i}: NVIDIA H200 (UUID: GPU-{i}aaa-{i})" for i in range(4)]
+    assert local.visible_gpus({}, smi) is None
+    assert local.visible_gpus({"CUDA_VISIBLE_DEVICES": "2,3"}, smi) == [2, 3]
+    assert local.visible_gpus({"CUDA_VISIBLE_DEVICES": "GPU-3aaa,0"}, smi) == [3, 0]
+    assert local.visible_gpus({"CUDA_VISIBLE_DEVICES": "1,7,2"}, smi) == [1]  # 7 is no GPU: CUDA stops
+    assert local.visible_gpus({"CUDA_VISIBLE_DEVICES": ""}, smi) == []
+    assert local.visible_gpus({"CUDA_VISIBLE_DEVICES": "1,1"}, smi) == [1]
+    monkeypatch.setattr(local, "_smi_gpus", lambda: smi)
+    argv, _ = build_command(tmp_path, 2, 1, cpu=False, base_env={"CUDA_VISIBLE_DEVICES": "3,1,2"})
+    assert argv[4:6] == ["--include", "localhost:3,1"] and "--num_gpus" not in argv
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert local.gpu_count() == 2  # procs_per_node: auto counts the visible GPUs
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert local.gpu_count() == 4
+
+
 def test_free_port_avoids_taken() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -213,6 +235,23 @@ def test_blocks_order_is_a_pure_function_of_seed(tmp_path: Path) -> None:
     assert np.array_equal(b.batch(37, 5, shuffle=True), first_epoch[37:42])  # resumable from any position
     assert not np.array_equal(Blocks(f, "uint16", 10, seed=8).batch(0, 100, True), first_epoch)
     assert np.array_equal(a.batch(100, 3, True), a.batch(100, 3, True))  # epoch 1 stable too
+    # one gather per batch gives what one block at a time gives, across an epoch's end too
+    for first, count, shuffle in ((95, 10, True), (0, 7, False), (195, 12, False), (250, 1, True)):
+        one_by_one = np.stack([a.block(a.index(k, shuffle)) for k in range(first, first + count)])
+        assert np.array_equal(b.batch(first, count, shuffle), one_by_one)
+    # document blocks (padded last chunks) and loss masks likewise
+    np.array([[0, 25], [26, 31], [32, 1000]], dtype=np.int64).tofile(f.with_suffix(".docs"))
+    (np.arange(1000) % 3 == 0).astype(np.uint8).tofile(f.with_suffix(".mask"))
+    d = Blocks(f, "uint16", 10, seed=7, pad_id=65000)
+    ks = range(d.n - 4, d.n + 3)
+    assert np.array_equal(d.batch(d.n - 4, 7, True), np.stack([d.block(d.index(k, True)) for k in ks]))
+    assert d.lengths(d.n - 4, 7, True).tolist() == [int(d.lens[d.index(k, True)]) for k in ks]  # type: ignore[index]
+    assert (d.batch(0, d.n, False) == 65000).sum() == 5 + 5 + 2  # 25, 5 and 968 tokens padded to 10s
+    m = Blocks(f, "uint16", 10, seed=3)
+    want = np.stack(
+        [np.asarray(m.mask[(i := m.index(k, True)) * 10 : (i + 1) * 10], bool) for k in range(98, 104)]
+    )
+    assert np.array_equal(m.mask_batch(98, 6, True), want)
 
 
 def test_mlm_masking_is_seeded_and_spares_specials(tmp_path: Path) -> None:

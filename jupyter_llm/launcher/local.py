@@ -24,10 +24,16 @@ def build_command(
     base_env: Mapping[str, str] | None = None,
     cores: int | None = None,
 ) -> tuple[list[str], dict[str, str]]:
-    """The exact command and environment that start `nprocs` ranks of the worker."""
+    """The exact command and environment that start `nprocs` ranks of the worker. On GPUs
+    under CUDA_VISIBLE_DEVICES, the first `nprocs` of those GPUs: DeepSpeed's launcher drops
+    the variable and, given --num_gpus, would take GPUs 0..nprocs-1 whatever it said."""
+    visible = None if cpu else visible_gpus(os.environ if base_env is None else base_env)
+    which = ["--num_gpus", str(nprocs)]
+    if visible is not None:
+        which = ["--include", "localhost:" + ",".join(str(i) for i in visible[:nprocs])]
     argv = [
         python, "-u", "-m", "deepspeed.launcher.runner",
-        "--num_gpus", str(nprocs),
+        *which,
         "--master_addr", "127.0.0.1",
         "--master_port", str(port),
         "--no_local_rank",
@@ -106,15 +112,43 @@ def port_free(port: int) -> bool:
 
 
 def gpu_count() -> int:
-    """GPUs on this machine, asked of nvidia-smi (no torch, no CUDA context)."""
+    """GPUs this job may use: those CUDA_VISIBLE_DEVICES names, else every GPU nvidia-smi
+    lists (no torch, no CUDA context)."""
+    visible = visible_gpus(os.environ)
+    return len(_smi_gpus()) if visible is None else len(visible)
+
+
+def _smi_gpus() -> list[str]:
+    """`nvidia-smi -L`'s lines ("GPU 0: NVIDIA H200 (UUID: GPU-...)"), [] without one."""
     smi = shutil.which("nvidia-smi")
     if not smi:
-        return 0
+        return []
     try:
         out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return sum(1 for ln in out.stdout.splitlines() if ln.startswith("GPU "))
+        return []
+    return [ln for ln in out.stdout.splitlines() if ln.startswith("GPU ")]
+
+
+def visible_gpus(env: Mapping[str, str], smi_lines: list[str] | None = None) -> list[int] | None:
+    """The physical indices CUDA_VISIBLE_DEVICES selects (None: unset, every GPU), read as
+    CUDA reads it: indices or GPU UUIDs (or their prefixes), up to the first entry that names
+    no GPU."""
+    value = env.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return None
+    lines = _smi_gpus() if smi_lines is None else smi_lines
+    uuids = [ln.rpartition("UUID: ")[2].rstrip(")") for ln in lines]
+    out: list[int] = []
+    for item in (x.strip() for x in value.split(",")):
+        if item.isdigit() and int(item) < len(lines):
+            index = int(item)
+        else:
+            index = next((i for i, u in enumerate(uuids) if item and u.startswith(item)), -1)
+        if index < 0 or index in out:
+            break
+        out.append(index)
+    return out
 
 
 def signal_group(pgid: int, sig: int) -> None:

@@ -871,23 +871,40 @@ class Blocks:
         """The k-th sample of the endless shuffled stream."""
         return self.block(self.index(k, True))
 
+    def indices(self, first: int, count: int, shuffle: bool) -> np.ndarray:
+        """The blocks that samples first .. first+count-1 of the stream are, as `index` gives
+        them one at a time (one permutation per epoch the range touches)."""
+        ks: np.ndarray = np.arange(first, first + count, dtype=np.int64)
+        if not shuffle:
+            return ks % self.n
+        epochs, pos = np.divmod(ks, self.n)
+        out: np.ndarray = np.empty(count, dtype=np.int64)
+        for epoch in np.unique(epochs):
+            at = epochs == epoch
+            if self._perm is None or self._perm[0] != epoch:
+                self._perm = (int(epoch), np.random.default_rng([self.seed, int(epoch)]).permutation(self.n))
+            out[at] = self._perm[1][pos[at]]
+        return out
+
     def batch(self, first: int, count: int, shuffle: bool) -> np.ndarray:
-        return np.stack([self.block(self.index(k, shuffle)) for k in range(first, first + count)])
+        """[count, block_size] int64 token ids: one gather from the token file, no per-sample
+        Python work."""
+        idx, cols = self.indices(first, count, shuffle), np.arange(self.block_size)
+        if self.starts is None or self.lens is None:
+            return np.asarray(self.tokens[idx[:, None] * self.block_size + cols], dtype=np.int64)
+        real = cols < self.lens[idx][:, None]  # a document's last chunk is padded
+        where = np.where(real, self.starts[idx][:, None] + cols, 0)
+        return np.where(real, np.asarray(self.tokens[where], dtype=np.int64), self.pad_id)
 
     def lengths(self, first: int, count: int, shuffle: bool) -> np.ndarray:
         """Real (unpadded) tokens of the same samples as `batch`."""
         if self.lens is None:
             return np.full(count, self.block_size, dtype=np.int64)
-        return np.asarray(
-            [self.lens[self.index(k, shuffle)] for k in range(first, first + count)], dtype=np.int64
-        )
+        return np.asarray(self.lens[self.indices(first, count, shuffle)], dtype=np.int64)
 
     def mask_batch(self, first: int, count: int, shuffle: bool) -> np.ndarray | None:
         """The loss mask of the same samples as `batch` (None without a mask)."""
         if self.mask is None:
             return None
-        b = self.block_size
-        return np.stack(
-            [np.asarray(self.mask[(i := self.index(k, shuffle)) * b : (i + 1) * b], dtype=bool)
-             for k in range(first, first + count)]
-        )  # fmt: skip
+        idx = self.indices(first, count, shuffle)
+        return np.asarray(self.mask[idx[:, None] * self.block_size + np.arange(self.block_size)], dtype=bool)
