@@ -157,12 +157,15 @@ def tp_check(spec: Spec, ranks: int, per_node: int, shape: dict[str, int] | None
     return Check("tensor parallel", True, layout)
 
 
-def check_tensor_parallel(spec: Spec, ranks: int, per_node: int) -> None:
-    """At launch: a tensor-parallel spec that cannot split raises UserError before anything."""
+def check_tensor_parallel(spec: Spec, local: bool) -> None:
+    """At launch: a tensor-parallel spec that cannot split raises UserError before anything.
+    On a cluster the nodes' rank counts are the pre-flight's; here procs_per_node when fixed."""
     from .errors import UserError
 
+    pp, tp = spec.distributed.procs_per_node, spec.distributed.tensor_parallel
+    ranks = local_ranks(spec, gpu_count()) if local else (pp if isinstance(pp, int) else tp)
     memory, _ = memory_estimate(spec, ranks)
-    c = tp_check(spec, ranks, per_node, memory["shape"] if memory and "shape" in memory else None)
+    c = tp_check(spec, ranks, ranks, memory["shape"] if memory and "shape" in memory else None)
     if not c.ok:
         raise UserError(f"distributed.tensor_parallel: {c.detail}")
 

@@ -46,14 +46,9 @@ def launch(
 
         spec, plan = fit_spec(spec)  # DoesNotFit (how much is missing, what would fit) before anything
     if job == "train" and spec.distributed.tensor_parallel > 1:
-        from ..preflight import check_tensor_parallel, local_ranks
-        from .local import gpu_count
+        from ..preflight import check_tensor_parallel
 
-        pp = spec.distributed.procs_per_node  # a cluster's nodes: procs_per_node each (else checked there)
-        ranks = local_ranks(spec, gpu_count()) if cluster is None else (pp if isinstance(pp, int) else 0)
-        check_tensor_parallel(
-            spec, ranks or spec.distributed.tensor_parallel, ranks or spec.distributed.tensor_parallel
-        )
+        check_tensor_parallel(spec, local=cluster is None)
     if (
         job == "train"
         and spec.distributed.offload == "nvme"

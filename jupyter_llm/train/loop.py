@@ -94,12 +94,11 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
         if master:
             write_json_atomic(run_dir / "ds_config.resolved.json", ds_config)
     tp = spec.distributed.tensor_parallel
-    universal = _needs_universal(run_dir, spec, world, tp)  # the newest checkpoint is on other ranks
-    if universal:
+    found = _saved_elsewhere(run_dir, spec, world, tp)  # the newest checkpoint, when on other ranks
+    universal = found is not None
+    if found is not None:
         ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
         if master:
-            found = checkpoint.newest(run_dir)
-            assert found is not None
             out, secs = checkpoint.to_universal(found[1])
             saved = checkpoint.layout(found[2])
             append_jsonl(run_dir / "events.jsonl", {
@@ -333,20 +332,22 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
     dist.barrier()
 
 
-def _needs_universal(run_dir: Path, spec: Any, world: int, tp: int) -> bool:
-    """Whether the newest checkpoint was saved on other ranks (or another TP degree) and must
-    load through DeepSpeed's universal format; CheckpointError where that cannot work."""
+def _saved_elsewhere(
+    run_dir: Path, spec: Any, world: int, tp: int
+) -> tuple[int, Path, dict[str, Any]] | None:
+    """The newest checkpoint when it was saved on other ranks (or another TP degree) and must
+    load through DeepSpeed's universal format, else None; CheckpointError where that cannot work."""
     from . import checkpoint
 
     found = checkpoint.newest(run_dir)
     if found is None:
-        return False
+        return None
     ranks, saved_tp = checkpoint.layout(found[2])
     if not ranks or (ranks, saved_tp) == (world, tp):
-        return False
+        return None
     d = spec.distributed
     if d.zero_stage == 0 and saved_tp == tp:
-        return False  # no ZeRO: every rank's file holds the whole state, loadable on any ranks
+        return None  # no ZeRO: every rank's file holds the whole state, loadable on any ranks
     what = f"checkpoint {found[1].name} was saved on {ranks} rank(s), tensor_parallel {saved_tp}"
     if d.zero_stage == 0:
         raise checkpoint.CheckpointError(
@@ -356,7 +357,7 @@ def _needs_universal(run_dir: Path, spec: Any, world: int, tp: int) -> bool:
         raise checkpoint.CheckpointError(
             f"{what}: offload nvme resumes on the same ranks only; resume with {ranks}"
         )
-    return True
+    return found
 
 
 NVME_RESUME = (
