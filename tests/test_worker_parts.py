@@ -29,6 +29,46 @@ def test_build_command_is_exact(tmp_path: Path) -> None:
     assert user["OMP_NUM_THREADS"] == "7"  # the user's setting wins
 
 
+MMAP_PROBE = r"""
+import ctypes, sys
+from jupyter_llm.spec import Spec
+from jupyter_llm.train.loop import mmap_threshold
+
+class Mallinfo2(ctypes.Structure):  # glibc's struct mallinfo2: hblks counts mmapped blocks
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                 "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype, libc.malloc.restype = Mallinfo2, ctypes.c_void_p
+spec = Spec.from_yaml("model: {config: {model_type: gpt2}}\ndata: {train: [x]}\n"
+                      f"distributed: {{zero_stage: {sys.argv[1]}}}", check_files=False)
+chosen = mmap_threshold(spec)
+before = libc.mallinfo2().hblks
+block = libc.malloc(1 << 20)  # 1 MiB: mmapped under 128 KiB, from the heap under 4 MiB
+print(chosen, libc.mallinfo2().hblks - before)
+libc.free(ctypes.c_void_p(block))
+"""
+
+
+def test_ranks_fix_the_mmap_threshold_by_memory_regime() -> None:
+    """A run fitted to memory (ZeRO-3 or offload) keeps every block above 128 KiB mmapped, so
+    freed tensors go back to the system; any other run keeps blocks up to 4 MiB on the heap
+    (no mmap and page zeroing per activation); MALLOC_MMAP_THRESHOLD_ in the environment wins."""
+    import os
+    import subprocess
+    import sys
+
+    def probe(stage: int, **env: str) -> list[str]:
+        out = subprocess.run([sys.executable, "-c", MMAP_PROBE, str(stage)], capture_output=True, text=True,
+                             check=True, env={**os.environ, **env})  # fmt: skip
+        return out.stdout.split()
+
+    assert probe(3) == [str(128 * 1024), "1"]
+    assert probe(0) == [str(4 * 2**20), "0"]
+    assert probe(0, MALLOC_MMAP_THRESHOLD_="65536") == ["None", "1"]
+
+
 def test_cuda_visible_devices_chooses_the_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """CUDA_VISIBLE_DEVICES as CUDA reads it (indices, UUID prefixes, up to the first entry
     naming no GPU), and the launch takes those GPUs: DeepSpeed's launcher, given --num_gpus,

@@ -264,7 +264,6 @@ class MultiNode:
             "JUPYTER_LLM_ATTEMPT",
             "JUPYTER_LLM_RUN_DIR",
             "OMP_NUM_THREADS",
-            "MALLOC_MMAP_THRESHOLD_",
             "GLOO_SOCKET_IFNAME",
         )
         ranks = {**{k: base[k] for k in keep if k in base}, "JUPYTER_LLM_DATA_READY": "1",
