@@ -700,3 +700,27 @@ def test_a_checkpoint_streams_into_a_partitioned_model(tmp_path: Path) -> None:
                          text=True, timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-3:] == ["True", "True", "True"], out.stdout
+
+
+def test_fused_gelu_replaces_gelu_new_with_the_same_function() -> None:
+    """GPT-2's `gelu_new` modules become PyTorch's fused tanh GELU: same outputs (to rounding),
+    the config untouched, so the export still names the model's own activation."""
+    import copy
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    from jupyter_llm.train.model import fused_gelu
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=50, n_positions=16)).eval()
+    fused = copy.deepcopy(model)
+    assert fused_gelu(fused) == 2
+    assert not any(isinstance(m, NewGELUActivation) for m in fused.modules())
+    assert sum(isinstance(m, GELUTanh) for m in fused.modules()) == 2
+    assert fused.config.activation_function == "gelu_new"
+    ids = torch.randint(0, 50, (3, 16))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, fused(ids).logits, atol=1e-5)
+    assert fused_gelu(fused) == 0  # nothing left to replace

