@@ -10,7 +10,9 @@ plain side is this file's own loop (`--plain`). Wall time is what a user waits: 
 last validation. Repetitions alternate which side goes first. Prints JSON: wall times, their
 ratio, both final validation losses.
 
-    python bench/vs_plain.py [--reps 2] [--steps 2000]
+    python bench/vs_plain.py [--reps 2] [--steps 2000] [--compile]
+
+--compile: `train.compile: true` on our side, `torch.compile(model)` on the plain side.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ LAYERS, HEADS, EMBD, BLOCK, BATCH = 4, 4, 128, 64, 12
 LR, MIN_LR, WARMUP, EVAL_EVERY, EVAL_BATCHES = 1e-3, 1e-4, 100, 250, 20
 
 
-def spec(steps: int) -> dict:
+def spec(steps: int, compile: bool = False) -> dict:
     return {
         "name": "vs-plain",
         "seed": 1337,
@@ -41,17 +43,18 @@ def spec(steps: int) -> dict:
         "tokenizer": {"train": {"kind": "char"}},
         "data": {"train": [str(CORPUS)], "block_size": BLOCK, "val_fraction": 0.1},
         "train": {"micro_batch_size": BATCH, "max_steps": steps, "log_every": 50, "eval_every": EVAL_EVERY,
-                  "eval_batches": EVAL_BATCHES, "save_every": 0, "precision": "fp32"},
+                  "eval_batches": EVAL_BATCHES, "save_every": 0, "precision": "fp32",
+                  "compile": compile},
         "optim": {"lr": LR, "min_lr": MIN_LR, "warmup_steps": WARMUP, "scheduler": "cosine"},
         "distributed": {"procs_per_node": 1, "zero_stage": 0},
     }  # fmt: skip
 
 
-def run_ours(steps: int) -> dict:
+def run_ours(steps: int, compile: bool) -> dict:
     import jupyter_llm
 
     t0 = time.time()
-    run = jupyter_llm.launch(spec(steps))
+    run = jupyter_llm.launch(spec(steps, compile))
     state = run.wait(3600)
     wall = time.time() - t0
     if state != "completed":
@@ -60,14 +63,14 @@ def run_ours(steps: int) -> dict:
     return {"wall_s": wall, "val_loss": vals[-1], "run": run.id}
 
 
-def run_plain(steps: int) -> dict:
+def run_plain(steps: int, compile: bool) -> dict:
     t0 = time.time()
-    out = subprocess.run([sys.executable, __file__, "--plain", "--steps", str(steps)],
+    out = subprocess.run([sys.executable, __file__, "--plain", "--steps", str(steps), *(["--compile"] if compile else [])],
                          capture_output=True, text=True, check=True)  # fmt: skip
     return {"wall_s": time.time() - t0, **json.loads(out.stdout.strip().splitlines()[-1])}
 
 
-def plain(steps: int) -> None:
+def plain(steps: int, compile: bool) -> None:
     """The plain loop: a GPT in ~40 lines of PyTorch, trained and validated as described above."""
     import numpy as np
     import torch
@@ -122,6 +125,8 @@ def plain(steps: int) -> None:
             return self.ln(x) @ self.tok.weight.T  # tied head
 
     model = GPT()
+    if compile:
+        model.compile()
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
@@ -168,20 +173,23 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--plain", action="store_true", help="run the plain loop in this process")
+    ap.add_argument("--compile", action="store_true", help="torch.compile on both sides")
     args = ap.parse_args()
     if args.plain:
-        return plain(args.steps)
+        return plain(args.steps, args.compile)
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("JUPYTER_LLM_HOME", tmp)
         ours, base = [], []
         for rep in range(args.reps):
             for who in ("plain", "ours") if rep % 2 == 0 else ("ours", "plain"):
                 (base if who == "plain" else ours).append(
-                    run_plain(args.steps) if who == "plain" else run_ours(args.steps)
+                    run_plain(args.steps, args.compile)
+                    if who == "plain"
+                    else run_ours(args.steps, args.compile)
                 )
                 print(json.dumps({who: (base if who == "plain" else ours)[-1]}), file=sys.stderr, flush=True)
     ratios = [o["wall_s"] / b["wall_s"] for o, b in zip(ours, base, strict=True)]
-    print(json.dumps({"benchmark": "vs_plain", "steps": args.steps, "ours": ours, "plain": base,
+    print(json.dumps({"benchmark": "vs_plain", "steps": args.steps, "compile": args.compile, "ours": ours, "plain": base,
                       "wall_ratios": ratios, "median_wall_ratio": statistics.median(ratios)}, indent=1))  # fmt: skip
 
 

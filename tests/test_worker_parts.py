@@ -14,12 +14,19 @@ from jupyter_llm.launcher.local import build_command, free_port, port_free
 from jupyter_llm.spec import Spec
 
 
+def world_info(argv: list[str]) -> Any:
+    import base64
+
+    (arg,) = [a for a in argv if a.startswith("--world_info=")]
+    return json.loads(base64.urlsafe_b64decode(arg.split("=", 1)[1]))
+
+
 def test_build_command_is_exact(tmp_path: Path) -> None:
     argv, env = build_command(tmp_path, 2, 29511, attempt=3, python="/venv/bin/py",
                               base_env={"PATH": "/bin:/venv/bin"}, cores=8)  # fmt: skip
-    assert argv == ["/venv/bin/py", "-u", "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-                    "--master_addr", "127.0.0.1", "--master_port", "29511", "--no_local_rank",
-                    "--module", "jupyter_llm.train", str(tmp_path)]  # fmt: skip
+    assert argv == ["/venv/bin/py", "-u", "-m", "deepspeed.launcher.launch", argv[4], "--master_addr=127.0.0.1",
+                    "--master_port=29511", "--no_local_rank", "--module", "jupyter_llm.train", str(tmp_path)]  # fmt: skip
+    assert world_info(argv) == {"localhost": [0, 1]}  # the ranks' devices, as DeepSpeed's runner encodes them
     assert env["OMP_NUM_THREADS"] == "4" and env["GLOO_SOCKET_IFNAME"] == "lo"
     assert env["JUPYTER_LLM_ATTEMPT"] == "3" and env["JUPYTER_LLM_JOB"] == f"{tmp_path.name}:3"
     assert env["PATH"] == "/venv/bin:/bin"  # the venv's tools (ninja for DeepSpeed's JIT ops) first
@@ -71,8 +78,8 @@ def test_ranks_fix_the_mmap_threshold_by_memory_regime() -> None:
 
 def test_cuda_visible_devices_chooses_the_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """CUDA_VISIBLE_DEVICES as CUDA reads it (indices, UUID prefixes, up to the first entry
-    naming no GPU), and the launch takes those GPUs: DeepSpeed's launcher, given --num_gpus,
-    would drop the variable and take GPUs 0..N-1."""
+    naming no GPU), and the launch takes those GPUs: DeepSpeed's launcher would otherwise
+    take GPUs 0..N-1."""
     from jupyter_llm.launcher import local
 
     smi = [f"GPU {i}: NVIDIA H200 (UUID: GPU-{i}aaa-{i})" for i in range(4)]
@@ -84,7 +91,7 @@ def test_cuda_visible_devices_chooses_the_gpus(tmp_path: Path, monkeypatch: pyte
     assert local.visible_gpus({"CUDA_VISIBLE_DEVICES": "1,1"}, smi) == [1]
     monkeypatch.setattr(local, "_smi_gpus", lambda: smi)
     argv, _ = build_command(tmp_path, 2, 1, cpu=False, base_env={"CUDA_VISIBLE_DEVICES": "3,1,2"})
-    assert argv[4:6] == ["--include", "localhost:3,1"] and "--num_gpus" not in argv
+    assert world_info(argv) == {"localhost": [3, 1]}
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     assert local.gpu_count() == 2  # procs_per_node: auto counts the visible GPUs
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")

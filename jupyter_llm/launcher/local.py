@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import shutil
 import signal
@@ -24,18 +26,19 @@ def build_command(
     base_env: Mapping[str, str] | None = None,
     cores: int | None = None,
 ) -> tuple[list[str], dict[str, str]]:
-    """The exact command and environment that start `nprocs` ranks of the worker. On GPUs
-    under CUDA_VISIBLE_DEVICES, the first `nprocs` of those GPUs: DeepSpeed's launcher drops
-    the variable and, given --num_gpus, would take GPUs 0..nprocs-1 whatever it said."""
+    """The exact command and environment that start `nprocs` ranks of the worker: DeepSpeed's
+    per-node launcher (`deepspeed.launcher.launch`, what its runner starts on each node), told
+    the ranks' devices directly; the runner in front of it would only add a process that imports
+    DeepSpeed and waits (measured: 1.8 s of every start). On GPUs under CUDA_VISIBLE_DEVICES,
+    the first `nprocs` of those GPUs (the launcher sets the variable per rank from this list)."""
     visible = None if cpu else visible_gpus(os.environ if base_env is None else base_env)
-    which = ["--num_gpus", str(nprocs)]
-    if visible is not None:
-        which = ["--include", "localhost:" + ",".join(str(i) for i in visible[:nprocs])]
+    devices = list(range(nprocs)) if visible is None else visible[:nprocs]
+    world_info = base64.urlsafe_b64encode(json.dumps({"localhost": devices}).encode()).decode()
     argv = [
-        python, "-u", "-m", "deepspeed.launcher.runner",
-        *which,
-        "--master_addr", "127.0.0.1",
-        "--master_port", str(port),
+        python, "-u", "-m", "deepspeed.launcher.launch",
+        f"--world_info={world_info}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={port}",
         "--no_local_rank",
         "--module", "jupyter_llm.train",
         str(run_dir),
@@ -153,7 +156,9 @@ def signal_group(pgid: int, sig: int) -> None:
 
 
 def kill_group(pgid: int, wait_s: float = 10.0) -> None:
-    """SIGKILL a process group and wait until nothing of it is left."""
+    """SIGKILL a process group and wait until nothing of it runs. A zombie counts as gone: it
+    holds no memory or files, and whoever it was reparented to reaps it in its own time (this
+    machine's init took 1.5 s)."""
     signal_group(pgid, signal.SIGKILL)
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
@@ -161,4 +166,19 @@ def kill_group(pgid: int, wait_s: float = 10.0) -> None:
             os.killpg(pgid, 0)
         except ProcessLookupError:
             return
+        if not group_running(pgid):
+            return
         time.sleep(0.05)
+
+
+def group_running(pgid: int) -> bool:
+    """Does any process of group `pgid` run (not a zombie)?"""
+    import psutil
+
+    for p in psutil.process_iter():
+        try:
+            if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return False

@@ -122,7 +122,7 @@ class Supervisor:
         pgid = self._spawn(argv, env, attempt)
         self.event("launched", attempt=attempt, ranks=nprocs, master_port=port, command=argv, job_pgid=pgid)
         self.set_status(State.RUNNING, job_pgid=pgid, world_size=nprocs, master_port=port)
-        rc = self._watch()
+        rc = self._watch(ranks=nprocs)
         self._kill_group()  # nothing of this job outlives it
         _unlink_shm(port)
         final = (self.dir / "final" / "config.json").is_file()
@@ -190,13 +190,18 @@ class Supervisor:
         self.launched_at = time.time()
         return self.proc.pid
 
-    def _watch(self) -> int:
+    def _watch(self, ranks: int | None = None) -> int:
+        """The job's exit code, once it exits, or 0 as soon as all `ranks` ranks (this machine's
+        job) are done and gone: DeepSpeed's launcher notices within a second and then tears
+        down its own interpreter (measured: 2-3 s more), with nothing left to do."""
         assert self.proc is not None
         grace = 0.0 if self.prepare_only else self.run.spec.train.stop_grace_s
         hang_s = self.run.spec.train.hang_timeout_s
         sent: set[int] = set()
         while (rc := self.proc.poll()) is None:
             time.sleep(POLL_S)
+            if ranks and ranks_done(self.dir, self.attempt, ranks):
+                return 0
             self._track_ranks()
             self._handle_stop()
             if hang_s and self.hung is None and self._stalled(hang_s):
@@ -258,6 +263,9 @@ class Supervisor:
     def _kill_group(self, wait_s: float = 10.0) -> None:
         """SIGKILL the job's process group and wait until it is gone (reaped)."""
         if self.proc is not None:
+            signal_group(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(wait_s)  # reaped: an unreaped leader keeps the group alive
             kill_group(self.proc.pid, wait_s)
 
     def _track_ranks(self) -> None:
@@ -355,16 +363,29 @@ def diagnose(
 
 
 def first_dead_rank(run_dir: Path, attempt: int) -> dict[str, Any] | None:
-    """The first rank of this attempt (on this machine) whose process is gone, if any."""
+    """The first rank of this attempt (on this machine) whose process is gone, if any, other
+    than ranks that finished."""
     for f in sorted((run_dir / "ranks").glob("rank*.json")):
         info = read_json(f)
         if (
             info
             and info.get("attempt") == attempt
+            and not info.get("done")
             and not process_alive(info["pid"], info.get("create_time"))
         ):
             return {**info, "seen_at": time.time()}
     return None
+
+
+def ranks_done(run_dir: Path, attempt: int, ranks: int) -> bool:
+    """Every rank 0..ranks-1 of this attempt recorded that it finished, and its process is gone."""
+    for r in range(ranks):
+        info = read_json(run_dir / "ranks" / f"rank{r}.json")
+        if not (info and info.get("attempt") == attempt and info.get("done")):
+            return False
+        if process_alive(info["pid"], info.get("create_time")):
+            return False
+    return True
 
 
 def _collateral(failure: dict[str, Any]) -> bool:

@@ -36,7 +36,9 @@ def main(run_dir: Path) -> None:
         raise
     # every file of the run is written and closed, and every rank is past the last barrier:
     # skip the interpreter's teardown of torch, DeepSpeed and gloo, which the launcher (and so
-    # the run's end) would wait for
+    # the run's end) would wait for; the record says this rank is done, so the supervisor need
+    # not wait for the launcher either
+    _record_rank(run_dir, rank, local_rank, done=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
@@ -310,12 +312,13 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
     # -- final export ---------------------------------------------------------------------
     if use_cache is not None:
         engine.module.config.use_cache = use_cache
-    probe = batch(val_blocks if has_val else train_blocks, 0, False, _seed(spec.seed, -2, 0, 0))["input_ids"][
-        :2
-    ]
+    # two sequences to check the export against, run as a whole validation batch: the shape a
+    # compiled model already has a graph for
+    probe = batch(val_blocks if has_val else train_blocks, 0, False, _seed(spec.seed, -2, 0, 0))["input_ids"]
     engine.eval()
     with torch.no_grad():
-        probe_logits = engine(input_ids=probe).logits.float().cpu()
+        probe_logits = engine(input_ids=probe).logits[:2].float().cpu()
+    probe = probe[:2]
     zero3 = spec.distributed.zero_stage == 3
     if zero3 and not spec.model.lora:
         # streamed: one gathered module at a time into safetensors shards, so the export of a
@@ -639,7 +642,7 @@ def _redirect_output(path: Path) -> None:
     os.close(fd)
 
 
-def _record_rank(run_dir: Path, rank: int, local_rank: int) -> None:
+def _record_rank(run_dir: Path, rank: int, local_rank: int, done: bool = False) -> None:
     import socket
 
     import psutil
@@ -656,6 +659,7 @@ def _record_rank(run_dir: Path, rank: int, local_rank: int) -> None:
             "create_time": me.create_time(),
             "host": socket.gethostname(),
             "attempt": int(os.environ.get("JUPYTER_LLM_ATTEMPT", "1")),
+            "done": done,  # True once it returned from the run without an error, about to exit
         },
     )
 
