@@ -77,6 +77,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--worlds", default="1,2")
     args = ap.parse_args()
+    from scale import warm_ops  # bench/scale.py: DeepSpeed's ops built before anything is timed
+
+    warm_ops("FusedAdamBuilder ShareMemCommBuilder")  # the ops a ZeRO-0/2 CPU run loads
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("JUPYTER_LLM_HOME", tmp)
         results = {}

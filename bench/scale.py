@@ -32,12 +32,13 @@ CORPUS = HERE.parent / "examples" / "tinyshakespeare.txt"
 GIB = 2**30
 
 
-def warm_ops() -> None:
+def warm_ops(
+    names: str = "AsyncIOBuilder CPUAdamBuilder FusedAdamBuilder PinMemoryBuilder ShareMemCommBuilder",
+) -> None:
     """Build (or load) DeepSpeed's JIT ops outside any limit: a compiler inside the job's
     cgroup is OOM-killed long before the job itself would be. With the venv's ninja first on
     PATH, as the ranks have it (jupyter_llm/launcher/local.py): the system's older ninja and
     the venv's read each other's build log as outdated and rebuild every object."""
-    names = "AsyncIOBuilder CPUAdamBuilder FusedAdamBuilder PinMemoryBuilder ShareMemCommBuilder"
     code = f"import deepspeed.ops.op_builder.cpu as c\nfor n in {names.split()!r}: getattr(c, n)().load()"
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", os.defpath)])
     subprocess.run(

@@ -177,6 +177,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.plain:
         return plain(args.steps, args.compile)
+    from scale import warm_ops  # bench/scale.py: DeepSpeed's ops built before anything is timed
+
+    warm_ops("FusedAdamBuilder ShareMemCommBuilder")  # the ops a ZeRO-0/2 CPU run loads
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("JUPYTER_LLM_HOME", tmp)
         ours, base = [], []

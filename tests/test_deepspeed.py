@@ -428,6 +428,34 @@ def test_lora_trains_only_the_adapter_and_exports_it_merged(
         assert torch.allclose(again.state_dict()[k], merged[k], atol=1e-6)
 
 
+def test_compiled_run_matches_eager_and_exports(
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """train.compile: true runs the model through inductor (its generated code lands in the
+    cache folder the ranks inherit), gives the eager run's losses, and exports a model that
+    reloads to the logits the compiled run computed."""
+    train = {"max_steps": 12, "log_every": 2, "eval_every": 6, "save_every": 0}
+    eager = launch(tiny_spec(corpus, name="eager", train=train))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    compiled = launch(tiny_spec(corpus, name="compiled", train={**train, "compile": True}))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    assert finished(eager)["state"] == "completed"
+    assert finished(compiled)["state"] == "completed"
+    assert any((tmp_path / "inductor").rglob("*.py")), "no inductor output: the model was not compiled"
+    reference, got = losses(eager), losses(compiled)
+    assert set(got) == set(reference) and len(got) == 6
+    for step in got:
+        assert got[step] == pytest.approx(reference[step], rel=1e-3), step
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    check = torch.load(compiled.path / "export_check.pt")
+    with torch.no_grad():
+        model = AutoModelForCausalLM.from_pretrained(compiled.final_model).eval()
+        logits = model(input_ids=check["input_ids"]).logits
+    assert (logits - check["logits"]).abs().max().item() < 1e-4
+
+
 @pytest.mark.parametrize("source", ["config", "pretrained"])
 def test_zero3_partitions_the_model_as_it_is_built(source: str, tmp_path: Path, corpus: Path) -> None:
     """Under ZeRO-3 the worker's build_model (2 real ranks over gloo, before any

@@ -731,3 +731,52 @@ def test_fused_gelu_replaces_gelu_new_with_the_same_function() -> None:
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, fused(ids).logits, atol=1e-5)
     assert fused_gelu(fused) == 0  # nothing left to replace
+
+
+def test_finished_ranks_end_the_watch_and_are_not_failures(tmp_path: Path) -> None:
+    """A rank that recorded `done` and exited is no failure; the job is over when every rank of
+    the attempt is done and gone (a running rank, a rank not done, another attempt: not over)."""
+    import subprocess
+
+    from jupyter_llm.launcher.supervisor import first_dead_rank, rank_records, ranks_done
+    from jupyter_llm.runs import write_json_atomic
+
+    def record(rank: int, pid: int, done: bool, attempt: int = 1) -> None:
+        write_json_atomic(tmp_path / "ranks" / f"rank{rank}.json",
+                          {"rank": rank, "pid": pid, "create_time": None, "attempt": attempt, "done": done})  # fmt: skip
+
+    (tmp_path / "ranks").mkdir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        record(0, gone.pid, True)
+        record(1, alive.pid, True)
+        assert not ranks_done(rank_records(tmp_path, 1), 2)  # rank 1 still runs
+        assert first_dead_rank(tmp_path, 1) is None  # rank 0 finished: not the first failure
+        alive.kill()
+        alive.wait()
+        assert ranks_done(rank_records(tmp_path, 1), 2)
+        assert not ranks_done(rank_records(tmp_path, 1), 3)  # rank 2 never recorded
+        assert not ranks_done(rank_records(tmp_path, 2), 2)  # another attempt's records
+        record(1, alive.pid, False)
+        assert not ranks_done(rank_records(tmp_path, 1), 2)
+        assert first_dead_rank(tmp_path, 1)["rank"] == 1  # gone without finishing
+    finally:
+        alive.kill()
+
+
+def test_kill_group_does_not_wait_for_zombies() -> None:
+    """An unreaped group leader is a zombie: nothing of the group runs, so kill_group returns
+    at once rather than at its deadline."""
+    import subprocess
+    import time
+
+    from jupyter_llm.launcher.local import group_running, kill_group
+
+    p = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    assert group_running(p.pid)
+    t0 = time.monotonic()
+    kill_group(p.pid, wait_s=30)
+    assert time.monotonic() - t0 < 15 and not group_running(p.pid)
+    assert p.wait(5) == -9

@@ -200,9 +200,10 @@ class Supervisor:
         sent: set[int] = set()
         while (rc := self.proc.poll()) is None:
             time.sleep(POLL_S)
-            if ranks and ranks_done(self.dir, self.attempt, ranks):
+            records = rank_records(self.dir, self.attempt)
+            if ranks and ranks_done(records, ranks):
                 return 0
-            self._track_ranks()
+            self._track_ranks(records)
             self._handle_stop()
             if hang_s and self.hung is None and self._stalled(hang_s):
                 self.hung = f"hung: no progress for {hang_s:g} s (train.hang_timeout_s); stopped"
@@ -263,15 +264,13 @@ class Supervisor:
     def _kill_group(self, wait_s: float = 10.0) -> None:
         """SIGKILL the job's process group and wait until it is gone (reaped)."""
         if self.proc is not None:
-            signal_group(self.proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(wait_s)  # reaped: an unreaped leader keeps the group alive
             kill_group(self.proc.pid, wait_s)
+            self.proc.poll()  # reap the launcher
 
-    def _track_ranks(self) -> None:
+    def _track_ranks(self, records: dict[int, dict[str, Any]] | None = None) -> None:
         """Remember the first rank whose process vanished: that one failed first."""
         if self.first_dead is None:
-            self.first_dead = first_dead_rank(self.dir, self.attempt)
+            self.first_dead = first_dead_rank(self.dir, self.attempt, records)
 
     def _stopped_cleanly(self) -> bool:
         return any(e.get("event") == "stopped_at" for e in self.run.events()[-20:])
@@ -329,11 +328,7 @@ def diagnose(
     rank that vanished without a record (SIGKILL, OOM killer, segfault); a
     communication error; the launcher's exit code. `log_lines`: the launcher's output.
     """
-    ranks = {}
-    for f in (run_dir / "ranks").glob("rank*.json"):
-        info = read_json(f)
-        if info and info.get("attempt") == attempt:
-            ranks[info["rank"]] = info
+    ranks = rank_records(run_dir, attempt)
     fails = {}
     for f in (run_dir / "failures").glob("rank*.json"):
         info = read_json(f)
@@ -362,30 +357,35 @@ def diagnose(
     return f"the DeepSpeed launcher exited with code {rc}{how}; see logs/"
 
 
-def first_dead_rank(run_dir: Path, attempt: int) -> dict[str, Any] | None:
-    """The first rank of this attempt (on this machine) whose process is gone, if any, other
-    than ranks that finished."""
-    for f in sorted((run_dir / "ranks").glob("rank*.json")):
+def rank_records(run_dir: Path, attempt: int) -> dict[int, dict[str, Any]]:
+    """The ranks' own records of this attempt (ranks/rank*.json, on this machine), by rank."""
+    out = {}
+    for f in (run_dir / "ranks").glob("rank*.json"):
         info = read_json(f)
-        if (
-            info
-            and info.get("attempt") == attempt
-            and not info.get("done")
-            and not process_alive(info["pid"], info.get("create_time"))
-        ):
+        if info and info.get("attempt") == attempt:
+            out[info["rank"]] = info
+    return out
+
+
+def first_dead_rank(
+    run_dir: Path, attempt: int, records: dict[int, dict[str, Any]] | None = None
+) -> dict[str, Any] | None:
+    """The first rank of this attempt (on this machine) whose process is gone, if any, other
+    than ranks that finished; `records`: rank_records() when the caller has read them."""
+    for _, info in sorted((rank_records(run_dir, attempt) if records is None else records).items()):
+        if not info.get("done") and not process_alive(info["pid"], info.get("create_time")):
             return {**info, "seen_at": time.time()}
     return None
 
 
-def ranks_done(run_dir: Path, attempt: int, ranks: int) -> bool:
-    """Every rank 0..ranks-1 of this attempt recorded that it finished, and its process is gone."""
-    for r in range(ranks):
-        info = read_json(run_dir / "ranks" / f"rank{r}.json")
-        if not (info and info.get("attempt") == attempt and info.get("done")):
-            return False
-        if process_alive(info["pid"], info.get("create_time")):
-            return False
-    return True
+def ranks_done(records: dict[int, dict[str, Any]], ranks: int) -> bool:
+    """Every rank 0..ranks-1 recorded that it finished, and its process is gone."""
+    return all(
+        r in records
+        and records[r].get("done")
+        and not process_alive(records[r]["pid"], records[r].get("create_time"))
+        for r in range(ranks)
+    )
 
 
 def _collateral(failure: dict[str, Any]) -> bool:

@@ -117,7 +117,7 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, spec.optim.weight_decay), config=ds_config
     )
-    if spec.distributed.zero_stage == 0 and world // tp == 1 and tp == 1:
+    if spec.distributed.zero_stage == 0 and world == 1:
         # one replica: DeepSpeed would still flatten, all-reduce over one rank and copy back
         # every gradient at each step (measured: 4.7 % of a small GPT's step)
         engine.enable_backward_allreduce = False
@@ -357,7 +357,7 @@ FITTED_MMAP_THRESHOLD = 128 * 2**10  # bytes: ZeRO-3 or offload, a run fitted to
 FAST_MMAP_THRESHOLD = 4 * 2**20  # bytes: every other run
 # measured (README): 128 KiB keeps an 85 M-parameter ZeRO-3 NVMe rank at 1.47 GB peak (4 MiB: 1.93,
 # glibc's own: 2.24) but makes each activation above it a fresh, zeroed mmap: a small GPT's step
-# took 160 ms at 128 KiB, 80 ms at 4 MiB
+# took 160 ms at 128 KiB, 76 ms at 4 MiB
 
 
 def mmap_threshold(spec: Any) -> int | None:
