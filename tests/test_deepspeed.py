@@ -21,6 +21,7 @@ import yaml
 
 from conftest import minilm_path, tiny_spec
 from jupyter_llm import launch
+from jupyter_llm.launcher.local import group_running
 from jupyter_llm.runs import CKPT_MARKER, Run
 
 pytestmark = pytest.mark.deepspeed
@@ -299,12 +300,9 @@ def test_rank_exception_is_reported(tmp_path: Path) -> None:
 
 
 def _job_alive(run: Run) -> bool:
-    pgid = run.status().get("job_pgid")
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    """Does any process of the run's job still run? A zombie (killed, not yet reaped by init)
+    holds no memory, files or ports and does not count."""
+    return group_running(run.status()["job_pgid"])
 
 
 def test_supervisor_killed_then_resume(corpus: Path) -> None:
