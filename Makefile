@@ -36,6 +36,8 @@ lint: venv
 	$(VENV)/bin/ruff check jupyter_llm tests bench
 	$(VENV)/bin/ruff format --check jupyter_llm tests bench
 	$(VENV)/bin/mypy
+	# the layers of jupyter_llm/ (pyproject.toml [tool.importlinter]): no upward import, no cycle
+	$(VENV)/bin/lint-imports --no-cache
 	# the JupyterLab extension: eslint and prettier (TypeScript strict mode is checked by its build)
 	cd labextension && PATH=$(abspath $(VENV))/bin:$$PATH jlpm lint
 

@@ -13,16 +13,15 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from .evaluation import compare, evaluate
-    from .launcher import launch, prepare
-    from .runs import Run, RunStore
+    from .runs import Run, RunStore, launch, prepare
     from .spec import Spec
     from .sweep import get_sweep, sweep
 
 _LAZY: dict[str, tuple[str, str | None]] = {
     "runs": ("runs", None),  # callable module: jupyter_llm.runs() lists every run
     "Spec": ("spec", "Spec"),
-    "launch": ("launcher", "launch"),
-    "prepare": ("launcher", "prepare"),
+    "launch": ("runs", "launch"),
+    "prepare": ("runs", "prepare"),
     "Run": ("runs", "Run"),
     "RunStore": ("runs", "RunStore"),
     "evaluate": ("evaluation", "evaluate"),
@@ -51,6 +50,18 @@ def get_run(run_id: str | None = None, root: str | None = None) -> Run:
 
 __all__ = ["Run", "RunStore", "Spec", "__version__", "compare", "evaluate", "get_run", "get_sweep", "launch",
            "load_ipython_extension", "prepare", "runs", "sweep"]  # fmt: skip
+
+
+def _register_displays() -> None:
+    import sys
+
+    if "IPython" in sys.modules:  # a notebook or IPython shell: show runs, sweeps, dry runs richly
+        from .rich import register_with_running_ipython
+
+        register_with_running_ipython()
+
+
+_register_displays()
 
 
 def _jupyter_server_extension_points() -> list[dict[str, str]]:

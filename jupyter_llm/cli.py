@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from .errors import SpecError, UserError
-from .runs import Run, RunStore, State
+from .folder import State
+from .runs import Run, RunStore
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -108,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace, store: RunStore) -> int:
-    from .launcher import launch
+    from .runs import launch
     from .spec import Spec
 
     spec = Spec.from_file(args.spec, args.overrides)
@@ -128,7 +129,7 @@ def _train(args: argparse.Namespace, store: RunStore) -> int:
 
 
 def _prepare(args: argparse.Namespace, store: RunStore) -> int:
-    from .launcher import prepare
+    from .runs import prepare
     from .spec import Spec
 
     run = prepare(Spec.from_file(args.spec, args.overrides), root=store.root)

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import UserError
 
+CLUSTER_FILE = "cluster.json"  # in a run folder: the cluster it runs on (absent: this machine)
 HOST_RE = re.compile(r"^(?:(?P<user>[A-Za-z0-9._-]+)@)?(?P<host>[A-Za-z0-9._-]+)(?::(?P<port>\d{1,5}))?$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -217,3 +218,18 @@ def _cluster(body: dict[str, Any], where: str) -> Cluster:
             for err in e.errors()
         )
         raise UserError(f"{where}: {problems}") from None
+
+
+def write_cluster(run_dir: Path, cluster: Cluster) -> None:
+    """Record in a run folder the cluster it runs on (also for its resumes)."""
+    from .files import write_json_atomic
+
+    write_json_atomic(run_dir / CLUSTER_FILE, cluster.to_dict())
+
+
+def run_cluster(run_dir: Path) -> Cluster | None:
+    """The cluster a run folder records, or None for a run on this machine."""
+    from .files import read_json
+
+    raw = read_json(run_dir / CLUSTER_FILE)
+    return Cluster.model_validate(raw) if raw else None

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .runs import process_alive, read_json, write_json_atomic
+from .files import process_alive, read_json, write_json_atomic
 
 
 def detach(folder: Path, log: str) -> None:

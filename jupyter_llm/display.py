@@ -9,11 +9,12 @@ from __future__ import annotations
 import html
 import json
 import time
+from collections.abc import Sequence
 from datetime import datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .runs import Run, State
+from .folder import RunFolder
+from .summary import fmt_duration, prepare_progress, progress, stats_rows
 
 if TYPE_CHECKING:
     from .errors import SpecError
@@ -23,69 +24,10 @@ COLORS = {"completed": "#2e7d32", "failed": "#c62828", "stopped": "#6d4c41", "ru
           "starting": "#6a1b9a", "resuming": "#6a1b9a", "stopping": "#ef6c00", "created": "#616161"}  # fmt: skip
 
 
-def progress(run: Run) -> dict[str, Any]:
-    """Step, total, fraction, ETA (s) and the latest metrics, from the folder alone."""
-    st = run.status()
-    metrics = run.metrics()
-    train = [m for m in metrics if "loss" in m]
-    val = [m for m in metrics if "val_loss" in m]
-    try:
-        total = run.spec.train.max_steps
-    except Exception:
-        total = None
-    step = train[-1]["step"] if train else 0
-    eta = None
-    if total and len(train) >= 2 and not State(st["state"]).terminal:
-        a, b = train[max(0, len(train) - 5)], train[-1]
-        if b["step"] > a["step"] and "time" in a and "time" in b:
-            eta = (b["time"] - a["time"]) / (b["step"] - a["step"]) * (total - step)
-    return {
-        "state": st["state"],
-        "step": step,
-        "total": total,
-        "fraction": min(1.0, step / total) if total else 0.0,
-        "eta_s": eta,
-        "last": train[-1] if train else {},
-        "last_val": val[-1] if val else {},
-        "error": st.get("error"),
-        "n_metrics": len(metrics),
-    }
-
-
-def _badge(state: str) -> str:
+def badge(state: str) -> str:
     color = COLORS.get(state, "#616161")
     return (f'<span style="background:{color};color:white;padding:1px 7px;border-radius:8px;'
             f'font-size:90%">{html.escape(state)}</span>')  # fmt: skip
-
-
-def _fmt_s(s: float | None) -> str:
-    if s is None:
-        return ""
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def prepare_progress(run: Run) -> dict[str, Any]:
-    """A prepare job's state, progress (input bytes read) and, once ready, its data stats."""
-    from .runs import read_json
-
-    st = run.status()
-    prog = read_json(run.path / "progress.json") or {}
-    ready = next((e for e in reversed(run.events()) if e.get("event") == "data_ready"), None)
-    index = read_json(Path(ready["path"]) / "index.json") if ready else None
-    total = prog.get("bytes_total") or 0
-    frac = 1.0 if ready else (min(1.0, prog.get("bytes_done", 0) / total) if total else 0.0)
-    return {"state": st["state"], "phase": prog.get("phase", "starting"), "fraction": frac,
-            "tokens": prog.get("tokens", 0), "ready": ready, "index": index, "error": st.get("error")}  # fmt: skip
-
-
-def _stats_rows(ready: dict[str, Any]) -> list[tuple[str, Any]]:
-    rows = [("cached", ready["cached"]), ("train tokens", ready["tokens"]["train"]["tokens"]),
-            ("validation tokens", ready["tokens"]["val"]["tokens"])]  # fmt: skip
-    for k in ("documents_read", "documents", "dropped_length", "duplicates", "dropped_transform"):
-        if k in ready:
-            rows.append((k.replace("_", " "), ready[k]))
-    return rows
 
 
 def histogram_html(hist: dict[str, int]) -> str:
@@ -101,7 +43,7 @@ def histogram_html(hist: dict[str, int]) -> str:
     return f"<table><tr><th>chars</th><th>documents</th><th></th></tr>{bars}</table>"
 
 
-def _prepare_html(run: Run) -> str:
+def _prepare_html(run: RunFolder) -> str:
     p = prepare_progress(run)
     pct = int(100 * p["fraction"])
     body = (
@@ -111,31 +53,21 @@ def _prepare_html(run: Run) -> str:
     if p["ready"]:
         rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:,}</td></tr>" if isinstance(v, int) and not
                        isinstance(v, bool) else f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>"
-                       for k, v in _stats_rows(p["ready"]))  # fmt: skip
+                       for k, v in stats_rows(p["ready"]))  # fmt: skip
         body = f"<table>{rows}</table>" + histogram_html((p["index"] or {}).get("length_histogram", {}))
     err = f'<div style="color:#c62828">{html.escape(str(p["error"]))}</div>' if p["error"] else ""
     return (
-        f'<div class="jupyter-llm-run"><b>{html.escape(run.id)}</b> (prepare) {_badge(p["state"])}'
+        f'<div class="jupyter-llm-run"><b>{html.escape(run.id)}</b> (prepare) {badge(p["state"])}'
         f'{body}{err}<div style="color:#757575;font-size:85%">{html.escape(str(run.path))}</div></div>'
     )
 
 
-def _prepare_text(run: Run) -> str:
-    p = prepare_progress(run)
-    text = f"{run.id} (prepare): {p['state']}, {p['phase']} {int(100 * p['fraction'])}%"
-    if p["ready"]:
-        text += "; " + ", ".join(f"{k} {v}" for k, v in _stats_rows(p["ready"]))
-    if p["error"]:
-        text += f"\n  error: {p['error']}"
-    return text + f"\n  folder: {run.path}"
-
-
-def run_html(run: Run) -> str:
+def run_html(run: RunFolder) -> str:
     if run.status().get("job") == "prepare":
         return _prepare_html(run)
     p = progress(run)
     pct = int(100 * p["fraction"])
-    eta = f" · ETA {_fmt_s(p['eta_s'])}" if p["eta_s"] is not None else ""
+    eta = f" · ETA {fmt_duration(p['eta_s'])}" if p["eta_s"] is not None else ""
     cells = []
     for key, m in (("loss", p["last"]), ("lr", p["last"]), ("grad_norm", p["last"]), ("tokens_per_s", p["last"]),
                    ("val_loss", p["last_val"]), ("val_ppl", p["last_val"])):  # fmt: skip
@@ -143,7 +75,7 @@ def run_html(run: Run) -> str:
             cells.append(f"<td><b>{key}</b> {m[key]:.4g}</td>")
     err = f'<div style="color:#c62828">{html.escape(str(p["error"]))}</div>' if p["error"] else ""
     return (
-        f'<div class="jupyter-llm-run"><b>{html.escape(run.id)}</b> {_badge(p["state"])}'
+        f'<div class="jupyter-llm-run"><b>{html.escape(run.id)}</b> {badge(p["state"])}'
         f'<div style="margin:4px 0"><progress value="{pct}" max="100" style="width:60%"></progress> '
         f"step {p['step']}/{p['total'] or '?'} ({pct}%){eta}</div>"
         f"<table><tr>{''.join(cells)}</tr></table>{err}"
@@ -151,24 +83,7 @@ def run_html(run: Run) -> str:
     )
 
 
-def run_text(run: Run) -> str:
-    if run.status().get("job") == "prepare":
-        return _prepare_text(run)
-    p = progress(run)
-    parts = [f"{run.id}: {p['state']}, step {p['step']}/{p['total'] or '?'}"]
-    if p["last"].get("loss") is not None:
-        parts.append(f"loss {p['last']['loss']:.4f}")
-    if p["last_val"].get("val_loss") is not None:
-        parts.append(f"val_loss {p['last_val']['val_loss']:.4f}")
-    if p["eta_s"] is not None:
-        parts.append(f"ETA {_fmt_s(p['eta_s'])}")
-    text = ", ".join(parts)
-    if p["error"]:
-        text += f"\n  error: {p['error']}"
-    return text + f"\n  folder: {run.path}"
-
-
-def runs_rows(runs: list[Run]) -> list[dict[str, Any]]:
+def runs_rows(runs: Sequence[RunFolder]) -> list[dict[str, Any]]:
     rows = []
     for r in runs:
         try:
@@ -189,7 +104,7 @@ def runs_rows(runs: list[Run]) -> list[dict[str, Any]]:
 class RunsListing:
     """`%llm_runs`: id, name, state, step/total, last loss, started, duration."""
 
-    def __init__(self, runs: list[Run]):
+    def __init__(self, runs: Sequence[RunFolder]):
         self.rows = runs_rows(runs)
 
     def _repr_html_(self) -> str:
@@ -199,9 +114,9 @@ class RunsListing:
             f"<th>{h}</th>" for h in ("run", "name", "state", "step", "loss", "started", "duration")
         )
         body = "".join(
-            f"<tr><td>{html.escape(r['run_id'])}</td><td>{html.escape(str(r['name']))}</td><td>{_badge(r['state'])}</td>"
+            f"<tr><td>{html.escape(r['run_id'])}</td><td>{html.escape(str(r['name']))}</td><td>{badge(r['state'])}</td>"
             f"<td>{r['step']}/{r['total'] or '?'}</td><td>{'' if r['loss'] is None else format(r['loss'], '.4f')}</td>"
-            f"<td>{r['started'].replace('T', ' ')}</td><td>{_fmt_s(r['duration_s'])}</td></tr>"
+            f"<td>{r['started'].replace('T', ' ')}</td><td>{fmt_duration(r['duration_s'])}</td></tr>"
             for r in self.rows
         )
         return f"<table><tr>{head}</tr>{body}</table>"
@@ -213,7 +128,7 @@ class RunsListing:
         for r in self.rows:
             loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
             lines.append(f"{r['run_id']:<44} {r['state']:<10} {str(r['step']) + '/' + str(r['total']):>11} "
-                         f"{loss:>8} {r['started'].replace('T', ' '):<19} {_fmt_s(r['duration_s'])}")  # fmt: skip
+                         f"{loss:>8} {r['started'].replace('T', ' '):<19} {fmt_duration(r['duration_s'])}")  # fmt: skip
         return "\n".join(lines)
 
 

@@ -32,7 +32,7 @@ class Problem:
 
 
 def _short(value: Any, limit: int = 60) -> str:
-    if value is _MISSING:
+    if value is MISSING:
         return ""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -43,7 +43,7 @@ class _Missing:
         return "<missing>"
 
 
-_MISSING: Any = _Missing()
+MISSING: Any = _Missing()
 
 
 class SpecError(UserError):

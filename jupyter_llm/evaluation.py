@@ -26,7 +26,8 @@ from typing import Any
 
 from .detach import DetachedJob
 from .errors import RunStateError, SpecError, UserError
-from .runs import Run, RunStore, read_json, read_jsonl, write_json_atomic
+from .files import read_json, read_jsonl, write_json_atomic
+from .folder import RunFolder, RunFolders
 from .spec import EvalSpec, Spec, eval_problems
 
 METRICS = ["ppl", "loss", "masked_accuracy", "bleu", "rouge1", "rouge2", "rougeL"]  # the comparison's columns
@@ -39,7 +40,7 @@ class Evaluation(DetachedJob):
 
     def __init__(self, path: str | os.PathLike[str]):
         super().__init__(path)
-        self.run = Run(self.path.parent.parent)
+        self.run = RunFolder(self.path.parent.parent)
 
     def __repr__(self) -> str:
         return f"Evaluation({self.run.id}/{self.id}: {self.state})"
@@ -123,7 +124,7 @@ def _new_id(checkpoint: Any) -> str:
 
 
 def evaluate(
-    run: Run | str,
+    run: RunFolder | str,
     request: EvalSpec | Mapping[str, Any] | None = None,
     *,
     wait: bool = False,
@@ -136,17 +137,17 @@ def evaluate(
     "latest" or a step), files, max_blocks, prompts, references (JSONL), prompt_field,
     reference_field, max_new_tokens, temperature (0: greedy), top_k, top_p, seed, batch_size.
     """
-    run = run if isinstance(run, Run) else RunStore().get(run)
+    run = run if isinstance(run, RunFolder) else RunFolders().get(run)
     raw = {**(request.model_dump() if isinstance(request, EvalSpec) else dict(request or {})), **params}
     try:
         req = EvalSpec.model_validate(raw, context={"base_dir": Path.cwd()})
     except Exception as e:
         from pydantic import ValidationError
 
-        from .spec import _problems
+        from .spec import validation_problems
 
         if isinstance(e, ValidationError):
-            raise SpecError(_problems(e)) from None
+            raise SpecError(validation_problems(e)) from None
         raise
     spec = run.spec
     if problems := eval_problems(req, spec.model.task):
@@ -165,7 +166,7 @@ def evaluate(
     return ev
 
 
-def _check_model(run: Run, spec: Spec, req: EvalSpec) -> None:
+def _check_model(run: RunFolder, spec: Spec, req: EvalSpec) -> None:
     """Fail before starting when the model to evaluate is not there."""
     if req.checkpoint == "final":
         if run.final_model is None:
@@ -181,21 +182,21 @@ def _check_model(run: Run, spec: Spec, req: EvalSpec) -> None:
         raise UserError(f"run {run.id} has no complete checkpoint at step {req.checkpoint}; it has {steps}")
 
 
-def _steps(run: Run) -> list[int]:
-    from .runs import CKPT_MARKER
+def _steps(run: RunFolder) -> list[int]:
+    from .folder import CKPT_MARKER
 
     return [int((read_json(p / CKPT_MARKER) or {})["step"]) for p in run.checkpoints()]
 
 
 def _now() -> str:
-    from .runs import now_iso
+    from .files import now_iso
 
     return now_iso()
 
 
-def evaluations(run: Run | str) -> list[Evaluation]:
+def evaluations(run: RunFolder | str) -> list[Evaluation]:
     """A run's evaluations, oldest first."""
-    run = run if isinstance(run, Run) else RunStore().get(run)
+    run = run if isinstance(run, RunFolder) else RunFolders().get(run)
     root = run.path / "evals"
     return (
         [Evaluation(p) for p in sorted(root.iterdir()) if (p / "request.json").is_file()]
@@ -210,10 +211,10 @@ def evaluations(run: Run | str) -> list[Evaluation]:
 class Comparison:
     """The latest results of several runs side by side: a table, and a bar chart per metric."""
 
-    def __init__(self, runs: Iterable[Run | str]):
+    def __init__(self, runs: Iterable[RunFolder | str]):
         self.rows: list[dict[str, Any]] = []
         for r in runs:
-            run = r if isinstance(r, Run) else RunStore().get(r)
+            run = r if isinstance(r, RunFolder) else RunFolders().get(r)
             res = read_json(run.path / "eval.json") or {}
             p, m = res.get("perplexity") or {}, res.get("masked") or {}
             self.rows.append({"run": run.id, "name": run.name, "checkpoint": res.get("checkpoint"),
@@ -262,7 +263,7 @@ class Comparison:
             display(self.chart())
 
 
-def compare(runs: Iterable[Run | str]) -> Comparison:
+def compare(runs: Iterable[RunFolder | str]) -> Comparison:
     """The latest evaluation result (RUN/eval.json) of each run, side by side."""
     return Comparison(runs)
 

@@ -133,7 +133,7 @@ def gpu_free() -> tuple[int, ...]:
     # JUPYTER_LLM_GPU_MEMORY_FRACTION: the share of each GPU a job may use (the worker caps it)
     cap = float(os.environ.get("JUPYTER_LLM_GPU_MEMORY_FRACTION") or 1)
     rows = [line.split(",") for line in out.stdout.strip().splitlines() if line.strip()]
-    from .launcher.local import visible_gpus
+    from .devices import visible_gpus
 
     visible = visible_gpus(os.environ)  # only the GPUs CUDA_VISIBLE_DEVICES lets the job use
     rows = rows if visible is None else [rows[i] for i in visible if i < len(rows)]

@@ -85,7 +85,7 @@ class LLMMagics(Magics):
             from .preflight import dry_run
 
             return dry_run(spec)
-        from .launcher import launch
+        from .runs import launch
 
         run = launch(spec, transform=self._transform(args.transform))
         if args.wait:
@@ -103,7 +103,7 @@ class LLMMagics(Magics):
     def llm_prepare(self, line: str, cell: str | None = None) -> Any:
         """Prepare a spec's data (tokenizer, cleaning, packing into the cache) as a detached
         job; a later %llm_train of the same spec starts from the cache."""
-        from .launcher import prepare
+        from .runs import prepare
 
         args = _parse(self.llm_prepare, line)
         run = prepare(self._spec(args, cell, "llm_prepare"), transform=self._transform(args.transform))
@@ -340,7 +340,10 @@ class LLMMagics(Magics):
 
 
 def load_ipython_extension(ipython: Any) -> None:
+    from .rich import register
+
     ipython.register_magics(LLMMagics)
+    register(ipython)
     if type(ipython).__name__ == "ZMQInteractiveShell":
         # in a kernel, runs display as widget dashboards: load the widget stack (ipywidgets,
         # bqplot and the pandas it imports, ~1 s) now, not inside the first %llm_train cell

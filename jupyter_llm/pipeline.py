@@ -28,10 +28,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import JupyterLLMError, Problem, SpecError, UserError
+from .files import now_iso, read_json, write_json_atomic
+from .folder import default_root
 from .hashing import content_sha256
-from .launcher.supervisor import _git_sha as git_sha
-from .launcher.supervisor import _versions as versions
-from .runs import default_root, now_iso, read_json, write_json_atomic
+from .provenance import git_sha, versions
 
 
 class _Strict(BaseModel):
@@ -87,9 +87,9 @@ def load(path: str | os.PathLike[str]) -> tuple[PipelineSpec, Path]:
     try:
         spec = PipelineSpec.model_validate(data)
     except ValidationError as e:
-        from .spec import _problems
+        from .spec import validation_problems
 
-        raise SpecError(_problems(e)) from None
+        raise SpecError(validation_problems(e)) from None
     missing = [s.notebook for s in spec.stages if not (p.parent / s.notebook).is_file()]
     if missing:
         raise SpecError([Problem("stages", missing, f"notebook(s) not found next to {p.name}")])
@@ -265,7 +265,7 @@ def reproduce(target: str | os.PathLike[str], *, root: str | os.PathLike[str] | 
         diff = _loss_diff(old_l, new_l) if old_l and new_l else None
         return {"kind": "pipeline", "original": str(folder), "new": str(new), "max_abs_diff": diff,
                 "equal": diff == 0.0}  # fmt: skip
-    from .launcher import launch
+    from .runs import launch
 
     original = RunStore(root).get(str(target))
     again = launch(original.spec, root=original.path.parent)

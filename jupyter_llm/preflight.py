@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from . import fit
-from .launcher.local import free_port, gpu_count, port_free
+from .devices import gpu_count
+from .launcher.local import free_port, port_free
 from .spec import Spec, deepspeed_config, resolve_auto
 
 
@@ -46,11 +47,6 @@ class DryRun:
     @property
     def ok(self) -> bool:
         return all(c.ok for c in self.checks)
-
-    def _repr_html_(self) -> str:
-        from .display import dry_run_html
-
-        return dry_run_html(self)
 
     def __str__(self) -> str:
         lines = ["spec:", self.spec.to_yaml(), "deepspeed config:", json.dumps(self.ds_config, indent=2)]

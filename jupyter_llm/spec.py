@@ -27,7 +27,7 @@ from pydantic import (
     field_validator,
 )
 
-from .errors import _MISSING, Problem, SpecError
+from .errors import MISSING, Problem, SpecError
 
 DATA_SUFFIXES = (".txt", ".md", ".text", ".jsonl", ".csv", ".parquet")
 
@@ -363,7 +363,7 @@ class Spec(_Section):
                 raw, context={"base_dir": Path(base_dir or os.getcwd()), "check_files": check_files}
             )
         except ValidationError as e:
-            raise SpecError(_problems(e) + problems) from None
+            raise SpecError(validation_problems(e) + problems) from None
         problems += spec._semantic_problems()
         if problems:
             raise SpecError(problems)
@@ -383,7 +383,7 @@ class Spec(_Section):
             mark = getattr(e, "problem_mark", None)
             where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
             what = getattr(e, "problem", None) or str(e)
-            raise SpecError([Problem("<yaml>", _MISSING, f"not valid YAML at {where}: {what}")]) from None
+            raise SpecError([Problem("<yaml>", MISSING, f"not valid YAML at {where}: {what}")]) from None
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
@@ -558,11 +558,11 @@ def eval_problems(e: EvalSpec, task: str, prefix: str = "") -> list[Problem]:
 def _validate_cross(raw: dict[str, Any]) -> list[Problem]:
     """Problems pydantic cannot see per field: a missing data section, say."""
     if "data" not in raw:
-        return [Problem("data", _MISSING, "required: give data.train (files or globs)")]
+        return [Problem("data", MISSING, "required: give data.train (files or globs)")]
     return []
 
 
-def _problems(e: ValidationError) -> list[Problem]:
+def validation_problems(e: ValidationError) -> list[Problem]:
     """One Problem per field; the alternatives of a union field are joined with 'or'."""
     by_path: dict[str, Problem] = {}
     for err in e.errors(include_url=False):
@@ -573,7 +573,7 @@ def _problems(e: ValidationError) -> list[Problem]:
             msg = "unknown key; allowed: " + ", ".join(_allowed_keys(err["loc"][:-1]))
         if err["type"] == "missing" and path == "data":
             continue  # reported by _validate_cross with a better message
-        given = err.get("input", _MISSING) if err["type"] != "missing" else _MISSING
+        given = err.get("input", MISSING) if err["type"] != "missing" else MISSING
         if path in by_path:
             prev = by_path[path]
             by_path[path] = Problem(path, prev.given, f"{prev.message}, or {msg[0].lower()}{msg[1:]}")

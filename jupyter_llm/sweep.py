@@ -29,7 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .detach import DetachedJob
 from .errors import Problem, RunStateError, SpecError, UserError
-from .runs import Run, RunStore, default_root, now_iso, read_json, write_json_atomic
+from .files import now_iso, read_json, write_json_atomic
+from .folder import default_root
+from .runs import Run, RunStore
 from .spec import Spec, apply_overrides
 
 
@@ -147,9 +149,9 @@ def load_sweep_spec(source: Any, base_dir: Path | None = None) -> tuple[SweepSpe
     try:
         sw = SweepSpec.model_validate(source)
     except ValidationError as e:
-        from .spec import _problems
+        from .spec import validation_problems
 
-        raise SpecError(_problems(e)) from None
+        raise SpecError(validation_problems(e)) from None
     if isinstance(sw.base, str):
         base_path = (base_dir / sw.base).resolve()
         base = Spec.from_file(base_path)
@@ -185,7 +187,7 @@ def _prefixed(prefix: str, make: Any) -> Any:
 
 
 def _gpus() -> int:
-    from .launcher.local import gpu_count
+    from .devices import gpu_count
 
     return gpu_count()
 
@@ -264,7 +266,7 @@ class Sweep(DetachedJob):
 
     def launch_best(self, overrides: Mapping[str, Any] | None = None) -> Run:
         """Launch the best trial's spec as a full run."""
-        from .launcher import launch
+        from .runs import launch
 
         return launch(self.best_spec(overrides), root=self.store.root)
 
@@ -309,13 +311,6 @@ class Sweep(DetachedJob):
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
         p.text(self.summary())
-
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        from .widgets.sweep_view import SweepView
-
-        display(SweepView(self))
 
 
 def get_sweep(sweep_id: str | None = None, root: str | os.PathLike[str] | None = None) -> Sweep:

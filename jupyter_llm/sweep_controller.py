@@ -23,7 +23,9 @@ from typing import Any
 import optuna
 
 from .errors import SpecError
-from .runs import Run, RunStore, State, now_iso, read_json, read_jsonl, write_json_atomic
+from .files import now_iso, read_json, read_jsonl, write_json_atomic
+from .folder import State
+from .runs import Run, RunStore
 from .sweep import Sweep, SweepSpec
 
 POLL_S = 0.5
@@ -155,7 +157,7 @@ class Controller:
     # -- trials ---------------------------------------------------------------------------
 
     def _start_trial(self) -> None:
-        from .launcher import launch
+        from .runs import launch
         from .spec import Spec
 
         trial = self.study.ask()

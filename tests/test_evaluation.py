@@ -17,7 +17,8 @@ from jupyter_llm import launch
 from jupyter_llm.cli import main as cli
 from jupyter_llm.errors import RunStateError, SpecError, UserError
 from jupyter_llm.evaluation import Comparison, Evaluation, compare, evaluate
-from jupyter_llm.runs import CKPT_MARKER, Run, RunStore, read_json, write_json_atomic
+from jupyter_llm.files import read_json, write_json_atomic
+from jupyter_llm.runs import CKPT_MARKER, Run, RunStore
 from jupyter_llm.spec import Spec
 
 

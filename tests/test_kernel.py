@@ -112,3 +112,30 @@ def test_launch_restart_reattach(corpus: Path, tmp_path: Path) -> None:
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+def test_import_alone_registers_the_rich_displays(corpus: Path, tmp_path: Path) -> None:
+    """Without `%load_ext`, `import jupyter_llm` in a kernel registers the displays that the
+    run-folder layer no longer carries itself: a Run as its live dashboard (a widget), a
+    reading handle (`RunFolder`) as HTML."""
+    env = dict(os.environ, IPYTHONDIR=str(tmp_path / "ipython"), JUPYTER_RUNTIME_DIR=str(tmp_path / "rt"))
+    km, kc = start_kernel(env)
+    try:
+        spec = tiny_spec(corpus, name="shown")
+        _, _, reply = execute(
+            kc, f"import jupyter_llm\nr = jupyter_llm.RunStore().create(jupyter_llm.Spec.load({spec!r}))"
+        )
+        assert reply["status"] == "ok", reply
+        _, msgs, _ = execute(kc, "r")
+        shown = [m["content"]["data"] for m in msgs if m["msg_type"] == "display_data"]
+        assert (
+            shown
+            and "application/vnd.jupyter.widget-view+json" in shown[0]
+            and "shown" in shown[0]["text/plain"]
+        )
+        _, msgs, _ = execute(kc, "from jupyter_llm.folder import RunFolder\nRunFolder(r.path)")
+        result = [m["content"]["data"] for m in msgs if m["msg_type"] == "execute_result"]
+        assert result and "jupyter-llm-run" in result[0]["text/html"] and "created" in result[0]["text/html"]
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)

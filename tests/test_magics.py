@@ -12,8 +12,9 @@ import pytest
 import yaml
 from IPython.core.error import UsageError
 
+from jupyter_llm.files import write_json_atomic
 from jupyter_llm.preflight import DryRun
-from jupyter_llm.runs import Run, RunStore, write_json_atomic
+from jupyter_llm.runs import Run, RunStore
 from jupyter_llm.spec import Spec
 
 
@@ -92,7 +93,7 @@ def test_dry_run_from_cell_shows_plan(ip: Any, body: str) -> None:
     assert {"master port", "deepspeed importable", "data file", "ranks"} <= names
     assert d.memory is not None and d.memory["params"] > 0
     assert set(d.memory["per_rank_gib"]) == {"0", "1-2", "3"}
-    html = d._repr_html_()
+    html = ip.display_formatter.formatters["text/html"].lookup(d)(d)  # registered by the extension
     assert "ZeRO 3" in html and "Command (2 rank(s))" in html and "deepspeed.launcher.launch" in html
     assert RunStore().list() == []  # a dry run starts nothing
 

@@ -13,8 +13,9 @@ import yaml
 from conftest import REPO
 from jupyter_llm.cli import main as cli
 from jupyter_llm.errors import SpecError, UserError
+from jupyter_llm.files import read_json
 from jupyter_llm.pipeline import PipelineError, load, parse_params, run
-from jupyter_llm.runs import RunStore, read_json
+from jupyter_llm.runs import RunStore
 
 PIPELINE = REPO / "notebooks" / "pipeline.yaml"
 TINY = {"max_steps": 20, "ranks": 1}

@@ -43,7 +43,8 @@ def test_prepare_magic_is_detached_and_the_api_hits_its_cache(ip: Any, corpus: P
     prog = json.loads((run.path / "progress.json").read_text())
     assert prog["phase"] == "done" and prog["bytes_done"] == prog["bytes_total"] == corpus.stat().st_size
     assert prog["tokens"] == sum(v["tokens"] for v in index["splits"].values())
-    from jupyter_llm.display import run_html, run_text
+    from jupyter_llm.display import run_html
+    from jupyter_llm.summary import run_text
 
     view = run_html(run)
     assert (

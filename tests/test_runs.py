@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from jupyter_llm.errors import RunNotFound, RunStateError
-from jupyter_llm.runs import CKPT_MARKER, Run, RunStore, append_jsonl, read_jsonl, write_json_atomic
+from jupyter_llm.files import append_jsonl, read_jsonl, write_json_atomic
+from jupyter_llm.runs import CKPT_MARKER, Run, RunStore
 from jupyter_llm.spec import Spec
 
 
@@ -141,15 +142,15 @@ def test_actions_check_state(spec: Spec) -> None:
 
 def test_metrics_read_only_what_was_appended(spec: Spec, monkeypatch: pytest.MonkeyPatch) -> None:
     """Polling readers re-read nothing old; a torn line waits; a rewritten file is read again."""
-    import jupyter_llm.runs as runs
+    import jupyter_llm.files as files
 
     run = RunStore().create(spec)
     f = run.path / "metrics.jsonl"
     append_jsonl(f, {"step": 1, "loss": 3.0})
     assert [m["step"] for m in run.metrics()] == [1]
     reads: list[int] = []
-    real = runs.read_jsonl
-    monkeypatch.setattr(runs, "read_jsonl", lambda p, offset=0: reads.append(offset) or real(p, offset))
+    real = files.read_jsonl
+    monkeypatch.setattr(files, "read_jsonl", lambda p, offset=0: reads.append(offset) or real(p, offset))
     with open(f, "ab") as fh:
         fh.write(b'{"step": 2, "loss": 2.0}\n{"step": 3, "lo')  # a writer mid-append
     assert [m["step"] for m in run.metrics()] == [1, 2]

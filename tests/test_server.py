@@ -17,7 +17,8 @@ import yaml
 from browser import JupyterLab
 
 from conftest import REPO, tiny_spec
-from jupyter_llm.runs import Run, RunStore, append_jsonl
+from jupyter_llm.files import append_jsonl
+from jupyter_llm.runs import Run, RunStore
 from jupyter_llm.server.handlers import ROUTES
 from jupyter_llm.spec import Spec
 

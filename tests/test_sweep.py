@@ -18,7 +18,8 @@ import yaml
 from conftest import tiny_spec
 from jupyter_llm.cli import main as cli
 from jupyter_llm.errors import SpecError
-from jupyter_llm.runs import RunStore, process_alive, read_json, write_json_atomic
+from jupyter_llm.files import process_alive, read_json, write_json_atomic
+from jupyter_llm.runs import RunStore
 from jupyter_llm.sweep import Sweep, get_sweep, load_sweep_spec, sweep
 from jupyter_llm.widgets.sweep_view import SweepView
 

@@ -11,7 +11,8 @@ import ipywidgets as w
 import pytest
 
 from conftest import tiny_spec
-from jupyter_llm.runs import Run, RunStore, append_jsonl, read_json, write_json_atomic
+from jupyter_llm.files import append_jsonl, read_json, write_json_atomic
+from jupyter_llm.runs import Run, RunStore
 from jupyter_llm.spec import Spec
 from jupyter_llm.widgets import Dashboard, RunsTable, SpecForm
 

@@ -80,22 +80,22 @@ def test_cuda_visible_devices_chooses_the_gpus(tmp_path: Path, monkeypatch: pyte
     """CUDA_VISIBLE_DEVICES as CUDA reads it (indices, UUID prefixes, up to the first entry
     naming no GPU), and the launch takes those GPUs: DeepSpeed's launcher would otherwise
     take GPUs 0..N-1."""
-    from jupyter_llm.launcher import local
+    from jupyter_llm import devices
 
     smi = [f"GPU {i}: NVIDIA H200 (UUID: GPU-{i}aaa-{i})" for i in range(4)]
-    assert local.visible_gpus({}, smi) is None
-    assert local.visible_gpus({"CUDA_VISIBLE_DEVICES": "2,3"}, smi) == [2, 3]
-    assert local.visible_gpus({"CUDA_VISIBLE_DEVICES": "GPU-3aaa,0"}, smi) == [3, 0]
-    assert local.visible_gpus({"CUDA_VISIBLE_DEVICES": "1,7,2"}, smi) == [1]  # 7 is no GPU: CUDA stops
-    assert local.visible_gpus({"CUDA_VISIBLE_DEVICES": ""}, smi) == []
-    assert local.visible_gpus({"CUDA_VISIBLE_DEVICES": "1,1"}, smi) == [1]
-    monkeypatch.setattr(local, "_smi_gpus", lambda: smi)
+    assert devices.visible_gpus({}, smi) is None
+    assert devices.visible_gpus({"CUDA_VISIBLE_DEVICES": "2,3"}, smi) == [2, 3]
+    assert devices.visible_gpus({"CUDA_VISIBLE_DEVICES": "GPU-3aaa,0"}, smi) == [3, 0]
+    assert devices.visible_gpus({"CUDA_VISIBLE_DEVICES": "1,7,2"}, smi) == [1]  # 7 is no GPU: CUDA stops
+    assert devices.visible_gpus({"CUDA_VISIBLE_DEVICES": ""}, smi) == []
+    assert devices.visible_gpus({"CUDA_VISIBLE_DEVICES": "1,1"}, smi) == [1]
+    monkeypatch.setattr(devices, "_smi_gpus", lambda: smi)
     argv, _ = build_command(tmp_path, 2, 1, cpu=False, base_env={"CUDA_VISIBLE_DEVICES": "3,1,2"})
     assert world_info(argv) == {"localhost": [3, 1]}
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
-    assert local.gpu_count() == 2  # procs_per_node: auto counts the visible GPUs
+    assert devices.gpu_count() == 2  # procs_per_node: auto counts the visible GPUs
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    assert local.gpu_count() == 4
+    assert devices.gpu_count() == 4
 
 
 def test_free_port_avoids_taken() -> None:
@@ -738,8 +738,8 @@ def test_finished_ranks_end_the_watch_and_are_not_failures(tmp_path: Path) -> No
     the attempt is done and gone (a running rank, a rank not done, another attempt: not over)."""
     import subprocess
 
+    from jupyter_llm.files import write_json_atomic
     from jupyter_llm.launcher.supervisor import first_dead_rank, rank_records, ranks_done
-    from jupyter_llm.runs import write_json_atomic
 
     def record(rank: int, pid: int, done: bool, attempt: int = 1) -> None:
         write_json_atomic(tmp_path / "ranks" / f"rank{rank}.json",

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..cluster import Cluster
-from ..runs import CKPT_MARKER, State, now_iso, read_json, write_json_atomic
+from ..files import now_iso, read_json
+from ..folder import CKPT_MARKER, State
 from . import remote, slurm
 from .backends import commands
 from .local import job_env, rank_env
@@ -28,15 +29,9 @@ from .local import job_env, rank_env
 if TYPE_CHECKING:
     from .supervisor import Supervisor
 
-CLUSTER_FILE = "cluster.json"
 KILL_WAIT_S = 10.0  # after fail-fast KILL, before the ssh connections are cut
 SSHD_PATH = ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]  # sshd's default
 PDSH_SAFE = re.compile(r"[\w@%+=:,./-]+")  # what DeepSpeed's pdsh runner leaves unquoted
-
-
-def run_cluster(run_dir: Path) -> Cluster | None:
-    raw = read_json(run_dir / CLUSTER_FILE)
-    return Cluster.model_validate(raw) if raw else None
 
 
 class MultiNode:
@@ -155,7 +150,7 @@ class MultiNode:
         grace = self.spec.train.stop_grace_s
         hang_s = self.spec.train.hang_timeout_s
         sup.launched_at = time.time()
-        from .supervisor import SIGINT_WAIT_S, SIGTERM_WAIT_S
+        from .watch import SIGINT_WAIT_S, SIGTERM_WAIT_S
 
         while True:
             time.sleep(0.25)
@@ -335,11 +330,7 @@ class MultiNode:
         sup.event("slurm_finished", slurm_job=job_id, state=final_state or state, exit_code=rc)
         if final_state == "COMPLETED" or sup.stop_signal is not None:
             return self._ended(0 if final_state == "COMPLETED" else rc)
-        from .supervisor import diagnose
+        from .watch import diagnose
 
         why = diagnose(self.dir, self.attempt, rc, None, [])
         return sup._fail(f"Slurm job {job_id} ended {final_state}: {why}", rc)
-
-
-def write_cluster(run_dir: Path, cluster: Cluster) -> None:
-    write_json_atomic(run_dir / CLUSTER_FILE, cluster.to_dict())

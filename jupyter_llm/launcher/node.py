@@ -59,7 +59,7 @@ def probe(
     started here has (host memory, the cgroup's room included; free GPU memory; free space in
     the NVMe folder, or why it cannot hold swap files) for `zero_stage`/`offload: auto`."""
     from .. import fit
-    from .local import gpu_count
+    from ..devices import gpu_count
 
     wd = Path(os.path.expanduser(workdir)).absolute()
     existing = wd
@@ -135,7 +135,7 @@ class Agent:
         env = rank_env(self.run_dir, a.attempt, a.slots, cpu=a.cpu, base_env={**os.environ, **extra},
                        loopback=a.master_addr.startswith("127."))  # fmt: skip
         if a.data is not None:  # prepared data synced into the run folder
-            from ..runs import write_json_atomic
+            from ..files import write_json_atomic
 
             write_json_atomic(self.run_dir / "data.json", {"path": a.data, "cached": True})
         if a.data is not None or a.data_ready:
@@ -155,7 +155,7 @@ class Agent:
         record = {"node_rank": self.node, "attempt": a.attempt, "agent_pid": os.getpid(),
                   "job_pgid": self.proc.pid, "hostname": socket.gethostname(), "argv": sys.argv,
                   "env_keys": sorted(extra), "time": time.time()}  # fmt: skip
-        from ..runs import write_json_atomic
+        from ..files import write_json_atomic
 
         write_json_atomic(self.run_dir / "nodes" / f"node{self.node}.json", record)
         self.say(f"{STARTED} {json.dumps(record)}")
@@ -164,7 +164,7 @@ class Agent:
         while (rc := self.proc.poll()) is None:
             time.sleep(0.25)
             if self.first_dead is None:
-                from .supervisor import first_dead_rank
+                from .watch import first_dead_rank
 
                 self.first_dead = first_dead_rank(self.run_dir, a.attempt)
         self._kill()
@@ -172,7 +172,7 @@ class Agent:
         if swap := self._remove_swap():
             result["swap_removed"] = swap
         if rc != 0:
-            from .supervisor import diagnose
+            from .watch import diagnose
 
             time.sleep(0.2)  # the relay thread's last lines
             result["error"] = diagnose(self.run_dir, a.attempt, rc, self.first_dead, list(self.tail))
@@ -204,7 +204,7 @@ class Agent:
         for line in sys.stdin:
             cmd = line.split()
             if cmd == ["stop"]:
-                from ..runs import now_iso, write_json_atomic
+                from ..files import now_iso, write_json_atomic
 
                 write_json_atomic(
                     self.run_dir / "control" / "stop", {"requested_at": now_iso(), "by": "supervisor"}
@@ -224,7 +224,7 @@ class Agent:
 
 
 def reap(tag: str) -> list[int]:
-    from .supervisor import reap_orphans
+    from .watch import reap_orphans
 
     run_id, _, _ = tag.partition(":")
     return reap_orphans(run_id)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cluster import Cluster, Host
-from ..runs import append_jsonl
+from ..files import append_jsonl
 from .node import DISTS, RESULT, STARTED, versions
 
 # run-folder entries the nodes need (pushed); the rest is written by the job or the supervisor

@@ -20,26 +20,28 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..devices import gpu_count
+from ..files import append_jsonl, now_iso, read_json, write_json_atomic
+from ..folder import RunFolder, State
 from ..hashing import content_sha256
-from ..runs import (
-    Run,
-    State,
-    append_jsonl,
-    now_iso,
-    process_alive,
-    read_json,
-    write_json_atomic,
+from ..provenance import git_sha, versions
+from .local import free_port, job_env, kill_group, port_free, signal_group
+from .watch import (
+    SIGINT_WAIT_S,
+    SIGTERM_WAIT_S,
+    diagnose,
+    first_dead_rank,
+    rank_records,
+    ranks_done,
+    reap_orphans,
 )
-from .local import free_port, gpu_count, job_env, kill_group, port_free, signal_group
 
 POLL_S = 0.25
-SIGINT_WAIT_S = 10.0  # after SIGINT, before SIGTERM
-SIGTERM_WAIT_S = 5.0  # after SIGTERM, before SIGKILL
 
 
 class Supervisor:
     def __init__(self, run_dir: Path, resume: bool):
-        self.run = Run(run_dir)
+        self.run = RunFolder(run_dir)
         self.dir = run_dir
         self.resume = resume
         self.stop_signal: int | None = None
@@ -97,7 +99,8 @@ class Supervisor:
             _unlink_shm(self.run.status()["master_port"])
         if self.prepare_only:
             return self._supervise_prepare(attempt)
-        from .multinode import MultiNode, run_cluster
+        from ..cluster import run_cluster
+        from .multinode import MultiNode
 
         if (cluster := run_cluster(self.dir)) is not None:  # remote node(s), multi-node, Slurm
             return MultiNode(self, cluster, attempt).supervise()
@@ -307,8 +310,8 @@ class Supervisor:
             "spec": spec.to_dict(),
             "ds_config": self.run.ds_config,
             "seed": spec.seed,
-            "versions": _versions(),
-            "git_sha": _git_sha(os.environ.get("JUPYTER_LLM_CALLER_CWD")),
+            "versions": versions(),
+            "git_sha": git_sha(os.environ.get("JUPYTER_LLM_CALLER_CWD")),
             "host": platform.node(),
             "data_files": {f: _sha256(f) for f in files} if not prev else prev.get("data_files"),
             "transform_sha256": _sha256(str(self.dir / "transform.pkl")),  # a notebook data transform
@@ -316,84 +319,6 @@ class Supervisor:
                          {"attempt": attempt, "time": now_iso(), "command": argv, "ranks": nprocs, "master_port": port}],
         }  # fmt: skip
         write_json_atomic(self.dir / "manifest.json", manifest)
-
-
-def diagnose(
-    run_dir: Path, attempt: int, rc: int, first_dead: dict[str, Any] | None, log_lines: list[str]
-) -> str:
-    """Name the rank that failed first and why.
-
-    When one rank dies the others fail too (a broken collective, or the launcher's
-    SIGTERM); those are collateral. The cause is, in order: a rank's own exception; a
-    rank that vanished without a record (SIGKILL, OOM killer, segfault); a
-    communication error; the launcher's exit code. `log_lines`: the launcher's output.
-    """
-    ranks = rank_records(run_dir, attempt)
-    fails = {}
-    for f in (run_dir / "failures").glob("rank*.json"):
-        info = read_json(f)
-        if info and info.get("attempt") == attempt:
-            fails[info["rank"]] = info
-    codes = [ln for ln in log_lines if "exits with return code" in ln]
-    code = codes[-1].rsplit("=", 1)[-1].strip() if codes else None
-    how = f" (exit code {code})" if code else ""
-    if code and code.lstrip("-").isdigit() and int(code) < 0:
-        how = f" (killed by {signal.Signals(-int(code)).name})"
-
-    own = [f for f in fails.values() if not _collateral(f)]
-    if own:
-        first = min(own, key=lambda x: x["time"])
-        return f"rank {first['rank']} failed: {first['type']}: {first['message']}".strip()
-    vanished = [r for r in ranks.values() if r["rank"] not in fails]
-    if vanished:
-        if first_dead is not None and first_dead["rank"] not in fails:
-            r = first_dead
-        else:
-            r = min(vanished, key=lambda x: x["rank"])
-        return f"rank {r['rank']} (pid {r['pid']}) died without an error{how}; the others were stopped"
-    if fails:
-        first = min(fails.values(), key=lambda x: x["time"])
-        return f"rank {first['rank']} failed: {first['type']}: {first['message']}".strip()
-    return f"the DeepSpeed launcher exited with code {rc}{how}; see logs/"
-
-
-def rank_records(run_dir: Path, attempt: int) -> dict[int, dict[str, Any]]:
-    """The ranks' own records of this attempt (ranks/rank*.json, on this machine), by rank."""
-    out = {}
-    for f in (run_dir / "ranks").glob("rank*.json"):
-        info = read_json(f)
-        if info and info.get("attempt") == attempt:
-            out[info["rank"]] = info
-    return out
-
-
-def first_dead_rank(
-    run_dir: Path, attempt: int, records: dict[int, dict[str, Any]] | None = None
-) -> dict[str, Any] | None:
-    """The first rank of this attempt (on this machine) whose process is gone, if any, other
-    than ranks that finished; `records`: rank_records() when the caller has read them."""
-    for _, info in sorted((rank_records(run_dir, attempt) if records is None else records).items()):
-        if not info.get("done") and not process_alive(info["pid"], info.get("create_time")):
-            return {**info, "seen_at": time.time()}
-    return None
-
-
-def ranks_done(records: dict[int, dict[str, Any]], ranks: int) -> bool:
-    """Every rank 0..ranks-1 recorded that it finished, and its process is gone."""
-    return all(
-        r in records
-        and records[r].get("done")
-        and not process_alive(records[r]["pid"], records[r].get("create_time"))
-        for r in range(ranks)
-    )
-
-
-def _collateral(failure: dict[str, Any]) -> bool:
-    """A rank's failure that is a consequence of another rank's: lost peer, or terminated."""
-    if failure["type"] in ("Terminated", "KeyboardInterrupt", "DistBackendError"):
-        return True
-    msg = failure["message"].lower()
-    return any(k in msg for k in ("connection reset", "connection closed", "gloo", "nccl", "broken pipe"))
 
 
 def _unlink_shm(port: int, addr: str = "127.0.0.1") -> list[str]:
@@ -411,50 +336,10 @@ def _unlink_shm(port: int, addr: str = "127.0.0.1") -> list[str]:
     return gone
 
 
-def reap_orphans(run_id: str) -> list[int]:
-    """Kill processes of earlier attempts of this run, found by the job tag in their
-    environment (set by local.job_env), never by name pattern; returns their pids."""
-    import psutil
-
-    mine = []
-    for p in psutil.process_iter(["pid"]):
-        try:
-            tag = p.environ().get("JUPYTER_LLM_JOB", "")
-        except (psutil.Error, OSError):
-            continue
-        if tag.startswith(f"{run_id}:") and p.pid != os.getpid():
-            mine.append(p)
-    for p in mine:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    psutil.wait_procs(mine, timeout=10)
-    return [p.pid for p in mine]
-
-
 def _gpus() -> tuple[bool, int]:
     """(any GPU, GPU count), from nvidia-smi: no torch import, no CUDA context here."""
     n = gpu_count()
     return n > 0, n
-
-
-def _versions() -> dict[str, str | None]:
-    from importlib import metadata  # lazy: the spawner that the caller waits for skips it
-
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for dist in ("jupyter-llm", "torch", "deepspeed", "transformers", "tokenizers"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
-def _git_sha(cwd: str | None) -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired):
-        return None
 
 
 def _sha256(path: str) -> str | None:
@@ -462,6 +347,23 @@ def _sha256(path: str) -> str | None:
         return content_sha256(path)
     except OSError:
         return None
+
+
+def start(run_dir: Path, resume: bool = False) -> None:
+    """Start the run's supervisor, detached: own session, no pipes, survives the caller.
+
+    The supervisor forks once and the first process exits at once, so the caller has no
+    child to reap and the job is reparented away from the kernel.
+    """
+    argv = [sys.executable, "-m", "jupyter_llm.launcher.supervisor", str(run_dir), "--detach"]
+    if resume:
+        argv.append("--resume")
+    env = dict(os.environ, JUPYTER_LLM_CALLER_CWD=os.getcwd())
+    with open(run_dir / "logs" / "supervisor.log", "ab") as log:
+        subprocess.run(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, cwd=run_dir, env=env, check=True,
+        )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

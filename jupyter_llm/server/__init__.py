@@ -15,7 +15,7 @@ def _jupyter_server_extension_points() -> list[dict[str, str]]:
 
 
 def _load_jupyter_server_extension(serverapp: Any) -> None:
-    from ..runs import default_root
+    from ..folder import default_root
     from .handlers import routes
 
     web_app = serverapp.web_app

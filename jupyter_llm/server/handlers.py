@@ -11,7 +11,8 @@ from jupyter_server.utils import url_path_join
 from tornado import web
 
 from ..errors import RunNotFound, RunStateError, SpecError, UserError
-from ..runs import Run, RunStore, read_json
+from ..files import read_json
+from ..runs import Run, RunStore
 
 PREFIX = "jupyter-llm/api"
 RESOURCE = "jupyter_llm"
@@ -86,7 +87,7 @@ def _handled(method: Any) -> Any:
 
 
 def _row(run: Run) -> dict[str, Any]:
-    from ..display import progress
+    from ..summary import progress
 
     p, st = progress(run), run.status()
     return {"run_id": run.id, "name": st.get("name"), "job": st.get("job", "train"), "state": p["state"],
@@ -115,7 +116,7 @@ class RunsHandler(_Base):
     @_handled
     async def post(self) -> None:
         """Launch a spec: {"spec": {...}, "overrides": ["optim.lr=3e-4", ...]}."""
-        from ..launcher import launch
+        from ..runs import launch
         from ..spec import Spec
 
         body = self.body()
@@ -146,7 +147,7 @@ class MetricsHandler(_Base):
     @_handled
     async def get(self, run_id: str) -> None:
         """metrics.jsonl lines from byte `offset` on, and the offset to ask from next time."""
-        from ..runs import read_jsonl
+        from ..files import read_jsonl
 
         run = self.run_or_404(run_id)
         offset = self.int_arg("offset", 0)

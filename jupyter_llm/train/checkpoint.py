@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..runs import CKPT_MARKER, append_jsonl, now_iso, write_json_atomic
+from ..files import append_jsonl, now_iso, write_json_atomic
+from ..folder import CKPT_MARKER
 
 
 class CheckpointError(RuntimeError):

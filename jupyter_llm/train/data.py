@@ -427,7 +427,7 @@ def data_stage(run_dir: Path, spec: Spec) -> dict[str, Any]:
     cache (or made now), `data.json` naming the folder, and a `data_ready` event; the index."""
     from transformers import AutoTokenizer
 
-    from ..runs import append_jsonl, now_iso, write_json_atomic
+    from ..files import append_jsonl, now_iso, write_json_atomic
 
     tok_dir = run_dir / "tokenizer"
     transform = Transform.load(run_dir)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..runs import append_jsonl, now_iso, read_json, write_json_atomic
+from ..files import append_jsonl, now_iso, read_json, write_json_atomic
 
 
 def main(eval_dir: Path) -> None:

@@ -18,21 +18,21 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from ..runs import append_jsonl, now_iso, write_json_atomic
+from ..files import append_jsonl, now_iso, write_json_atomic
 
 
 def main(run_dir: Path) -> None:
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    _redirect_output(run_dir / "logs" / f"rank{rank}.log")
+    redirect_output(run_dir / "logs" / f"rank{rank}.log")
     _record_rank(run_dir, rank, local_rank)
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    signal.signal(signal.SIGTERM, raise_terminated)
     try:
         train(run_dir, rank, world, local_rank)
     except BaseException as e:
         if not (isinstance(e, SystemExit) and e.code in (0, None)):
-            _record_failure(run_dir, rank, e)
+            record_failure(run_dir, rank, e)
         raise
     # every file of the run is written and closed, and every rank is past the last barrier:
     # skip the interpreter's teardown of torch, DeepSpeed and gloo, which the launcher (and so
@@ -627,11 +627,11 @@ class Terminated(BaseException):
     """SIGTERM reached this rank (the launcher stops all ranks when one fails)."""
 
 
-def _raise_terminated(signum: int, frame: Any) -> None:
+def raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated("terminated by SIGTERM")
 
 
-def _redirect_output(path: Path) -> None:
+def redirect_output(path: Path) -> None:
     """Send this rank's stdout/stderr to its own log file (append across attempts)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -664,7 +664,7 @@ def _record_rank(run_dir: Path, rank: int, local_rank: int, done: bool = False) 
     )
 
 
-def _record_failure(run_dir: Path, rank: int, e: BaseException) -> None:
+def record_failure(run_dir: Path, rank: int, e: BaseException) -> None:
     d = run_dir / "failures"
     d.mkdir(exist_ok=True)
     write_json_atomic(

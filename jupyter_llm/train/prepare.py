@@ -12,22 +12,22 @@ import signal
 import sys
 from pathlib import Path
 
-from .loop import _raise_terminated, _record_failure, _redirect_output
+from .loop import raise_terminated, record_failure, redirect_output
 
 
 def main(run_dir: Path) -> None:
     from ..spec import Spec
     from .data import data_stage
 
-    _redirect_output(run_dir / "logs" / "prepare.log")
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    redirect_output(run_dir / "logs" / "prepare.log")
+    signal.signal(signal.SIGTERM, raise_terminated)
     try:
         spec = Spec.from_yaml((run_dir / "spec.yaml").read_text())
         index = data_stage(run_dir, spec)
         print(json.dumps({"data": json.loads((run_dir / "data.json").read_text()), **index}, indent=1))
     except BaseException as e:
         if not (isinstance(e, SystemExit) and e.code in (0, None)):
-            _record_failure(run_dir, 0, e)
+            record_failure(run_dir, 0, e)
         raise
 
 

@@ -18,9 +18,12 @@ import bqplot as bq
 import ipywidgets as w
 import numpy as np
 
-from ..display import COLORS, _badge, _fmt_s
+from ..display import COLORS, badge
 from ..errors import UserError
-from ..runs import Run, RunStore, State, read_json
+from ..files import read_json
+from ..folder import State
+from ..runs import Run, RunStore
+from ..summary import fmt_duration
 from .feed import RunFeed, Snapshot
 
 PALETTE = ["#1565c0", "#c62828", "#2e7d32", "#6a1b9a", "#ef6c00", "#00838f", "#5d4037", "#ad1457"]
@@ -100,9 +103,9 @@ class _RunView:
         pct = int(100 * step / total) if total else 0
         eta = feed.eta_s(total) if not State(st["state"]).terminal else None
         self.bar_label.value = (f"step {step}/{total or '?'} ({pct}%)"
-                                + (f" · ETA {_fmt_s(eta)}" if eta is not None else ""))  # fmt: skip
+                                + (f" · ETA {fmt_duration(eta)}" if eta is not None else ""))  # fmt: skip
         self.title.value = (f'<span style="color:{self.color}">■</span> <b>{html.escape(self.run.id)}</b> '
-                            f'<span class="jupyter-llm-state">{_badge(st["state"])}</span>')  # fmt: skip
+                            f'<span class="jupyter-llm-state">{badge(st["state"])}</span>')  # fmt: skip
         terminal = State(st["state"]).terminal
         self.stop.disabled = terminal
         self.resume.disabled = not terminal or st["state"] == State.COMPLETED.value

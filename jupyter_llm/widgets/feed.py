@@ -10,7 +10,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..runs import Run, read_jsonl
+from ..files import read_jsonl
+from ..runs import Run
 
 LOG_LINES = 12
 

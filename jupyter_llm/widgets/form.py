@@ -389,7 +389,7 @@ class SpecForm(w.VBox):
 
     def launch(self) -> Run:
         """Start the spec as a detached run and show its dashboard below the form."""
-        from ..launcher import launch
+        from ..runs import launch
         from .dashboard import Dashboard
 
         self.run = launch(self._require())

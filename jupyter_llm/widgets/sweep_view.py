@@ -15,7 +15,7 @@ import bqplot as bq
 import ipywidgets as w
 import numpy as np
 
-from ..display import COLORS, _badge
+from ..display import COLORS, badge
 from ..errors import UserError
 from ..runs import Run
 from ..sweep import Sweep
@@ -68,7 +68,7 @@ class SweepView(w.VBox):
         counts: dict[str, int] = {}
         for t in trials:
             counts[t["state"]] = counts.get(t["state"], 0) + 1
-        self.header.value = (f"<b>sweep {html.escape(sw.id)}</b> {_badge(st['state'])} "
+        self.header.value = (f"<b>sweep {html.escape(sw.id)}</b> {badge(st['state'])} "
                              + ", ".join(f"{k.lower()} {v}" for k, v in sorted(counts.items()))
                              + f" of {sw.spec.trials}"
                              + (f'<div style="color:{COLORS["failed"]}">{html.escape(st["error"])}</div>'

@@ -10,7 +10,7 @@ from typing import Any
 
 import ipywidgets as w
 
-from ..display import _badge, runs_rows
+from ..display import badge, runs_rows
 from ..runs import RunStore
 from .dashboard import Dashboard
 
@@ -29,7 +29,7 @@ class _Row:
         self.cells = [self.open, self.state, self.progress, self.step, self.loss, self.started]
 
     def update(self, r: dict[str, Any]) -> None:
-        self.state.value = _badge(r["state"])
+        self.state.value = badge(r["state"])
         total = r["total"] or 0
         self.progress.value = min(1.0, r["step"] / total) if total else 0.0
         self.step.value = f"{r['step']}/{total or '?'}"

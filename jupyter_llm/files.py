@@ -1,0 +1,107 @@
+"""The run folder's file primitives: atomic JSON writes, single-write JSONL appends, tolerant
+readers, and the liveness test for a recorded process. The bottom layer: it imports nothing
+of this package, so every writer (kernel, CLI, supervisor, ranks) shares the same rules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so that readers see the old or the new file, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append one line with a single write (O_APPEND), so concurrent appenders never interleave."""
+    line = (json.dumps(record, default=str) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+    """Complete lines from byte `offset` on, and the offset after the last complete line.
+
+    A half-written last line (a writer mid-append) is left for the next read.
+    """
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    out = []
+    for raw in data[:end].splitlines():
+        if raw.strip():
+            try:
+                out.append(json.loads(raw))
+            except json.JSONDecodeError:
+                continue  # a torn line from a killed writer; skip it
+    return out, offset + end
+
+
+_tails: dict[str, tuple[int, int, list[dict[str, Any]]]] = {}  # path -> (inode, offset, lines)
+_tails_lock = threading.Lock()
+
+
+def appended_lines(path: Path) -> list[dict[str, Any]]:
+    """A JSONL file's lines, reading only what was appended since this process last read it
+    (the runs table, the sidebar's API and `%llm_runs` poll every run's metrics every few
+    seconds); a replaced or truncated file is read again from the start."""
+    key = str(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        with _tails_lock:
+            _tails.pop(key, None)
+        return []
+    with _tails_lock:
+        inode, offset, lines = _tails.get(key, (st.st_ino, 0, []))
+        if inode != st.st_ino or st.st_size < offset:
+            offset, lines = 0, []
+        if st.st_size > offset:
+            new, offset = read_jsonl(path, offset)
+            lines = lines + new
+        _tails[key] = (st.st_ino, offset, lines)
+        return list(lines)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def process_alive(pid: int | None, create_time: float | None = None) -> bool:
+    """Is `pid` running and (when given) the same process that was recorded?"""
+    if not pid:
+        return False
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        if p.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return create_time is None or abs(p.create_time() - create_time) < 1.0
+    except psutil.Error:
+        return False

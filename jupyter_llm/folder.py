@@ -1,0 +1,328 @@
+"""The run-folder model: a run's states, its folder's layout and a reading handle on it.
+
+The run folder is the only protocol between the kernel, the CLI, the supervisor and the
+ranks. This layer reads folders and writes new ones; starting jobs is the launcher's
+(`runs.Run` puts both behind one handle). It never imports torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import secrets
+import signal
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from .errors import RunNotFound, RunStateError
+from .files import (
+    append_jsonl,
+    appended_lines,
+    now_iso,
+    process_alive,
+    read_json,
+    read_jsonl,
+    write_json_atomic,
+)
+
+if TYPE_CHECKING:
+    from .spec import Spec
+
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+CKPT_MARKER = "COMPLETE"  # a checkpoint folder counts only once this file exists
+
+
+class State(str, Enum):
+    CREATED = "created"
+    STARTING = "starting"
+    RUNNING = "running"
+    RESUMING = "resuming"
+    STOPPING = "stopping"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (State.COMPLETED, State.FAILED, State.STOPPED)
+
+
+R = TypeVar("R", bound="RunFolder")
+
+
+# -- the store ----------------------------------------------------------------------------
+
+
+def default_root() -> Path:
+    """$JUPYTER_LLM_RUNS, else $JUPYTER_LLM_HOME/runs, else ./llm-runs."""
+    if runs := os.environ.get("JUPYTER_LLM_RUNS"):
+        return Path(runs).expanduser()
+    home = os.environ.get("JUPYTER_LLM_HOME")
+    return (Path(home).expanduser() / "runs") if home else Path.cwd() / "llm-runs"
+
+
+class FolderStore(Generic[R]):
+    """All runs under one root folder, as `run_class` handles (`runs.RunStore`: `runs.Run`)."""
+
+    run_class: type[R]
+
+    def __init__(self, root: str | os.PathLike[str] | None = None):
+        self.root = Path(root).expanduser().resolve() if root else default_root().resolve()
+
+    def create(self, spec: Spec, job: str = "train") -> R:
+        """A new run folder for `spec`; `job` is "train" or "prepare" (data preparation only)."""
+        from .spec import deepspeed_config
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        for _ in range(100):
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")[:-3]
+            run_id = f"{stamp}-{spec.name}-{secrets.token_hex(2)}"
+            path = self.root / run_id
+            try:
+                path.mkdir()
+                break
+            except FileExistsError:
+                continue
+        else:  # pragma: no cover - needs 100 collisions of 16 random bits in one ms
+            raise RuntimeError("could not allocate a unique run id")
+        (path / "logs").mkdir()
+        (path / "spec.yaml").write_text(spec.to_yaml(), encoding="utf-8")
+        write_json_atomic(path / "ds_config.json", deepspeed_config(spec, run_id))
+        run = self.run_class(path)
+        write_json_atomic(
+            path / "status.json",
+            {
+                "state": State.CREATED.value,
+                "run_id": run_id,
+                "name": spec.name,
+                "pid": None,
+                "created_at": now_iso(),
+                "started_at": None,
+                "ended_at": None,
+                "exit_code": None,
+                "error": None,
+                "job": job,
+            },
+        )
+        append_jsonl(path / "events.jsonl", {"time": now_iso(), "event": "created"})
+        return run
+
+    def list(self) -> list[R]:
+        if not self.root.is_dir():
+            return []
+        return [
+            self.run_class(p)
+            for p in sorted(self.root.iterdir())
+            if RUN_ID_RE.match(p.name) and (p / "status.json").is_file() and not p.is_symlink()
+        ]
+
+    def get(self, run_id: str | None = None) -> R:
+        """A run by id, unique id prefix, or name; the newest run when `run_id` is None."""
+        runs = self.list()
+        if run_id is None or run_id in ("latest", "last"):
+            if not runs:
+                raise RunNotFound(f"no runs under {self.root}; start one with `jupyter-llm train SPEC`")
+            return runs[-1]
+        if not RUN_ID_RE.match(run_id):
+            raise RunNotFound(f"{run_id!r} is not a run id (letters, digits, '.', '_', '-')")
+        exact = [r for r in runs if r.id == run_id]
+        if exact:
+            return exact[0]
+        matches = [r for r in runs if r.id.startswith(run_id)] or [r for r in runs if r.name == run_id]
+        if not matches:
+            raise RunNotFound(f"no run {run_id!r} under {self.root}; `jupyter-llm runs` lists them")
+        if len(matches) > 1 and not all(r.name == run_id for r in matches):
+            ids = ", ".join(r.id for r in matches[:5])
+            raise RunNotFound(f"{run_id!r} matches several runs ({ids}); give more of the id")
+        return matches[-1]
+
+
+# -- one run ------------------------------------------------------------------------------
+
+
+class RunFolder:
+    """A reading handle on one run folder (and its stop request). Cheap to create; every read
+    goes to disk. `runs.Run` adds what starts jobs: resume and evaluate."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self.id = self.path.name
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.id!r}, state={self.state!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunFolder) and other.path == self.path
+
+    def __hash__(self) -> int:
+        return hash(self.path)
+
+    # -- reading ------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return str((self.status_raw() or {}).get("name") or self.id)
+
+    @functools.cached_property
+    def spec(self) -> Spec:
+        """The run's spec (read once: only a resume onto other ranks rewrites spec.yaml)."""
+        from .spec import Spec
+
+        return Spec.from_yaml((self.path / "spec.yaml").read_text(encoding="utf-8"))
+
+    @property
+    def ds_config(self) -> dict[str, Any]:
+        return json.loads((self.path / "ds_config.json").read_text(encoding="utf-8"))
+
+    def status_raw(self) -> dict[str, Any] | None:
+        return read_json(self.path / "status.json")
+
+    def status(self) -> dict[str, Any]:
+        """status.json, with a dead supervisor of a live-looking run reported as failed.
+
+        Readers never write status.json (the supervisor owns it); a run whose supervisor
+        vanished (SIGKILL, machine reboot) shows state `failed` with `lost: true`.
+        """
+        st = self.status_raw()
+        if st is None:
+            raise RunNotFound(f"{self.path} is not a run folder (no status.json)")
+        state = State(st["state"])
+        lost = not state.terminal and state != State.CREATED
+        if lost and not process_alive(st.get("pid"), st.get("pid_create_time")):
+            st = {
+                **st,
+                "state": State.FAILED.value,
+                "lost": True,
+                "error": st.get("error") or f"supervisor (pid {st.get('pid')}) is gone",
+            }
+        return st
+
+    @property
+    def state(self) -> str:
+        return str(self.status()["state"])
+
+    @property
+    def done(self) -> bool:
+        return State(self.state).terminal
+
+    def metrics(self, dedupe: bool = True) -> list[dict[str, Any]]:
+        """Lines of metrics.jsonl. With `dedupe`, a step logged again after a resume keeps
+        only its newest line (train and eval lines separately)."""
+        lines = appended_lines(self.path / "metrics.jsonl")
+        if not dedupe:
+            return lines
+        keep: dict[tuple[int, bool], dict[str, Any]] = {}
+        for line in lines:
+            keep[(int(line.get("step", -1)), "val_loss" in line)] = line
+        return sorted(keep.values(), key=lambda m: (m.get("step", -1), "val_loss" in m))
+
+    def grad_norms(self) -> list[dict[str, Any]]:
+        """Per-layer gradient norms ({step, time, norms}) when `train.grad_norms_every` is set."""
+        return read_jsonl(self.path / "grads.jsonl")[0]
+
+    def events(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.path / "events.jsonl")[0]
+
+    def manifest(self) -> dict[str, Any] | None:
+        return read_json(self.path / "manifest.json")
+
+    def log_tail(self, n: int = 20, rank: int | None = None) -> list[str]:
+        """Last `n` lines of a rank's log, or of the launcher's log when `rank` is None."""
+        f = self.path / "logs" / ("launcher.log" if rank is None else f"rank{rank}.log")
+        try:
+            with open(f, "rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                size = fh.tell()
+                fh.seek(max(0, size - 64 * 1024 * max(1, n // 100)))
+                data = fh.read()
+        except FileNotFoundError:
+            return []
+        return data.decode("utf-8", "replace").splitlines()[-n:]
+
+    def logs(
+        self, n: int = 40, rank: int | None = None, follow: bool = False, poll: float = 0.5
+    ) -> Iterator[str]:
+        """The last `n` log lines; with `follow`, then every new line until the run ends."""
+        seen = self.log_tail(1_000_000, rank)
+        yield from seen[-n:] if n else []
+        while follow:
+            done = self.done
+            now = self.log_tail(1_000_000, rank)
+            yield from now[len(seen) :]
+            seen = now
+            if done:
+                return
+            time.sleep(poll)
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        ck = self.path / "checkpoints"
+        if not ck.is_dir():
+            return []
+        done = []
+        for p in ck.iterdir():
+            marker = read_json(p / CKPT_MARKER) if p.is_dir() else None
+            if marker and isinstance(marker.get("step"), int):
+                done.append((marker["step"], p))
+        return [p for _, p in sorted(done)]
+
+    @property
+    def final_model(self) -> Path | None:
+        f = self.path / "final"
+        return f if (f / "config.json").is_file() else None
+
+    def follow(self, poll: float = 0.5, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        """Yield metrics lines as they are appended, until the run ends."""
+        offset, deadline = 0, None if timeout is None else time.monotonic() + timeout
+        while True:
+            done = self.done
+            lines, offset = read_jsonl(self.path / "metrics.jsonl", offset)
+            yield from lines
+            if done or (deadline is not None and time.monotonic() > deadline):
+                return
+            time.sleep(poll)
+
+    # -- acting -------------------------------------------------------------------------
+
+    def wait(self, timeout: float | None = None, poll: float = 0.5) -> str:
+        """Block until the run ends; returns the final state. TimeoutError past `timeout` s."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            state = self.state
+            if State(state).terminal:
+                return state
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"run {self.id} still {state} after {timeout} s")
+            time.sleep(poll)
+
+    def stop(self, wait: bool = False, timeout: float | None = None) -> str:
+        """Ask the supervisor to stop the job: the ranks save a checkpoint and exit.
+
+        If they have not finished within the spec's `train.stop_grace_s`, the supervisor
+        escalates SIGINT → SIGTERM → SIGKILL on the job's own process group.
+        """
+        st = self.status()
+        state = State(st["state"])
+        if state.terminal:
+            return state.value
+        if state == State.CREATED:
+            raise RunStateError(f"run {self.id} was never started")
+        try:
+            os.kill(int(st["pid"]), signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        if wait:
+            return self.wait(timeout)
+        return self.state
+
+
+class RunFolders(FolderStore[RunFolder]):
+    """The store as the layers under `runs` see it: reading handles only."""
+
+    run_class = RunFolder

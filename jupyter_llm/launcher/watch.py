@@ -1,0 +1,115 @@
+"""What every supervisor (this machine's, a node's agent, the cluster side) knows about an
+attempt's ranks: their own records, the first one that died, why the job failed, the stop
+ladder's waits, and the processes an earlier attempt left behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from ..files import process_alive, read_json
+
+SIGINT_WAIT_S = 10.0  # after SIGINT, before SIGTERM
+SIGTERM_WAIT_S = 5.0  # after SIGTERM, before SIGKILL
+
+
+def diagnose(
+    run_dir: Path, attempt: int, rc: int, first_dead: dict[str, Any] | None, log_lines: list[str]
+) -> str:
+    """Name the rank that failed first and why.
+
+    When one rank dies the others fail too (a broken collective, or the launcher's
+    SIGTERM); those are collateral. The cause is, in order: a rank's own exception; a
+    rank that vanished without a record (SIGKILL, OOM killer, segfault); a
+    communication error; the launcher's exit code. `log_lines`: the launcher's output.
+    """
+    ranks = rank_records(run_dir, attempt)
+    fails = {}
+    for f in (run_dir / "failures").glob("rank*.json"):
+        info = read_json(f)
+        if info and info.get("attempt") == attempt:
+            fails[info["rank"]] = info
+    codes = [ln for ln in log_lines if "exits with return code" in ln]
+    code = codes[-1].rsplit("=", 1)[-1].strip() if codes else None
+    how = f" (exit code {code})" if code else ""
+    if code and code.lstrip("-").isdigit() and int(code) < 0:
+        how = f" (killed by {signal.Signals(-int(code)).name})"
+
+    own = [f for f in fails.values() if not _collateral(f)]
+    if own:
+        first = min(own, key=lambda x: x["time"])
+        return f"rank {first['rank']} failed: {first['type']}: {first['message']}".strip()
+    vanished = [r for r in ranks.values() if r["rank"] not in fails]
+    if vanished:
+        if first_dead is not None and first_dead["rank"] not in fails:
+            r = first_dead
+        else:
+            r = min(vanished, key=lambda x: x["rank"])
+        return f"rank {r['rank']} (pid {r['pid']}) died without an error{how}; the others were stopped"
+    if fails:
+        first = min(fails.values(), key=lambda x: x["time"])
+        return f"rank {first['rank']} failed: {first['type']}: {first['message']}".strip()
+    return f"the DeepSpeed launcher exited with code {rc}{how}; see logs/"
+
+
+def rank_records(run_dir: Path, attempt: int) -> dict[int, dict[str, Any]]:
+    """The ranks' own records of this attempt (ranks/rank*.json, on this machine), by rank."""
+    out = {}
+    for f in (run_dir / "ranks").glob("rank*.json"):
+        info = read_json(f)
+        if info and info.get("attempt") == attempt:
+            out[info["rank"]] = info
+    return out
+
+
+def first_dead_rank(
+    run_dir: Path, attempt: int, records: dict[int, dict[str, Any]] | None = None
+) -> dict[str, Any] | None:
+    """The first rank of this attempt (on this machine) whose process is gone, if any, other
+    than ranks that finished; `records`: rank_records() when the caller has read them."""
+    for _, info in sorted((rank_records(run_dir, attempt) if records is None else records).items()):
+        if not info.get("done") and not process_alive(info["pid"], info.get("create_time")):
+            return {**info, "seen_at": time.time()}
+    return None
+
+
+def ranks_done(records: dict[int, dict[str, Any]], ranks: int) -> bool:
+    """Every rank 0..ranks-1 recorded that it finished, and its process is gone."""
+    return all(
+        r in records
+        and records[r].get("done")
+        and not process_alive(records[r]["pid"], records[r].get("create_time"))
+        for r in range(ranks)
+    )
+
+
+def _collateral(failure: dict[str, Any]) -> bool:
+    """A rank's failure that is a consequence of another rank's: lost peer, or terminated."""
+    if failure["type"] in ("Terminated", "KeyboardInterrupt", "DistBackendError"):
+        return True
+    msg = failure["message"].lower()
+    return any(k in msg for k in ("connection reset", "connection closed", "gloo", "nccl", "broken pipe"))
+
+
+def reap_orphans(run_id: str) -> list[int]:
+    """Kill processes of earlier attempts of this run, found by the job tag in their
+    environment (set by local.job_env), never by name pattern; returns their pids."""
+    import psutil
+
+    mine = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            tag = p.environ().get("JUPYTER_LLM_JOB", "")
+        except (psutil.Error, OSError):
+            continue
+        if tag.startswith(f"{run_id}:") and p.pid != os.getpid():
+            mine.append(p)
+    for p in mine:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(mine, timeout=10)
+    return [p.pid for p in mine]

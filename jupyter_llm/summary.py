@@ -1,0 +1,95 @@
+"""Runs in words: progress, ETA and the few-line text summary, from the run folder alone.
+The notebook's HTML (`display`) and the live widgets build on these."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .files import read_json
+from .folder import RunFolder, State
+
+
+def progress(run: RunFolder) -> dict[str, Any]:
+    """Step, total, fraction, ETA (s) and the latest metrics, from the folder alone."""
+    st = run.status()
+    metrics = run.metrics()
+    train = [m for m in metrics if "loss" in m]
+    val = [m for m in metrics if "val_loss" in m]
+    try:
+        total = run.spec.train.max_steps
+    except Exception:
+        total = None
+    step = train[-1]["step"] if train else 0
+    eta = None
+    if total and len(train) >= 2 and not State(st["state"]).terminal:
+        a, b = train[max(0, len(train) - 5)], train[-1]
+        if b["step"] > a["step"] and "time" in a and "time" in b:
+            eta = (b["time"] - a["time"]) / (b["step"] - a["step"]) * (total - step)
+    return {
+        "state": st["state"],
+        "step": step,
+        "total": total,
+        "fraction": min(1.0, step / total) if total else 0.0,
+        "eta_s": eta,
+        "last": train[-1] if train else {},
+        "last_val": val[-1] if val else {},
+        "error": st.get("error"),
+        "n_metrics": len(metrics),
+    }
+
+
+def fmt_duration(s: float | None) -> str:
+    """Seconds as 1m05s or 2h03m; empty for None."""
+    if s is None:
+        return ""
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def prepare_progress(run: RunFolder) -> dict[str, Any]:
+    """A prepare job's state, progress (input bytes read) and, once ready, its data stats."""
+    st = run.status()
+    prog = read_json(run.path / "progress.json") or {}
+    ready = next((e for e in reversed(run.events()) if e.get("event") == "data_ready"), None)
+    index = read_json(Path(ready["path"]) / "index.json") if ready else None
+    total = prog.get("bytes_total") or 0
+    frac = 1.0 if ready else (min(1.0, prog.get("bytes_done", 0) / total) if total else 0.0)
+    return {"state": st["state"], "phase": prog.get("phase", "starting"), "fraction": frac,
+            "tokens": prog.get("tokens", 0), "ready": ready, "index": index, "error": st.get("error")}  # fmt: skip
+
+
+def stats_rows(ready: dict[str, Any]) -> list[tuple[str, Any]]:
+    rows = [("cached", ready["cached"]), ("train tokens", ready["tokens"]["train"]["tokens"]),
+            ("validation tokens", ready["tokens"]["val"]["tokens"])]  # fmt: skip
+    for k in ("documents_read", "documents", "dropped_length", "duplicates", "dropped_transform"):
+        if k in ready:
+            rows.append((k.replace("_", " "), ready[k]))
+    return rows
+
+
+def prepare_text(run: RunFolder) -> str:
+    p = prepare_progress(run)
+    text = f"{run.id} (prepare): {p['state']}, {p['phase']} {int(100 * p['fraction'])}%"
+    if p["ready"]:
+        text += "; " + ", ".join(f"{k} {v}" for k, v in stats_rows(p["ready"]))
+    if p["error"]:
+        text += f"\n  error: {p['error']}"
+    return text + f"\n  folder: {run.path}"
+
+
+def run_text(run: RunFolder) -> str:
+    if run.status().get("job") == "prepare":
+        return prepare_text(run)
+    p = progress(run)
+    parts = [f"{run.id}: {p['state']}, step {p['step']}/{p['total'] or '?'}"]
+    if p["last"].get("loss") is not None:
+        parts.append(f"loss {p['last']['loss']:.4f}")
+    if p["last_val"].get("val_loss") is not None:
+        parts.append(f"val_loss {p['last_val']['val_loss']:.4f}")
+    if p["eta_s"] is not None:
+        parts.append(f"ETA {fmt_duration(p['eta_s'])}")
+    text = ", ".join(parts)
+    if p["error"]:
+        text += f"\n  error: {p['error']}"
+    return text + f"\n  folder: {run.path}"
