@@ -73,10 +73,11 @@ aio: venv
 
 test: venv lint chromium nodes aio
 	# notebooks write their runs to a temporary runs root, not into the repo
-	JUPYTER_LLM_HOME=$$(mktemp -d) $(VENV)/bin/pytest -p no:cacheprovider -ra tests notebooks --nbval-lax
+	JUPYTER_LLM_HOME=$$(mktemp -d) $(VENV)/bin/pytest -p no:cacheprovider -ra --durations=25 tests notebooks --nbval-lax
 
+# the tiers: -m selects by resource (deepspeed, browser, sshd, slurm, packaging, notebooks)
 test-fast: venv
-	$(VENV)/bin/pytest -p no:cacheprovider -m "not deepspeed and not browser" -q tests
+	$(VENV)/bin/pytest -p no:cacheprovider -m "not deepspeed and not browser and not sshd and not slurm and not packaging" -q tests
 
 bench: venv
 	$(PY) bench/overhead.py

@@ -15,10 +15,20 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .errors import RunStateError, UserError
-from .files import append_jsonl, now_iso, read_json, read_jsonl, write_json_atomic
+from .files import append_jsonl, now_iso, write_json_atomic
 from .folder import CKPT_MARKER, RUN_ID_RE, FolderStore, RunFolder, State, default_root
 
-__all__ = ["CKPT_MARKER", "RESUME_KEYS", "RUN_ID_RE", "Run", "RunStore", "State", "default_root", "launch", "prepare"]
+__all__ = [
+    "CKPT_MARKER",
+    "RESUME_KEYS",
+    "RUN_ID_RE",
+    "Run",
+    "RunStore",
+    "State",
+    "default_root",
+    "launch",
+    "prepare",
+]
 
 # what a resume may change (Run.resume): where the run runs, not what it trains
 RESUME_KEYS = ("distributed.procs_per_node", "distributed.nodes", "distributed.tensor_parallel",

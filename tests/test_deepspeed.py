@@ -12,29 +12,18 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from conftest import minilm_path, tiny_spec
+from conftest import minilm_path, tiny_spec, wait_for
 from jupyter_llm import launch
 from jupyter_llm.launcher.local import group_running
 from jupyter_llm.runs import CKPT_MARKER, Run
 
 pytestmark = pytest.mark.deepspeed
-
-
-def wait_for(cond: Callable[[], Any], timeout: float = 300, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def finished(run: Run, timeout: float = 600) -> dict[str, Any]:

@@ -6,13 +6,12 @@ import json
 import math
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import CORPUS, tiny_spec
+from conftest import CORPUS, tiny_spec, wait_for
 from jupyter_llm import launch
 from jupyter_llm.cli import main as cli
 from jupyter_llm.errors import RunStateError, SpecError, UserError
@@ -39,12 +38,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Run:
 
 
 def auto_evaluation(run: Run) -> Evaluation:
-    deadline = time.monotonic() + 60
-    while (
-        not (ev := [e for e in run.events() if e["event"] == "eval_started"]) and time.monotonic() < deadline
-    ):
-        time.sleep(0.2)
-    assert ev, run.events()
+    ev = wait_for(lambda: [e for e in run.events() if e["event"] == "eval_started"], 60, "eval_started")
     return Evaluation(run.path / "evals" / ev[0]["eval_id"])
 
 
@@ -185,13 +179,9 @@ def test_cli_magic_sampling_and_comparison(trained: Run, ip: Any, monkeypatch: p
 @pytest.mark.deepspeed
 def test_killed_evaluation_is_reported_lost(trained: Run) -> None:
     ev = trained.evaluate(prompts=["x"] * 200, max_new_tokens=200)
-    deadline = time.monotonic() + 120
-    while ev.state != "running" and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for(lambda: ev.state == "running", 120, "the evaluation to run")
     os.kill(ev.status()["pid"], signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while ev.state != "failed" and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for(lambda: ev.state == "failed", 30, "the killed evaluation to read as failed")
     st = ev.status()
     assert st["state"] == "failed" and st["lost"] and "is gone" in st["error"]
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from jupyter_client.manager import KernelManager
 
-from conftest import tiny_spec
+from conftest import tiny_spec, wait_for
 from jupyter_llm.runs import RunStore
 
 pytestmark = pytest.mark.deepspeed
@@ -83,9 +83,7 @@ def test_launch_restart_reattach(corpus: Path, tmp_path: Path) -> None:
                 updated |= set(m["content"]["data"]["state"])
         assert {"value", "x"} <= updated, updated  # the progress bar moved and a curve gained points
         # wait until training is under way, then restart the kernel (SIGKILL of its process group)
-        deadline = time.monotonic() + 300
-        while not any("loss" in m for m in run.metrics()) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_for(lambda: any("loss" in m for m in run.metrics()), 300, "a training step")
         assert run.state == "running"
         km.restart_kernel(now=True)
         kc.wait_for_ready(timeout=60)

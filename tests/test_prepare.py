@@ -17,7 +17,7 @@ import yaml
 from IPython.core.error import UsageError
 
 import jupyter_llm
-from conftest import tiny_spec
+from conftest import tiny_spec, wait_for
 from jupyter_llm.runs import RunStore
 
 
@@ -80,10 +80,7 @@ def test_prepare_stopped_midway_leaves_no_valid_data(corpus: Path, monkeypatch: 
     spec = tiny_spec(corpus)
     run = jupyter_llm.prepare(spec)
     cache = run.path.parent / ".cache" / "data"
-    deadline = time.monotonic() + 60
-    while not any(cache.glob(".*.tmp-*/train.bin")) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert any(cache.glob(".*.tmp-*/train.bin")), run.logs()
+    wait_for(lambda: any(cache.glob(".*.tmp-*/train.bin")), 60, "the packing to start")
     assert run.stop(wait=True, timeout=60) == "stopped"
     assert list(cache.iterdir()) == []  # nothing that looks valid, no leftovers
     monkeypatch.delenv("JUPYTER_LLM_FAULT")

@@ -24,7 +24,7 @@ import pytest
 import yaml
 from sshd import Sshd, require, start_sshd
 
-from conftest import tiny_spec
+from conftest import tiny_spec, wait_for
 from jupyter_llm import launch
 from jupyter_llm.cluster import Cluster, Host, resolve
 from jupyter_llm.errors import SpecError, UserError
@@ -126,6 +126,26 @@ def test_slurm_script_follows_the_spec(tmp_path: Path) -> None:
     assert 20000 <= slurm.port_for(run_dir.name) < 30000
 
 
+def test_a_silent_slurm_controller_times_out_with_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """squeue, scontrol, sacct and scancel hanging (a hung controller) cannot hang the
+    supervisor: each call ends after CTL_TIMEOUT_S; the watch reads it as "ask again later"."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in ("squeue", "scontrol", "sacct", "scancel"):
+        (bindir / tool).write_text("#!/bin/sh\nexec sleep 30\n")
+        (bindir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    monkeypatch.setattr(slurm, "CTL_TIMEOUT_S", 0.5)
+    t0 = time.monotonic()
+    assert slurm.job_state("42") == slurm.UNREACHABLE
+    assert slurm.final_state("42") == (None, 1)
+    with pytest.raises(slurm.SlurmTimeout, match=r"scancel did not answer within 0.5 s.*scontrol ping"):
+        slurm.ctl(slurm.cancel_argv("42"))
+    assert time.monotonic() - t0 < 10
+
+
 def test_pdsh_command(tmp_path: Path) -> None:
     c = Cluster.model_validate({"hosts": ["127.0.0.2:2222", "127.0.0.3:2222"], "launcher": "pdsh", "shared_fs": True,
                                 "ssh": {"known_hosts": "/k"}})  # fmt: skip
@@ -162,15 +182,6 @@ def _job_procs(run: Run) -> list[psutil.Process]:
         except (psutil.Error, OSError):
             continue
     return out
-
-
-def _wait(cond: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if v := cond():
-            return v
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def test_preflight_fails_closed(sshd: Sshd, corpus: Path, tmp_path: Path) -> None:
@@ -300,7 +311,7 @@ def test_two_nodes_zero2_via_cluster_file(sshd: Sshd, corpus: Path, tmp_path: Pa
     assert out.returncode == 0, out.stderr
     run = Run(next(p for p in (home / "runs").iterdir() if p.is_dir() and not p.name.startswith(".")))
     # metrics arrive here while the job runs on the nodes
-    seen = _wait(
+    seen = wait_for(
         lambda: (
             (run.state == "running" and [m for m in run.metrics() if "loss" in m]) or run.status()["error"]
         ),
@@ -352,7 +363,7 @@ def test_killed_rank_on_one_node_stops_the_job(sshd: Sshd, corpus: Path) -> None
     }
     assert run.spec.distributed.zero_stage == 0
     info = run.path / "ranks" / "rank1.json"
-    _wait(lambda: info.is_file() and [m for m in run.metrics() if "loss" in m], 300, "rank 1 training")
+    wait_for(lambda: info.is_file() and [m for m in run.metrics() if "loss" in m], 300, "rank 1 training")
     pid = json.loads(info.read_text())["pid"]
     os.kill(pid, signal.SIGKILL)
     t0 = time.monotonic()
@@ -361,7 +372,7 @@ def test_killed_rank_on_one_node_stops_the_job(sshd: Sshd, corpus: Path) -> None
     err = run.status()["error"]
     assert f"node 1 (127.0.0.3:{sshd.port})" in err and f"rank 1 (pid {pid})" in err, err
     assert took < 30, took
-    _wait(lambda: not _job_procs(run), 15, "no process of the job left")
+    wait_for(lambda: not _job_procs(run), 15, "no process of the job left")
 
 
 @pytest.mark.deepspeed
@@ -374,7 +385,7 @@ def test_stop_from_the_notebook_leaves_nothing_on_the_nodes(
     body = tiny_spec(corpus, distributed={"nodes": nodes, "procs_per_node": 1, "zero_stage": 3},
                      train={"max_steps": 100000, "save_every": 0, "log_every": 5})  # fmt: skip
     run = launch(body)
-    _wait(lambda: [m for m in run.metrics() if "loss" in m], 300, "training")
+    wait_for(lambda: [m for m in run.metrics() if "loss" in m], 300, "training")
     # the variable reached the rank on node 1 verbatim (it travelled over the agent's stdin)
     rank1 = json.loads((Path(work[1]) / run.id / "ranks" / "rank1.json").read_text())
     assert psutil.Process(rank1["pid"]).environ()["JLLM_NASTY"] == NASTY
@@ -387,15 +398,15 @@ def test_stop_from_the_notebook_leaves_nothing_on_the_nodes(
     assert "stopped_at" in ev, ev
     step = next(e["step"] for e in reversed(run.events()) if e["event"] == "stopped_at")
     assert (run.path / "checkpoints" / f"step{step:08d}" / CKPT_MARKER).is_file()  # came back whole
-    _wait(lambda: not _job_procs(run), 15, "no process of the job left")
+    wait_for(lambda: not _job_procs(run), 15, "no process of the job left")
     for a in agents:
         assert not psutil.pid_exists(a["agent_pid"]) and not psutil.pid_exists(a["job_pgid"])
     # and it resumes on the nodes from that checkpoint
     run.resume()
-    _wait(lambda: any(e["event"] == "resumed_from" for e in run.events()), 300, "resumed")
+    wait_for(lambda: any(e["event"] == "resumed_from" for e in run.events()), 300, "resumed")
     assert next(e["step"] for e in run.events() if e["event"] == "resumed_from") == step
     run.stop(wait=True, timeout=120)
-    _wait(lambda: not _job_procs(run), 15, "no process of the job left")
+    wait_for(lambda: not _job_procs(run), 15, "no process of the job left")
 
 
 @pytest.mark.deepspeed
@@ -456,18 +467,18 @@ def test_slurm_stop_checkpoints_then_scancel_ends_a_stuck_job(
         train = {"max_steps": 100000, "save_every": 0, "log_every": 2, "eval_every": 0}
         run = launch(tiny_spec(corpus, name="slurm-stop", distributed={"nodes": nodes(), "procs_per_node": 2},
                                train=train))  # fmt: skip
-        _wait(lambda: [m for m in run.metrics() if "loss" in m], 300, "training under Slurm")
+        wait_for(lambda: [m for m in run.metrics() if "loss" in m], 300, "training under Slurm")
         run.stop()
         assert run.wait(120) == "stopped", (run.status(), run.log_tail(40))
         ev = {e["event"]: e for e in run.events()}
         assert ev["slurm_finished"]["state"] == "COMPLETED" and "signal" not in ev  # it ended on its own
         step = ev["stopped_at"]["step"]
         assert (run.path / "checkpoints" / f"step{step:08d}" / CKPT_MARKER).is_file()
-        _wait(lambda: not _job_procs(run), 15, "no process of the job left")
+        wait_for(lambda: not _job_procs(run), 15, "no process of the job left")
         # rank 0 stalls before step 3 (fault injection) and never reads the stop file: scancel
         stuck = launch(tiny_spec(corpus, name="slurm-stuck", train={**train, "stop_grace_s": 5},
                                  distributed={"nodes": nodes(JUPYTER_LLM_FAULT="hang_at_step:3"), "procs_per_node": 2}))  # fmt: skip
-        _wait(lambda: [m for m in stuck.metrics() if m.get("step") == 2], 300, "step 2 under Slurm")
+        wait_for(lambda: [m for m in stuck.metrics() if m.get("step") == 2], 300, "step 2 under Slurm")
         t0 = time.monotonic()
         stuck.stop()
         assert stuck.wait(120) == "stopped", (stuck.status(), stuck.log_tail(40))
@@ -475,7 +486,7 @@ def test_slurm_stop_checkpoints_then_scancel_ends_a_stuck_job(
         assert ev["signal"]["signal"] == "scancel" and ev["slurm_finished"]["state"] == "CANCELLED", ev
         assert "stopped_at" not in ev and 5 <= time.monotonic() - t0 < 60
         assert stuck.status()["error"].startswith("stopped without a final checkpoint")
-        _wait(lambda: not _job_procs(stuck), 30, "no process of the stuck job left")
+        wait_for(lambda: not _job_procs(stuck), 30, "no process of the stuck job left")
     finally:
         cluster.stop()
 

@@ -47,7 +47,13 @@ def test_ids_sortable_and_unique(spec: Spec) -> None:
     assert [r.id for r in runs] == sorted(r.id for r in runs)  # creation order == sort order
     assert store.list() == runs
     assert store.get() == runs[-1]  # newest by default
-    assert store.get(runs[3].id[:-1]) == runs[3] or True  # prefix (may be ambiguous in one ms)
+    others = [r.id for r in runs if r != runs[3]]
+    unique = next(
+        runs[3].id[:n] for n in range(1, 99) if not any(o.startswith(runs[3].id[:n]) for o in others)
+    )
+    assert store.get(unique) == runs[3]  # the shortest unique prefix
+    with pytest.raises(RunNotFound, match="matches several runs"):
+        store.get(runs[3].id[:8])  # the date alone: every run
     assert store.get(runs[3].id) == runs[3]
 
 

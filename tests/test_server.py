@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import requests
 import yaml
 from browser import JupyterLab
 
-from conftest import REPO, tiny_spec
+from conftest import REPO, tiny_spec, wait_for
 from jupyter_llm.files import append_jsonl
 from jupyter_llm.runs import Run, RunStore
 from jupyter_llm.server.handlers import ROUTES
@@ -173,18 +172,14 @@ def test_launch_stop_resume_through_the_api(server: tuple[JupyterLab, RunStore],
     assert r.status_code == 201, r.text
     run = store.get(r.json()["run_id"])
     assert run.spec.train.max_steps == 300
-    deadline = time.monotonic() + 300
-    while not any("loss" in m for m in run.metrics()) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_for(lambda: any("loss" in m for m in run.metrics()), 300, "a training step")
     r = call(lab, "POST", f"/runs/{run.id}/stop")
     assert r.status_code == 200 and r.json()["run_id"] == run.id
     assert run.wait(300) == "stopped"
     steps_at_stop = max(m["step"] for m in run.metrics())
     r = call(lab, "POST", f"/runs/{run.id}/resume")
     assert r.status_code == 200 and r.json()["state"] in ("resuming", "running", "starting")
-    deadline = time.monotonic() + 300
-    while max(m["step"] for m in run.metrics()) <= steps_at_stop and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert max(m["step"] for m in run.metrics()) > steps_at_stop  # it trains again, from its checkpoint
+    # it trains again, from its checkpoint
+    wait_for(lambda: max(m["step"] for m in run.metrics()) > steps_at_stop, 300, "a step after the resume")
     run.stop()
     assert run.wait(300) == "stopped"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import psutil
 import pytest
 import yaml
 
-from conftest import tiny_spec
+from conftest import tiny_spec, wait_for
 from jupyter_llm.cli import main as cli
 from jupyter_llm.errors import SpecError
 from jupyter_llm.files import process_alive, read_json, write_json_atomic
@@ -38,10 +37,7 @@ def base(corpus: Path, **sections: Any) -> dict[str, Any]:
 
 def gone(procs: list[tuple[Any, Any]], timeout: float = 20) -> None:
     """These processes end (a job writes its final state just before it exits)."""
-    deadline = time.monotonic() + timeout
-    while (alive := [p for p in procs if process_alive(*p)]) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not alive, alive
+    wait_for(lambda: not [p for p in procs if process_alive(*p)], timeout, f"{procs} to end")
 
 
 def problems(source: Any) -> str:
@@ -126,15 +122,13 @@ def test_real_sweep_prunes_fails_resumes_and_cleans_up(corpus: Path, ip: Any, mo
         return {t["number"]: t["state"] for t in sw.trials()}
 
     # kill the controller once two trials have finished; the trial runs go on without it
-    deadline = time.monotonic() + 600
-    while sum(s == "COMPLETE" for s in trial_states().values()) < 2 and time.monotonic() < deadline:
-        time.sleep(0.5)
+    wait_for(
+        lambda: sum(s == "COMPLETE" for s in trial_states().values()) >= 2, 600, "two complete trials", 0.5
+    )
     before = {t["number"]: t["value"] for t in sw.trials() if t["state"] == "COMPLETE"}
     assert len(before) >= 2, sw.trials()
     os.kill(sw.status()["pid"], signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while not sw.status().get("lost") and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for(lambda: sw.status().get("lost"), 10, "the killed controller to read as lost")
     assert sw.state == "failed" and sw.status()["lost"]
     sw.resume()
     assert sw.wait(900) == "completed", sw.summary() + (sw.path / "controller.log").read_text()[-3000:]
@@ -181,7 +175,6 @@ def test_real_sweep_prunes_fails_resumes_and_cleans_up(corpus: Path, ip: Any, mo
     assert run.spec.model.config["n_head"] == best["params"]["model.config.n_head"]
     assert run.wait(600) == "completed"
     view.close()
-    assert sweep  # the public entry point is the same function the magic uses
 
 
 @pytest.mark.deepspeed

@@ -10,7 +10,7 @@ from typing import Any
 import ipywidgets as w
 import pytest
 
-from conftest import tiny_spec
+from conftest import tiny_spec, wait_for
 from jupyter_llm.files import append_jsonl, read_json, write_json_atomic
 from jupyter_llm.runs import Run, RunStore
 from jupyter_llm.spec import Spec
@@ -47,12 +47,7 @@ def set_state(run: Run, state: str) -> None:
 
 
 def until(cond: Any, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := cond():
-            return value
-        time.sleep(0.02)
-    raise AssertionError("condition not reached")
+    return wait_for(cond, timeout, "the widget to update", poll=0.02)
 
 
 # -- the form -----------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from .local import job_env, rank_env
 if TYPE_CHECKING:
     from .supervisor import Supervisor
 
+SLURM_UNREACHABLE_S = 300.0  # squeue silent this long: the job is cancelled and the run fails
 KILL_WAIT_S = 10.0  # after fail-fast KILL, before the ssh connections are cut
 SSHD_PATH = ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]  # sshd's default
 PDSH_SAFE = re.compile(r"[\w@%+=:,./-]+")  # what DeepSpeed's pdsh runner leaves unquoted
@@ -306,7 +307,12 @@ class MultiNode:
         cmd = commands(self.spec, c, self.dir, port, nodes, attempt=self.attempt)[0]
         path = Path(cmd.argv[-1])
         path.write_text(cmd.script or "")
-        out = subprocess.run(cmd.argv, capture_output=True, text=True, cwd=self.dir)
+        try:
+            out = subprocess.run(cmd.argv, capture_output=True, text=True, cwd=self.dir,
+                                 timeout=slurm.CTL_TIMEOUT_S, stdin=subprocess.DEVNULL)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return sup._fail(f"sbatch did not answer within {slurm.CTL_TIMEOUT_S:g} s: is the Slurm "
+                             "controller reachable (`scontrol ping`)? Nothing was submitted that we know of")  # fmt: skip
         if out.returncode != 0:
             return sup._fail(f"sbatch refused the job: {(out.stderr or out.stdout).strip()[-500:]}")
         job_id = slurm.parse_job_id(out.stdout)
@@ -315,7 +321,18 @@ class MultiNode:
                        world_size=sum(n.slots for n in nodes))  # fmt: skip
         grace = self.spec.train.stop_grace_s
         cancelled = False
-        while (state := slurm.job_state(job_id)) in slurm.ACTIVE:
+        unreachable_since: float | None = None
+        while (state := slurm.job_state(job_id)) in slurm.ACTIVE | {slurm.UNREACHABLE}:
+            if state != slurm.UNREACHABLE:
+                unreachable_since = None
+            elif unreachable_since is None:
+                unreachable_since = time.monotonic()
+                sup.event("slurm_unreachable", slurm_job=job_id)
+            elif time.monotonic() - unreachable_since > SLURM_UNREACHABLE_S:
+                with contextlib.suppress(slurm.SlurmTimeout):
+                    slurm.ctl(slurm.cancel_argv(job_id))
+                return sup._fail(f"squeue did not answer for {SLURM_UNREACHABLE_S:g} s: Slurm job {job_id} "
+                                 "was asked to cancel; check the controller (`scontrol ping`), then resume")  # fmt: skip
             time.sleep(2.0)
             sup._handle_stop()  # shared filesystem: the ranks see the stop file
             if (
@@ -325,7 +342,10 @@ class MultiNode:
             ):
                 cancelled = True
                 sup.event("signal", signal="scancel")
-                subprocess.run(slurm.cancel_argv(job_id), capture_output=True)
+                try:
+                    slurm.ctl(slurm.cancel_argv(job_id))
+                except slurm.SlurmTimeout as e:
+                    sup.event("scancel_failed", reason=str(e))
         final_state, rc = slurm.final_state(job_id)
         sup.event("slurm_finished", slurm_job=job_id, state=final_state or state, exit_code=rc)
         if final_state == "COMPLETED" or sup.stop_signal is not None:

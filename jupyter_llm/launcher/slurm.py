@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from ..spec import Spec
     from .remote import Node
 
+CTL_TIMEOUT_S = 30.0  # sbatch, squeue, scontrol, sacct, scancel: a hung controller must not hang us
+UNREACHABLE = "UNREACHABLE"  # job_state() when squeue did not answer in time: ask again later
 ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING", "STAGE_OUT"}
 
 
@@ -111,9 +113,29 @@ def accounting_argv(job_id: str) -> list[str]:
     return ["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State,ExitCode"]
 
 
+class SlurmTimeout(RuntimeError):
+    """A Slurm command did not answer within CTL_TIMEOUT_S."""
+
+
+def ctl(argv: list[str], timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+    """Run one Slurm client command with a timeout (CTL_TIMEOUT_S); SlurmTimeout names it and
+    what to check."""
+    timeout = timeout or CTL_TIMEOUT_S
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise SlurmTimeout(
+            f"{argv[0]} did not answer within {timeout:g} s: is the Slurm controller reachable (`scontrol ping`)?"
+        ) from None
+
+
 def job_state(job_id: str) -> str | None:
-    """The job's state while squeue lists it; None once it left the queue."""
-    out = subprocess.run(state_argv(job_id), capture_output=True, text=True)
+    """The job's state while squeue lists it; None once it left the queue; UNREACHABLE when
+    squeue did not answer in time."""
+    try:
+        out = ctl(state_argv(job_id))
+    except SlurmTimeout:
+        return UNREACHABLE
     state = out.stdout.strip().split("\n")[0].strip() if out.returncode == 0 else ""
     return state or None
 
@@ -125,12 +147,18 @@ def show_argv(job_id: str) -> list[str]:
 def final_state(job_id: str) -> tuple[str | None, int]:
     """(State, exit code), e.g. ("COMPLETED", 0) or ("FAILED", 1): from the controller while
     it remembers the job (MinJobAge), else from accounting."""
-    out = subprocess.run(show_argv(job_id), capture_output=True, text=True)
+    try:
+        out = ctl(show_argv(job_id))
+    except SlurmTimeout:
+        out = subprocess.CompletedProcess([], 1, "", "")
     fields = dict(f.split("=", 1) for f in out.stdout.split() if "=" in f) if out.returncode == 0 else {}
     if "JobState" in fields:
         code = fields.get("ExitCode", "1:0").split(":")[0]
         return fields["JobState"], int(code) if code.isdigit() else 1
-    out = subprocess.run(accounting_argv(job_id), capture_output=True, text=True)
+    try:
+        out = ctl(accounting_argv(job_id))
+    except SlurmTimeout:
+        return None, 1
     for line in out.stdout.splitlines():
         parts = line.strip().split("|")
         if len(parts) >= 2:
