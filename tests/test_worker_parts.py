@@ -489,6 +489,31 @@ def test_cleaning_steps_and_stats(tmp_path: Path) -> None:
     assert text.count("keep this one") == 1 and "tiny" not in text and "aaaa" not in text
 
 
+def test_one_cleaning_path_for_text_and_pairs() -> None:
+    """Text documents and prompt/response pairs go through the same rules (data.clean): the
+    same texts, once as documents and once as responses, are kept and dropped alike."""
+    from collections import Counter
+
+    from jupyter_llm.spec import CleanSpec
+    from jupyter_llm.train.data import Cleaner
+
+    texts = ["\ufb01ne caf\u00e9", "\ufb01ne caf\u00e9", "tiny", "", "a" * 500, "keep this one"]
+    clean = CleanSpec(normalize="NFKC", min_chars=0, max_chars=100, dedup=True)
+    outcomes = []
+    for wrap in (lambda t: [t], lambda t: ["", t]):  # a document; a pair with an empty prompt
+        stats: Counter[str] = Counter()
+        cleaner = Cleaner(clean, stats)
+        kept = []
+        for t in texts:
+            parts = [cleaner.text(p) for p in wrap(t)]
+            if cleaner.keep(sum(map(len, parts)), "|".join(parts).encode()):
+                kept.append(parts[-1])
+        outcomes.append((kept, dict(stats)))
+    assert outcomes[0] == outcomes[1]
+    # min_chars 0 still drops the empty document; NFKC folded the ligature before the hash
+    assert outcomes[0] == (["fine café", "tiny", "keep this one"], {"duplicates": 1, "dropped_length": 2})
+
+
 def test_pairs_pack_with_a_response_only_loss_mask(tmp_path: Path) -> None:
     """Prompt/response pairs: tokens are prompt + response + EOS; the mask beside them is 0 on
     prompts and 1 on responses (and their EOS), through the validation split and the worker's

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..hashing import content_sha256
-from ..spec import Spec
+from ..spec import CleanSpec, Spec
 from . import bpe
 
 CAUSAL_SPECIALS = {"eos_token": "<|endoftext|>", "unk_token": "<unk>"}
@@ -193,20 +193,46 @@ FORMAT = 3  # bump when the layout of prepared data changes: old cache entries s
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
+class Cleaner:
+    """`data.clean`, the one set of rules for every kind of document (a text file, a JSONL or
+    Parquet record, a prompt/response pair, a chat): normalise, strip control characters, drop
+    what is too short or too long (an empty document always), drop exact duplicates; counts
+    why each dropped document went into `stats`."""
+
+    def __init__(self, clean: CleanSpec, stats: Counter[str]):
+        self.c, self.stats, self.seen = clean, stats, set[bytes]()
+
+    def text(self, piece: str) -> str:
+        if self.c.normalize:
+            piece = unicodedata.normalize(self.c.normalize, piece)
+        return _CONTROL.sub("", piece) if self.c.strip_control else piece
+
+    def keep(self, n: int, digest: bytes) -> bool:
+        """Keep a document of `n` characters (after cleaning) and content hash `digest`?"""
+        if n < max(self.c.min_chars, 1) or (self.c.max_chars and n > self.c.max_chars):
+            self.stats["dropped_length"] += 1
+            return False
+        if self.c.dedup:
+            if digest in self.seen:
+                self.stats["duplicates"] += 1
+                return False
+            self.seen.add(digest)
+        return True
+
+    def kept(self, n: int) -> None:
+        self.stats["documents"] += 1
+        self.stats[f"len_2^{n.bit_length()}"] += 1  # histogram of lengths, power-of-two bins
+
+
 def documents(
     spec: Spec, files: list[str], stats: Counter[str] | None = None, transform: Transform | None = None
 ) -> Iterator[tuple[str, bool]]:
     """Cleaned documents of `files` as the spec's `data.clean` asks, as (piece, ends document)
     pairs in order; counts into `stats`. A text file is filtered and de-duplicated as one
     document, from a first streaming pass over it when a filter needs its length or hash."""
-    c = spec.data.clean
     stats = Counter() if stats is None else stats
-    seen: set[bytes] = set()
-
-    def clean(piece: str) -> str:
-        if c.normalize:
-            piece = unicodedata.normalize(c.normalize, piece)
-        return _CONTROL.sub("", piece) if c.strip_control else piece
+    cleaner = Cleaner(spec.data.clean, stats)
+    c = spec.data.clean
 
     def keep(pieces: Iterable[str]) -> bool:
         n, h = 0, hashlib.blake2b(digest_size=16)
@@ -214,15 +240,7 @@ def documents(
             n += len(p)
             if c.dedup:
                 h.update(p.encode())
-        if n < max(c.min_chars, 1) or (c.max_chars and n > c.max_chars):
-            stats["dropped_length"] += 1
-            return False
-        if c.dedup:
-            if h.digest() in seen:
-                stats["duplicates"] += 1
-                return False
-            seen.add(h.digest())
-        return True
+        return cleaner.keep(n, h.digest())
 
     def emit(pieces: Iterable[str]) -> Iterator[tuple[str, bool]]:
         n = 0
@@ -238,21 +256,20 @@ def documents(
             stats["dropped_length"] += 1
             return
         yield last, True
-        stats["documents"] += 1
-        stats[f"len_2^{n.bit_length()}"] += 1  # histogram of lengths, power-of-two bins
+        cleaner.kept(n)
 
     whole = c.dedup or c.max_chars is not None or c.min_chars > 1
     for doc in read_documents(files, spec.data.text_field):
         stats["documents_read"] += 1
         if isinstance(doc, str):
             for text in _transformed(transform, doc, stats):
-                if keep(pieces := [clean(text)]):
+                if keep(pieces := [cleaner.text(text)]):
                     yield from emit(pieces)
         else:
 
             def read(doc: Any = doc) -> Iterator[str]:
                 for piece in doc():
-                    yield from (clean(t) for t in _transformed(transform, piece, stats, joined=True))
+                    yield from (cleaner.text(t) for t in _transformed(transform, piece, stats, joined=True))
 
             if whole and not keep(read()):
                 continue
@@ -542,9 +559,9 @@ def _supervised(spec: Spec, files: list[str], stats: Counter[str], tok: Any = No
     """Examples of `data.format` pairs (prompt, response) or chat (messages rendered by the
     chat template; assistant turns count) from JSONL lines, cleaned as `data.clean` asks
     (filters and de-duplication see the example as a whole)."""
-    d, c = spec.data, spec.data.clean
+    d = spec.data
     render = _chat_renderer(spec, tok) if d.format == "chat" else None
-    seen: set[bytes] = set()
+    cleaner = Cleaner(d.clean, stats)
     for name in files:
         with open(name, "rb") as f:
             for lineno, raw in enumerate(f, 1):
@@ -562,22 +579,19 @@ def _supervised(spec: Spec, files: list[str], stats: Counter[str], tok: Any = No
                     _chat_segments(obj, render, d.messages_field, where) if render else _pair(obj, d, where)
                 )
                 stats["documents_read"] += 1
-                if c.normalize:
-                    segs = [(unicodedata.normalize(c.normalize, t), w) for t, w in segs]
-                if c.strip_control:
-                    segs = [(_CONTROL.sub("", t), w) for t, w in segs]
-                n = sum(len(t) for t, _ in segs)
-                if not any(t for t, w in segs if w) or n < c.min_chars or (c.max_chars and n > c.max_chars):
+                segs = [(cleaner.text(t), w) for t, w in segs]
+                if not any(t for t, w in segs if w):  # nothing to learn from
                     stats["dropped_length"] += 1
                     continue
-                if c.dedup:
-                    h = hashlib.blake2b(json.dumps(segs).encode(), digest_size=16).digest()
-                    if h in seen:
-                        stats["duplicates"] += 1
-                        continue
-                    seen.add(h)
-                stats["documents"] += 1
-                stats[f"len_2^{n.bit_length()}"] += 1
+                n = sum(len(t) for t, _ in segs)
+                digest = (
+                    hashlib.blake2b(json.dumps(segs).encode(), digest_size=16).digest()
+                    if d.clean.dedup
+                    else b""
+                )
+                if not cleaner.keep(n, digest):
+                    continue
+                cleaner.kept(n)
                 yield segs
 
 
