@@ -59,8 +59,34 @@ def read_jsonl(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
     return out, offset + end
 
 
-_tails: dict[str, tuple[int, int, list[dict[str, Any]]]] = {}  # path -> (inode, offset, lines)
-_tails_lock = threading.Lock()
+class Tail:
+    """The one JSONL tailer: each read() returns the complete lines appended since the last
+    (a byte offset is kept; a half-written last line waits for the next read); a file replaced
+    or truncated is read again from the start. Not thread-safe on its own."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset, self.inode = path, 0, -1
+
+    def read(self) -> list[dict[str, Any]]:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            self.restarted = self.restarted or self.inode != -1
+            self.offset, self.inode = 0, -1
+            return []
+        if self.inode != -1 and (st.st_ino != self.inode or st.st_size < self.offset):
+            self.offset, self.restarted = 0, True
+        self.inode = st.st_ino
+        if st.st_size <= self.offset:
+            return []
+        lines, self.offset = read_jsonl(self.path, self.offset)
+        return lines
+
+    restarted = False  # a read started over (the file was replaced or removed); callers reset it
+
+
+_seen: dict[str, tuple[Tail, list[dict[str, Any]]]] = {}  # path -> (its tail, every line so far)
+_seen_lock = threading.Lock()
 
 
 def appended_lines(path: Path) -> list[dict[str, Any]]:
@@ -68,20 +94,13 @@ def appended_lines(path: Path) -> list[dict[str, Any]]:
     (the runs table, the sidebar's API and `%llm_runs` poll every run's metrics every few
     seconds); a replaced or truncated file is read again from the start."""
     key = str(path)
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        with _tails_lock:
-            _tails.pop(key, None)
-        return []
-    with _tails_lock:
-        inode, offset, lines = _tails.get(key, (st.st_ino, 0, []))
-        if inode != st.st_ino or st.st_size < offset:
-            offset, lines = 0, []
-        if st.st_size > offset:
-            new, offset = read_jsonl(path, offset)
-            lines = lines + new
-        _tails[key] = (st.st_ino, offset, lines)
+    with _seen_lock:
+        tail, lines = _seen.get(key) or (Tail(path), [])
+        new = tail.read()
+        if tail.restarted:
+            tail.restarted, lines = False, []
+        lines = lines + new
+        _seen[key] = (tail, lines)
         return list(lines)
 
 

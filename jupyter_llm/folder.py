@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .errors import RunNotFound, RunStateError
 from .files import (
+    Tail,
     append_jsonl,
     appended_lines,
     now_iso,
@@ -279,11 +280,13 @@ class RunFolder:
 
     def follow(self, poll: float = 0.5, timeout: float | None = None) -> Iterator[dict[str, Any]]:
         """Yield metrics lines as they are appended, until the run ends."""
-        offset, deadline = 0, None if timeout is None else time.monotonic() + timeout
+        tail, deadline = (
+            Tail(self.path / "metrics.jsonl"),
+            None if timeout is None else time.monotonic() + timeout,
+        )
         while True:
             done = self.done
-            lines, offset = read_jsonl(self.path / "metrics.jsonl", offset)
-            yield from lines
+            yield from tail.read()
             if done or (deadline is not None and time.monotonic() > deadline):
                 return
             time.sleep(poll)

@@ -23,7 +23,7 @@ from typing import Any
 import optuna
 
 from .errors import SpecError
-from .files import now_iso, read_json, read_jsonl, write_json_atomic
+from .files import Tail, now_iso, read_json, write_json_atomic
 from .folder import State
 from .runs import Run, RunStore
 from .sweep import Sweep, SweepSpec
@@ -78,7 +78,7 @@ class Controller:
             pruner=_pruner(self.sw), direction=self.sw.objective.direction,
         )  # fmt: skip
         self.active: dict[int, tuple[optuna.Trial, Run]] = {}
-        self.offsets: dict[int, int] = {}
+        self.tails: dict[int, Tail] = {}  # each active trial's metrics
         self.pruning: set[int] = set()
         self.t0 = time.monotonic()
 
@@ -179,8 +179,8 @@ class Controller:
     def _follow(self, number: int) -> None:
         trial, run = self.active[number]
         metric = self.sw.pruning_metric()
-        lines, self.offsets[number] = read_jsonl(run.path / "metrics.jsonl", self.offsets.get(number, 0))
-        for m in lines:
+        tail = self.tails.setdefault(number, Tail(run.path / "metrics.jsonl"))
+        for m in tail.read():
             if m.get(metric) is not None and number not in self.pruning:
                 trial.report(float(m[metric]), int(m["step"]))
                 if trial.should_prune():

@@ -167,3 +167,27 @@ def test_metrics_read_only_what_was_appended(spec: Spec, monkeypatch: pytest.Mon
     assert len(reads) == 2  # nothing appended since: no read at all
     f.write_text('{"step": 7, "loss": 0.5}\n')  # replaced (smaller): read again from the start
     assert [m["step"] for m in run.metrics()] == [7]
+
+
+def test_the_one_tailer(tmp_path: Path) -> None:
+    """files.Tail (the dashboard feed, the sweep controller, Run.follow and the polling readers
+    use it): only new complete lines; a replaced, truncated or removed file starts over."""
+    from jupyter_llm.files import Tail
+
+    f = tmp_path / "m.jsonl"
+    tail = Tail(f)
+    assert tail.read() == [] and not tail.restarted  # not there yet
+    append_jsonl(f, {"step": 1})
+    with open(f, "ab") as fh:
+        fh.write(b'{"step": 2')  # mid-append
+    assert tail.read() == [{"step": 1}] and tail.read() == []
+    with open(f, "ab") as fh:
+        fh.write(b"}\n")
+    assert tail.read() == [{"step": 2}] and not tail.restarted
+    new = tmp_path / "new.jsonl"
+    new.write_text('{"step": 9}\n')
+    os.replace(new, f)  # another file under the name (a resumed run's rewrite, say)
+    assert tail.read() == [{"step": 9}] and tail.restarted
+    tail.restarted = False
+    f.unlink()
+    assert tail.read() == [] and tail.restarted

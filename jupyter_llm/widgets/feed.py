@@ -10,7 +10,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..files import read_jsonl
+from ..files import Tail
 from ..runs import Run
 
 LOG_LINES = 12
@@ -49,7 +49,7 @@ class RunFeed:
     def __init__(self, run: Run):
         self.run = run
         self.series: dict[str, Series] = {k: Series() for k in (*self.KEYS, "val_loss")}
-        self._offsets = {"metrics.jsonl": 0, "grads.jsonl": 0}
+        self._tails = {name: Tail(run.path / name) for name in ("metrics.jsonl", "grads.jsonl")}
         self._log_size = -1
         self._status: dict[str, Any] = {}
         self.last: dict[str, Any] = {}
@@ -58,8 +58,7 @@ class RunFeed:
         self._recent: deque[tuple[int, float]] = deque(maxlen=5)  # (step, time) for the ETA
 
     def _read(self, name: str) -> list[dict[str, Any]]:
-        lines, self._offsets[name] = read_jsonl(self.run.path / name, self._offsets[name])
-        return lines
+        return self._tails[name].read()
 
     def _log_file(self) -> Any:
         rank0 = self.run.path / "logs" / "rank0.log"
