@@ -18,7 +18,9 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict
 
 from .errors import RunNotFound, RunStateError
 from .files import (
@@ -38,8 +40,30 @@ if TYPE_CHECKING:
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 CKPT_MARKER = "COMPLETE"  # a checkpoint folder counts only once this file exists
 
+# The run folder's names, in one place (every writer and reader uses these).
+STATUS_FILE = "status.json"  # RunStatus; written by the supervisor alone once the run started
+EVENTS_FILE = "events.jsonl"  # {"time", "event", ...}: appended by supervisor and ranks
+METRICS_FILE = "metrics.jsonl"  # one line per log step (train) or evaluation (val_loss)
+GRADS_FILE = "grads.jsonl"  # per-layer gradient norms (train.grad_norms_every)
+SPEC_FILE = "spec.yaml"
+DS_CONFIG_FILE = "ds_config.json"
+MANIFEST_FILE = "manifest.json"  # what reproduces the run: versions, git sha, data hashes, attempts
+FINAL_DIR = "final"  # the exported model (from_pretrained folder)
+CHECKPOINTS_DIR = "checkpoints"
+LOGS_DIR = "logs"
+RANKS_DIR = "ranks"  # ranks/rank{r}.json: each rank's own record of an attempt
+FAILURES_DIR = "failures"  # failures/rank{r}.json: a rank's exception
+CONTROL_DIR = "control"  # control/stop: the stop request the ranks look for
+
+# status.json's format. 1: numbered ("format": 1). A folder written before the format was
+# numbered reads as 0; its fields are a subset of 1's, so it reads, lists, evaluates and
+# resumes as it is (the next supervisor rewrites it as 1).
+STATUS_FORMAT = 1
+
 
 class State(str, Enum):
+    """A run's state; the terminal ones are final until a resume."""
+
     CREATED = "created"
     STARTING = "starting"
     RUNNING = "running"
@@ -52,6 +76,50 @@ class State(str, Enum):
     @property
     def terminal(self) -> bool:
         return self in (State.COMPLETED, State.FAILED, State.STOPPED)
+
+
+class RunStatus(BaseModel):
+    """status.json: a run's state and where its processes are. Unknown keys are kept (a newer
+    writer's fields survive an older reader)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format: int = 0
+    state: State
+    run_id: str | None = None
+    name: str | None = None
+    job: Literal["train", "prepare"] = "train"
+    attempt: int = 0
+    pid: int | None = None  # the supervisor
+    pid_create_time: float | None = None
+    job_pgid: int | None = None  # the launcher's process group
+    world_size: int | None = None
+    master_port: int | None = None
+    phase: str | None = None
+    created_at: str | None = None
+    started_at: str | None = None
+    updated_at: str | None = None
+    ended_at: str | None = None
+    exit_code: int | None = None
+    error: str | None = None
+    lost: bool | None = None
+
+
+def write_status(run_dir: Path, state: State, **fields: Any) -> RunStatus:
+    """The one writer of status.json: the fields given change, the rest stay; validated and
+    stamped with STATUS_FORMAT; atomic (readers see the old or the new file)."""
+    path = run_dir / STATUS_FILE
+    st = RunStatus.model_validate(
+        {
+            **(read_json(path) or {}),
+            **fields,
+            "state": state,
+            "updated_at": now_iso(),
+            "format": STATUS_FORMAT,
+        }
+    )
+    write_json_atomic(path, st.model_dump(mode="json"))
+    return st
 
 
 R = TypeVar("R", bound="RunFolder")
@@ -93,25 +161,11 @@ class FolderStore(Generic[R]):
         else:  # pragma: no cover - needs 100 collisions of 16 random bits in one ms
             raise RuntimeError("could not allocate a unique run id")
         (path / "logs").mkdir()
-        (path / "spec.yaml").write_text(spec.to_yaml(), encoding="utf-8")
-        write_json_atomic(path / "ds_config.json", deepspeed_config(spec, run_id))
+        (path / SPEC_FILE).write_text(spec.to_yaml(), encoding="utf-8")
+        write_json_atomic(path / DS_CONFIG_FILE, deepspeed_config(spec, run_id))
         run = self.run_class(path)
-        write_json_atomic(
-            path / "status.json",
-            {
-                "state": State.CREATED.value,
-                "run_id": run_id,
-                "name": spec.name,
-                "pid": None,
-                "created_at": now_iso(),
-                "started_at": None,
-                "ended_at": None,
-                "exit_code": None,
-                "error": None,
-                "job": job,
-            },
-        )
-        append_jsonl(path / "events.jsonl", {"time": now_iso(), "event": "created"})
+        write_status(path, State.CREATED, run_id=run_id, name=spec.name, job=job, created_at=now_iso())
+        append_jsonl(path / EVENTS_FILE, {"time": now_iso(), "event": "created"})
         return run
 
     def list(self) -> list[R]:
@@ -120,7 +174,7 @@ class FolderStore(Generic[R]):
         return [
             self.run_class(p)
             for p in sorted(self.root.iterdir())
-            if RUN_ID_RE.match(p.name) and (p / "status.json").is_file() and not p.is_symlink()
+            if RUN_ID_RE.match(p.name) and (p / STATUS_FILE).is_file() and not p.is_symlink()
         ]
 
     def get(self, run_id: str | None = None) -> R:
@@ -175,14 +229,15 @@ class RunFolder:
         """The run's spec (read once: only a resume onto other ranks rewrites spec.yaml)."""
         from .spec import Spec
 
-        return Spec.from_yaml((self.path / "spec.yaml").read_text(encoding="utf-8"))
+        return Spec.from_yaml((self.path / SPEC_FILE).read_text(encoding="utf-8"))
 
     @property
     def ds_config(self) -> dict[str, Any]:
-        return json.loads((self.path / "ds_config.json").read_text(encoding="utf-8"))
+        return json.loads((self.path / DS_CONFIG_FILE).read_text(encoding="utf-8"))
 
     def status_raw(self) -> dict[str, Any] | None:
-        return read_json(self.path / "status.json")
+        """status.json as written (any format), or None when there is none."""
+        return read_json(self.path / STATUS_FILE)
 
     def status(self) -> dict[str, Any]:
         """status.json, with a dead supervisor of a live-looking run reported as failed.
@@ -190,9 +245,10 @@ class RunFolder:
         Readers never write status.json (the supervisor owns it); a run whose supervisor
         vanished (SIGKILL, machine reboot) shows state `failed` with `lost: true`.
         """
-        st = self.status_raw()
-        if st is None:
+        raw = self.status_raw()
+        if raw is None:
             raise RunNotFound(f"{self.path} is not a run folder (no status.json)")
+        st = RunStatus.model_validate(raw).model_dump(mode="json")  # every field, in format 1's names
         state = State(st["state"])
         lost = not state.terminal and state != State.CREATED
         if lost and not process_alive(st.get("pid"), st.get("pid_create_time")):
@@ -215,7 +271,7 @@ class RunFolder:
     def metrics(self, dedupe: bool = True) -> list[dict[str, Any]]:
         """Lines of metrics.jsonl. With `dedupe`, a step logged again after a resume keeps
         only its newest line (train and eval lines separately)."""
-        lines = appended_lines(self.path / "metrics.jsonl")
+        lines = appended_lines(self.path / METRICS_FILE)
         if not dedupe:
             return lines
         keep: dict[tuple[int, bool], dict[str, Any]] = {}
@@ -225,13 +281,13 @@ class RunFolder:
 
     def grad_norms(self) -> list[dict[str, Any]]:
         """Per-layer gradient norms ({step, time, norms}) when `train.grad_norms_every` is set."""
-        return read_jsonl(self.path / "grads.jsonl")[0]
+        return read_jsonl(self.path / GRADS_FILE)[0]
 
     def events(self) -> list[dict[str, Any]]:
-        return read_jsonl(self.path / "events.jsonl")[0]
+        return read_jsonl(self.path / EVENTS_FILE)[0]
 
     def manifest(self) -> dict[str, Any] | None:
-        return read_json(self.path / "manifest.json")
+        return read_json(self.path / MANIFEST_FILE)
 
     def log_tail(self, n: int = 20, rank: int | None = None) -> list[str]:
         """Last `n` lines of a rank's log, or of the launcher's log when `rank` is None."""
@@ -281,7 +337,7 @@ class RunFolder:
     def follow(self, poll: float = 0.5, timeout: float | None = None) -> Iterator[dict[str, Any]]:
         """Yield metrics lines as they are appended, until the run ends."""
         tail, deadline = (
-            Tail(self.path / "metrics.jsonl"),
+            Tail(self.path / METRICS_FILE),
             None if timeout is None else time.monotonic() + timeout,
         )
         while True:

@@ -20,6 +20,7 @@ from typing import Any
 
 from . import fit
 from .devices import gpu_count
+from .folder import SPEC_FILE
 from .launcher.local import free_port, port_free
 from .spec import Spec, deepspeed_config, resolve_auto
 
@@ -285,7 +286,7 @@ def _ds_config(spec: Spec, memory: dict[str, Any] | None) -> dict[str, Any]:
 def memory_estimate(spec: Spec, ranks: int) -> tuple[dict[str, Any] | None, str | None]:
     """Memory per rank for each ZeRO stage (DeepSpeed's estimators, in a subprocess), or why not."""
     with tempfile.TemporaryDirectory() as tmp:
-        f = Path(tmp) / "spec.yaml"
+        f = Path(tmp) / SPEC_FILE
         f.write_text(spec.to_yaml())
         try:
             out = subprocess.run(

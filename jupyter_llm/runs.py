@@ -16,7 +16,17 @@ from typing import Any
 
 from .errors import RunStateError, UserError
 from .files import append_jsonl, now_iso, write_json_atomic
-from .folder import CKPT_MARKER, RUN_ID_RE, FolderStore, RunFolder, State, default_root
+from .folder import (
+    CKPT_MARKER,
+    DS_CONFIG_FILE,
+    EVENTS_FILE,
+    RUN_ID_RE,
+    SPEC_FILE,
+    FolderStore,
+    RunFolder,
+    State,
+    default_root,
+)
 
 __all__ = [
     "CKPT_MARKER",
@@ -68,7 +78,7 @@ class Run(RunFolder):
         if bad := sorted(set(items) - set(RESUME_KEYS)):
             raise UserError(f"resume cannot change {', '.join(bad)}: the run's model, data and schedule "
                             f"stay; it may change {', '.join(RESUME_KEYS)} (or start a new run from its spec)")  # fmt: skip
-        raw = yaml.safe_load((self.path / "spec.yaml").read_text(encoding="utf-8"))
+        raw = yaml.safe_load((self.path / SPEC_FILE).read_text(encoding="utf-8"))
         new = Spec.from_dict(apply_overrides(raw, items), check_files=False)  # SpecError names the key
         old, now = self.spec.to_dict(), new.to_dict()
 
@@ -91,12 +101,12 @@ class Run(RunFolder):
             else:
                 (self.path / CLUSTER_FILE).unlink(missing_ok=True)
         append_jsonl(
-            self.path / "events.jsonl", {"time": now_iso(), "event": "resume_overrides", "changes": changes}
+            self.path / EVENTS_FILE, {"time": now_iso(), "event": "resume_overrides", "changes": changes}
         )
-        write_json_atomic(self.path / "ds_config.json", deepspeed_config(new, self.id))
+        write_json_atomic(self.path / DS_CONFIG_FILE, deepspeed_config(new, self.id))
         tmp = self.path / ".spec.yaml.tmp"
         tmp.write_text(new.to_yaml(), encoding="utf-8")
-        os.replace(tmp, self.path / "spec.yaml")
+        os.replace(tmp, self.path / SPEC_FILE)
         self.__dict__.pop("spec", None)
 
     def evaluate(self, wait: bool = False, timeout: float | None = None, **params: Any) -> Any:
@@ -179,7 +189,7 @@ def launch(
     if plan is not None:
         record = plan.to_dict()
         write_json_atomic(run.path / "fit.json", record)
-        append_jsonl(run.path / "events.jsonl",
+        append_jsonl(run.path / EVENTS_FILE,
                      {"time": now_iso(), "event": "fitted", **record["chosen"], "reason": plan.reason})  # fmt: skip
     if cluster is not None:
         from .cluster import write_cluster

@@ -24,7 +24,7 @@ import optuna
 
 from .errors import SpecError
 from .files import Tail, now_iso, read_json, write_json_atomic
-from .folder import State
+from .folder import METRICS_FILE, State
 from .runs import Run, RunStore
 from .sweep import Sweep, SweepSpec
 
@@ -179,7 +179,7 @@ class Controller:
     def _follow(self, number: int) -> None:
         trial, run = self.active[number]
         metric = self.sw.pruning_metric()
-        tail = self.tails.setdefault(number, Tail(run.path / "metrics.jsonl"))
+        tail = self.tails.setdefault(number, Tail(run.path / METRICS_FILE))
         for m in tail.read():
             if m.get(metric) is not None and number not in self.pruning:
                 trial.report(float(m[metric]), int(m["step"]))

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from ..cluster import Cluster
 from ..files import now_iso, read_json
-from ..folder import CKPT_MARKER, State
+from ..folder import CKPT_MARKER, FINAL_DIR, State
 from . import remote, slurm
 from .backends import commands
 from .local import job_env, rank_env
@@ -211,7 +211,7 @@ class MultiNode:
 
     def _ended(self, rc: int) -> int:
         sup = self.sup
-        final = (self.dir / "final" / "config.json").is_file()
+        final = (self.dir / FINAL_DIR / "config.json").is_file()
         if rc == 0 and final:
             code = sup._finish(State.COMPLETED, rc, None)
             sup._auto_eval()

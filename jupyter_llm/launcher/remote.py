@@ -24,6 +24,7 @@ from typing import Any
 
 from ..cluster import Cluster, Host
 from ..files import append_jsonl
+from ..folder import EVENTS_FILE, FINAL_DIR
 from .node import DISTS, RESULT, STARTED, versions
 
 # run-folder entries the nodes need (pushed); the rest is written by the job or the supervisor
@@ -388,7 +389,7 @@ class Syncer:
     def start(self) -> None:
         """Before the job starts: where the node's events file ends now."""
         self.pull(self.nodes[0])
-        self.events_off = _size(self.stage(self.nodes[0]) / "events.jsonl")
+        self.events_off = _size(self.stage(self.nodes[0]) / EVENTS_FILE)
 
     def cycle(self, final: bool = False) -> None:
         for node in self.nodes:  # node 0 first: its checkpoint markers before the others' parts
@@ -396,7 +397,7 @@ class Syncer:
         s0 = self.stage(self.nodes[0])
         for name in ("metrics.jsonl", "grads.jsonl"):
             _append_new(s0 / name, self.dir / name)
-        self._events(s0 / "events.jsonl")
+        self._events(s0 / EVENTS_FILE)
         for node in self.nodes:
             st = self.stage(node)
             for sub, pattern in (("logs", "rank*.log"), ("ranks", "rank*.json"), ("failures", "rank*.json")):
@@ -404,8 +405,8 @@ class Syncer:
                     _copy_if_changed(f, self.dir / sub / f.name)
         self._checkpoints()
         if final:
-            if (s0 / "final").is_dir():
-                _replace_tree(s0 / "final", self.dir / "final")
+            if (s0 / FINAL_DIR).is_dir():
+                _replace_tree(s0 / "final", self.dir / FINAL_DIR)
             if (s0 / "export_check.pt").is_file():
                 _copy_if_changed(s0 / "export_check.pt", self.dir / "export_check.pt")
 
@@ -418,7 +419,7 @@ class Syncer:
         end = data.rfind(b"\n") + 1
         for line in data[:end].splitlines():
             with contextlib.suppress(ValueError):
-                append_jsonl(self.dir / "events.jsonl", json.loads(line))
+                append_jsonl(self.dir / EVENTS_FILE, json.loads(line))
         self.events_off += end
 
     def _checkpoints(self) -> None:

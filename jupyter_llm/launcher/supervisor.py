@@ -22,7 +22,16 @@ from typing import Any
 
 from ..devices import gpu_count
 from ..files import append_jsonl, now_iso, read_json, write_json_atomic
-from ..folder import RunFolder, State
+from ..folder import (
+    EVENTS_FILE,
+    FINAL_DIR,
+    MANIFEST_FILE,
+    METRICS_FILE,
+    STATUS_FILE,
+    RunFolder,
+    State,
+    write_status,
+)
 from ..hashing import content_sha256
 from ..provenance import git_sha, versions
 from .local import free_port, job_env, kill_group, port_free, signal_group
@@ -50,17 +59,15 @@ class Supervisor:
         self.first_dead: dict[str, Any] | None = None
         self.hung: str | None = None
         self.launched_at = time.time()
-        self.prepare_only = (read_json(run_dir / "status.json") or {}).get("job") == "prepare"
+        self.prepare_only = (read_json(run_dir / STATUS_FILE) or {}).get("job") == "prepare"
 
     # -- status -------------------------------------------------------------------------
 
     def set_status(self, state: State, **fields: Any) -> None:
-        st = read_json(self.dir / "status.json") or {}
-        st.update(fields, state=state.value, updated_at=now_iso())
-        write_json_atomic(self.dir / "status.json", st)
+        write_status(self.dir, state, **fields)
 
     def event(self, name: str, **fields: Any) -> None:
-        append_jsonl(self.dir / "events.jsonl", {"time": now_iso(), "event": name, **fields})
+        append_jsonl(self.dir / EVENTS_FILE, {"time": now_iso(), "event": name, **fields})
 
     # -- main ---------------------------------------------------------------------------
 
@@ -68,7 +75,7 @@ class Supervisor:
         """Enter starting/resuming for supervisor `pid`: the first transition of an attempt."""
         import psutil
 
-        prev = read_json(self.dir / "status.json") or {}
+        prev = read_json(self.dir / STATUS_FILE) or {}
         self.set_status(
             State.RESUMING if self.resume else State.STARTING,
             pid=pid, pid_create_time=psutil.Process(pid).create_time(),
@@ -77,7 +84,7 @@ class Supervisor:
         )  # fmt: skip
 
     def main(self) -> int:
-        self.attempt = attempt = int((read_json(self.dir / "status.json") or {})["attempt"])
+        self.attempt = attempt = int((read_json(self.dir / STATUS_FILE) or {})["attempt"])
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_stop_signal)
         (self.dir / "control").mkdir(exist_ok=True)
@@ -128,7 +135,7 @@ class Supervisor:
         rc = self._watch(ranks=nprocs)
         self._kill_group()  # nothing of this job outlives it
         _unlink_shm(port)
-        final = (self.dir / "final" / "config.json").is_file()
+        final = (self.dir / FINAL_DIR / "config.json").is_file()
         if rc == 0 and final:
             code = self._finish(State.COMPLETED, rc, None)
             self._auto_eval()
@@ -228,14 +235,14 @@ class Supervisor:
         """No write by the job (metrics, events, rank logs) for `timeout_s`, counted from its
         first metrics line of this attempt: start-up (op builds, data, downloads) may be long."""
         try:
-            if (self.dir / "metrics.jsonl").stat().st_mtime < self.launched_at:
+            if (self.dir / METRICS_FILE).stat().st_mtime < self.launched_at:
                 return False
         except OSError:
             return False
         newest = self.launched_at
         for p in [
-            self.dir / "metrics.jsonl",
-            self.dir / "events.jsonl",
+            self.dir / METRICS_FILE,
+            self.dir / EVENTS_FILE,
             *(self.dir / "logs").glob("rank*.log"),
         ]:
             with contextlib.suppress(OSError):
@@ -304,7 +311,7 @@ class Supervisor:
     def _write_manifest(self, argv: list[str], nprocs: int, port: int, attempt: int) -> None:
         spec = self.run.spec
         files = list(spec.data.train) + list(spec.data.validation or [])
-        prev = read_json(self.dir / "manifest.json") or {}
+        prev = read_json(self.dir / MANIFEST_FILE) or {}
         manifest = {
             "run_id": self.run.id,
             "spec": spec.to_dict(),
@@ -318,7 +325,7 @@ class Supervisor:
             "attempts": [*prev.get("attempts", []),
                          {"attempt": attempt, "time": now_iso(), "command": argv, "ranks": nprocs, "master_port": port}],
         }  # fmt: skip
-        write_json_atomic(self.dir / "manifest.json", manifest)
+        write_json_atomic(self.dir / MANIFEST_FILE, manifest)
 
 
 def _unlink_shm(port: int, addr: str = "127.0.0.1") -> list[str]:

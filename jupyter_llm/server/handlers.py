@@ -12,6 +12,7 @@ from tornado import web
 
 from ..errors import RunNotFound, RunStateError, SpecError, UserError
 from ..files import read_json
+from ..folder import METRICS_FILE
 from ..runs import Run, RunStore
 
 PREFIX = "jupyter-llm/api"
@@ -151,7 +152,7 @@ class MetricsHandler(_Base):
 
         run = self.run_or_404(run_id)
         offset = self.int_arg("offset", 0)
-        lines, end = read_jsonl(run.path / "metrics.jsonl", offset or 0)
+        lines, end = read_jsonl(run.path / METRICS_FILE, offset or 0)
         self.reply({"metrics": lines, "offset": end})
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..files import append_jsonl, now_iso, write_json_atomic
-from ..folder import CKPT_MARKER
+from ..folder import CKPT_MARKER, EVENTS_FILE
 
 
 class CheckpointError(RuntimeError):
@@ -117,7 +117,7 @@ def save(engine: Any, run_dir: Path, step: int, rank: int, keep: int, client: di
             },
         )
         append_jsonl(
-            run_dir / "events.jsonl", {"time": now_iso(), "event": "checkpoint", "step": step, "tag": tag}
+            run_dir / EVENTS_FILE, {"time": now_iso(), "event": "checkpoint", "step": step, "tag": tag}
         )
         prune(ckpt_dir, keep)
     dist.barrier()

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from ..folder import EVENTS_FILE
 from ..hashing import content_sha256
 from ..spec import CleanSpec, Spec
 from . import bpe
@@ -472,7 +473,7 @@ def data_stage(run_dir: Path, spec: Spec) -> dict[str, Any]:
     index: dict[str, Any] = json.loads((data_dir / "index.json").read_text())
     report("done", sum(v["tokens"] for v in index["splits"].values()), force=True)
     write_json_atomic(run_dir / "data.json", {"path": str(data_dir), "cached": hit})
-    append_jsonl(run_dir / "events.jsonl", {"time": now_iso(), "event": "data_ready", "path": str(data_dir),
+    append_jsonl(run_dir / EVENTS_FILE, {"time": now_iso(), "event": "data_ready", "path": str(data_dir),
                                             "cached": hit, "tokens": index["splits"], **index["stats"]})  # fmt: skip
     return index
 

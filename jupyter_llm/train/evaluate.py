@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import append_jsonl, now_iso, read_json, write_json_atomic
+from ..folder import FINAL_DIR, SPEC_FILE
 
 
 def main(eval_dir: Path) -> None:
@@ -66,7 +67,7 @@ def evaluate(eval_dir: Path) -> dict[str, Any]:
     t0 = time.time()
     run_dir = eval_dir.parent.parent
     req = EvalSpec.model_validate(read_json(eval_dir / "request.json") or {})
-    spec = Spec.from_yaml((run_dir / "spec.yaml").read_text())
+    spec = Spec.from_yaml((run_dir / SPEC_FILE).read_text())
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     tok = AutoTokenizer.from_pretrained(
         run_dir / "final" if req.checkpoint == "final" else run_dir / "tokenizer"
@@ -106,7 +107,7 @@ def load_model(run_dir: Path, spec: Any, tok: Any, checkpoint: int | str) -> tup
 
     if checkpoint == "final":
         auto = tf.AutoModelForCausalLM if spec.model.task == "causal-lm" else tf.AutoModelForMaskedLM
-        return auto.from_pretrained(run_dir / "final"), "final", spec.train.max_steps
+        return auto.from_pretrained(run_dir / FINAL_DIR), "final", spec.train.max_steps
     found = ck.complete_checkpoints(run_dir / "checkpoints")
     if not found:
         raise FileNotFoundError(f"{run_dir.name} has no complete checkpoint")

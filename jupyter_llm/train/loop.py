@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import append_jsonl, now_iso, write_json_atomic
+from ..folder import DS_CONFIG_FILE, EVENTS_FILE, FINAL_DIR, GRADS_FILE, METRICS_FILE, SPEC_FILE
 
 
 def main(run_dir: Path) -> None:
@@ -48,7 +49,7 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
     from ..spec import Spec, resolve_auto
 
     # validated at launch; on a remote node the data files are not there (prepared data is)
-    spec = Spec.from_yaml((run_dir / "spec.yaml").read_text(), check_files=False)
+    spec = Spec.from_yaml((run_dir / SPEC_FILE).read_text(), check_files=False)
     mmap_threshold(spec)  # before the first tensor
     import deepspeed
     import numpy as np
@@ -61,7 +62,7 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
     from .data import Blocks, data_stage
     from .model import build_model, flops_per_token, meta_shape, param_groups, peak_flops
 
-    ds_config = json.loads((run_dir / "ds_config.json").read_text())
+    ds_config = json.loads((run_dir / DS_CONFIG_FILE).read_text())
     t, d, masked = spec.train, spec.data, spec.model.task == "masked-lm"
     master = rank == 0
     attempt = int(os.environ.get("JUPYTER_LLM_ATTEMPT", "1"))
@@ -106,7 +107,7 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
         if master:
             out, secs = checkpoint.to_universal(found[1])
             saved = checkpoint.layout(found[2])
-            append_jsonl(run_dir / "events.jsonl", {
+            append_jsonl(run_dir / EVENTS_FILE, {
                 "time": now_iso(), "event": "checkpoint_converted", "step": found[0], "path": str(out),
                 "from": {"ranks": saved[0], "tensor_parallel": saved[1]},
                 "to": {"ranks": world, "tensor_parallel": tp}, "seconds": round(secs, 1)})  # fmt: skip
@@ -208,15 +209,15 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
         base_samples = int(resumed[1].get("samples", start_step * t.grad_accum * per_step))
         if master:
             append_jsonl(
-                run_dir / "events.jsonl", {"time": now_iso(), "event": "resumed_from", "step": start_step}
+                run_dir / EVENTS_FILE, {"time": now_iso(), "event": "resumed_from", "step": start_step}
             )
             if spec.distributed.offload == "nvme":  # said where people look, not only in a README
                 append_jsonl(
-                    run_dir / "events.jsonl", {"time": now_iso(), "event": "warning", "detail": NVME_RESUME}
+                    run_dir / EVENTS_FILE, {"time": now_iso(), "event": "warning", "detail": NVME_RESUME}
                 )
     elif master and attempt > 1:
         append_jsonl(
-            run_dir / "events.jsonl",
+            run_dir / EVENTS_FILE,
             {"time": now_iso(), "event": "no_checkpoint", "detail": "starting fresh"},
         )
 
@@ -232,9 +233,7 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
     if start_step == 0 and has_val:  # where the curve starts
         ev = evaluate()
         if master:
-            append_jsonl(
-                run_dir / "metrics.jsonl", {"step": 0, "time": time.time(), "attempt": attempt, **ev}
-            )
+            append_jsonl(run_dir / METRICS_FILE, {"step": 0, "time": time.time(), "attempt": attempt, **ev})
     engine.train()
     window_start = time.perf_counter()
     hang_at = _fault("hang_at_step")
@@ -252,7 +251,7 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
             if gn_every and step % gn_every == 0 and micro == t.grad_accum - 1:
                 norms = layer_grad_norms(engine.module, tp)  # every rank: ZeRO gathers collectively
                 if master:
-                    append_jsonl(run_dir / "grads.jsonl", {"step": step, "time": time.time(), "norms": norms})
+                    append_jsonl(run_dir / GRADS_FILE, {"step": step, "time": time.time(), "norms": norms})
             engine.step()
             loss_sum += out.loss.detach()  # no host sync here; read at log steps only
         window_steps += 1
@@ -286,7 +285,7 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
                 "samples": samples_at(step),
             }
             if master:
-                append_jsonl(run_dir / "metrics.jsonl", rec)
+                append_jsonl(run_dir / METRICS_FILE, rec)
             loss_sum.zero_()
             window_steps, window_start = 0, time.perf_counter()
             if red[1].item() > 0 and not last:
@@ -295,7 +294,7 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
             ev = evaluate()
             if master:
                 append_jsonl(
-                    run_dir / "metrics.jsonl", {"step": step, "time": time.time(), "attempt": attempt, **ev}
+                    run_dir / METRICS_FILE, {"step": step, "time": time.time(), "attempt": attempt, **ev}
                 )
             window_start = time.perf_counter()  # eval time is not training time
         if stopped_at or (t.save_every and step % t.save_every == 0 and not last):
@@ -304,9 +303,7 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
             window_start = time.perf_counter()
         if stopped_at:
             if master:
-                append_jsonl(
-                    run_dir / "events.jsonl", {"time": now_iso(), "event": "stopped_at", "step": step}
-                )
+                append_jsonl(run_dir / EVENTS_FILE, {"time": now_iso(), "event": "stopped_at", "step": step})
             return
 
     # -- final export ---------------------------------------------------------------------
@@ -346,7 +343,7 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
     if master:
         torch.save({"input_ids": probe.cpu(), "logits": probe_logits}, run_dir / "export_check.pt")
         append_jsonl(
-            run_dir / "events.jsonl", {"time": now_iso(), "event": "exported", "path": str(run_dir / "final")}
+            run_dir / EVENTS_FILE, {"time": now_iso(), "event": "exported", "path": str(run_dir / FINAL_DIR)}
         )
     dist.barrier()
 

@@ -12,6 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
+from ..folder import SPEC_FILE
 from .loop import raise_terminated, record_failure, redirect_output
 
 
@@ -22,7 +23,7 @@ def main(run_dir: Path) -> None:
     redirect_output(run_dir / "logs" / "prepare.log")
     signal.signal(signal.SIGTERM, raise_terminated)
     try:
-        spec = Spec.from_yaml((run_dir / "spec.yaml").read_text())
+        spec = Spec.from_yaml((run_dir / SPEC_FILE).read_text())
         index = data_stage(run_dir, spec)
         print(json.dumps({"data": json.loads((run_dir / "data.json").read_text()), **index}, indent=1))
     except BaseException as e:
