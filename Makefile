@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 # rebuild each other's ops at every switch (their build paths differ), minutes each time
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: venv demo test test-fast lint format bench clean chromium nodes aio
+.PHONY: venv demo test test-fast lint format bench clean chromium nodes aio docs
 
 venv: $(VENV)/.installed
 
@@ -33,8 +33,8 @@ demo: venv
 	$(VENV)/bin/jupyter-llm pipeline run notebooks/pipeline.yaml --out demo-output
 
 lint: venv
-	$(VENV)/bin/ruff check jupyter_llm tests bench
-	$(VENV)/bin/ruff format --check jupyter_llm tests bench
+	$(VENV)/bin/ruff check jupyter_llm tests bench docs
+	$(VENV)/bin/ruff format --check jupyter_llm tests bench docs
 	$(VENV)/bin/mypy
 	# the layers of jupyter_llm/ (pyproject.toml [tool.importlinter]): no upward import, no cycle
 	$(VENV)/bin/lint-imports --no-cache
@@ -42,7 +42,7 @@ lint: venv
 	cd labextension && PATH=$(abspath $(VENV))/bin:$$PATH jlpm lint
 
 format: venv
-	$(VENV)/bin/ruff check --fix jupyter_llm tests bench
+	$(VENV)/bin/ruff check --fix jupyter_llm tests bench docs
 	$(VENV)/bin/ruff format jupyter_llm tests bench
 
 # the browser tests drive JupyterLab in the system's Chromium (browser downloads are not
@@ -74,6 +74,10 @@ aio: venv
 test: venv lint chromium nodes aio
 	# notebooks write their runs to a temporary runs root, not into the repo
 	JUPYTER_LLM_HOME=$$(mktemp -d) $(VENV)/bin/pytest -p no:cacheprovider -ra --durations=25 tests notebooks/quickstart.ipynb --nbval-lax
+
+# the reference pages in docs/reference/ from the code (tests/test_docs.py fails when stale)
+docs: venv
+	$(PY) docs/generate.py
 
 # the tiers: -m selects by resource (deepspeed, browser, sshd, slurm, packaging, notebooks)
 test-fast: venv

@@ -54,11 +54,12 @@ class _Section(BaseModel):
 class LoraSpec(_Section):
     r: int = Field(8, ge=1, le=1024)  # rank of the low-rank update
     alpha: int = Field(16, gt=0)  # scaling numerator: update scaled by alpha / r (an int, as peft takes it)
-    dropout: float = Field(0.05, ge=0, lt=1)
+    dropout: float = Field(0.05, ge=0, lt=1)  # dropout on the adapter's input
     target_modules: list[str] | None = None  # None: peft's default for the model type
 
 
 class ModelSpec(_Section):
+    # next-token prediction (GPT-2, Llama) or BERT-style masking
     task: Literal["causal-lm", "masked-lm"] = "causal-lm"
     pretrained: str | None = None  # local folder with a from_pretrained checkpoint
     # transformers config kwargs when building from scratch; None = a tiny default for the task
@@ -66,7 +67,8 @@ class ModelSpec(_Section):
     # the weights' dtype when loaded or built; auto: a pretrained checkpoint's own dtype (its
     # config.json), else train.precision's. A bf16 checkpoint is never silently upcast.
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    lora: LoraSpec | None = None
+    lora: LoraSpec | None = None  # train a LoRA adapter only, on model.pretrained (jupyter-llm[lora])
+    # recompute activations in the backward pass: less memory, more compute
     gradient_checkpointing: bool = False
 
     @field_validator("pretrained")
@@ -92,13 +94,13 @@ class ModelSpec(_Section):
 
 
 class TokenizerTrainSpec(_Section):
-    kind: Literal["char", "bpe", "wordpiece"] = "char"
+    kind: Literal["char", "bpe", "wordpiece"] = "char"  # one token per character, or subwords (vocab_size)
     vocab_size: int = Field(8000, ge=16, le=1_000_000)  # ignored for char
 
 
 class TokenizerSpec(_Section):
     path: str | None = None  # defaults to model.pretrained
-    train: TokenizerTrainSpec | None = None
+    train: TokenizerTrainSpec | None = None  # train a tokenizer on data.train (when there is no path)
     chat_template: str | None = None  # Jinja template for data.format chat (else the tokenizer's own)
 
     @field_validator("path")
@@ -125,15 +127,16 @@ class CleanSpec(_Section):
 class DataSpec(_Section):
     train: list[str]  # files (.txt .md .jsonl .csv .parquet), globs, or save_to_disk folders
     validation: list[str] | None = None  # None: split val_fraction off the training text
+    # the tail of the training text held out, without data.validation
     val_fraction: float = Field(0.1, ge=0, le=0.5)
     text_field: str = "text"  # JSONL key / CSV, Parquet or dataset column holding the text
     # "pairs": JSONL lines with a prompt and a response; "chat": JSONL lines with a list of
     # {role, content} messages rendered by the chat template. The loss counts responses
     # (assistant turns) only.
     format: Literal["text", "pairs", "chat"] = "text"
-    prompt_field: str = "prompt"
-    response_field: str = "response"
-    messages_field: str = "messages"
+    prompt_field: str = "prompt"  # pairs: the JSONL key of the prompt
+    response_field: str = "response"  # pairs: the JSONL key of the response
+    messages_field: str = "messages"  # chat: the JSONL key of the list of messages
     block_size: int = Field(64, ge=4, le=131072)  # tokens per training sequence
     mlm_probability: float = Field(0.15, gt=0, lt=1)  # masked-lm only
     clean: CleanSpec = CleanSpec()
@@ -197,14 +200,16 @@ class TrainSpec(_Section):
 
 
 class OptimSpec(_Section):
+    # the optimizer (DeepSpeed's fused Adam for adam and adamw)
     name: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: float = Field(1.0e-3, gt=0, le=10)
+    lr: float = Field(1.0e-3, gt=0, le=10)  # peak learning rate, reached after the warmup
     min_lr: float = Field(1.0e-4, ge=0)  # floor of the cosine decay (linear decays to 0)
-    weight_decay: float = Field(0.1, ge=0, le=10)
-    betas: tuple[float, float] = (0.9, 0.99)
-    eps: float = Field(1.0e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0, le=10)  # decoupled, on matrices only (not biases and norms)
+    betas: tuple[float, float] = (0.9, 0.99)  # Adam's moment decay rates
+    eps: float = Field(1.0e-8, gt=0)  # Adam's epsilon
     momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
     grad_clip: float = Field(1.0, ge=0)  # max global grad norm; 0 = no clipping
+    # after the warmup: cosine to min_lr, linear to 0, or flat
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int | None = Field(None, ge=0)  # None: min(100, max_steps // 10)
 
@@ -280,13 +285,14 @@ class EvalSpec(_Section):
     max_blocks: int | None = Field(None, ge=1)  # at most this many blocks for perplexity
     prompts: list[str] = []  # generate a sample from each
     references: str | None = None  # JSONL of prompt → reference lines: BLEU and ROUGE
-    prompt_field: str = "prompt"
-    reference_field: str = "reference"
-    max_new_tokens: int = Field(64, ge=1, le=4096)
+    prompt_field: str = "prompt"  # references: the JSONL key of the prompt
+    reference_field: str = "reference"  # references: the JSONL key of the reference text
+    max_new_tokens: int = Field(64, ge=1, le=4096)  # tokens generated per prompt
     temperature: float = Field(0.0, ge=0, le=100)  # 0: greedy
-    top_k: int | None = Field(None, ge=1)
+    top_k: int | None = Field(None, ge=1)  # sample among the k likeliest tokens (temperature > 0)
+    # nucleus sampling: the smallest set of tokens with this much probability
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int = Field(0, ge=0, lt=2**32)
+    seed: int = Field(0, ge=0, lt=2**32)  # seeds the sampling
     batch_size: int = Field(8, ge=1, le=4096)  # blocks per forward pass for perplexity
 
     @field_validator("files", mode="before")
@@ -335,8 +341,9 @@ class EvalSpec(_Section):
 
 
 class Spec(_Section):
+    # part of the run id; runs are found by it
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-    seed: int = Field(1337, ge=0, lt=2**32)
+    seed: int = Field(1337, ge=0, lt=2**32)  # seeds model init, data order and dropout on every rank
     model: ModelSpec = ModelSpec()
     tokenizer: TokenizerSpec = TokenizerSpec()
     data: DataSpec
