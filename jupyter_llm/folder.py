@@ -101,8 +101,11 @@ class RunStatus(BaseModel):
     updated_at: str | None = None
     ended_at: str | None = None
     exit_code: int | None = None
-    error: str | None = None
-    lost: bool | None = None
+    error: str | None = None  # why it failed, in words
+    failure: dict[str, Any] | None = (
+        None  # the same as fields (launcher.watch.Failure): cause, rank, node, pid, ...
+    )
+    lost: bool | None = None  # the supervisor is gone (read, never written)
 
 
 def write_status(run_dir: Path, state: State, **fields: Any) -> RunStatus:

@@ -213,6 +213,8 @@ def test_kill_rank_then_resume_matches_uninterrupted(corpus: Path) -> None:
     st = finished(victim, 120)
     assert st["state"] == "failed"
     assert "rank 1" in st["error"] and "SIGKILL" in st["error"], st["error"]
+    assert st["failure"]["cause"] == "vanished" and st["failure"]["rank"] == 1  # the same, as fields
+    assert st["failure"]["pid"] == rank1["pid"]
     assert finished(ref)["state"] == "completed"
 
     # a newer checkpoint without its completion marker must be ignored
@@ -285,6 +287,7 @@ def test_rank_exception_is_reported(tmp_path: Path) -> None:
     assert st["state"] == "failed"
     assert re.match(r"rank [01] failed: ValueError: training text has \d+ tokens", st["error"]), st["error"]
     assert "data.block_size" in st["error"]
+    assert st["failure"]["cause"] == "exception" and st["failure"]["type"] == "ValueError"
     assert not _job_alive(run)
 
 

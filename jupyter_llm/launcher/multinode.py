@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..cluster import Cluster
 from ..files import now_iso, read_json
@@ -194,7 +194,9 @@ class MultiNode:
         sup.set_status(State(sup.run.status()["state"]), nodes=[{"node": n.index, "host": n.host.label, "slots": n.slots,
                                                        "exit_code": codes[n.index]} for n in nodes])  # fmt: skip
         if failed is not None:
-            return sup._fail(self._why(nodes[failed[0]], failed[1]), failed[1])
+            return sup._fail(
+                self._why(nodes[failed[0]], failed[1]), failed[1], self._failure(nodes[failed[0]])
+            )
         if sup.hung:
             return sup._fail(sup.hung, max(codes.values()))
         return self._ended(max(codes.values()))
@@ -208,6 +210,12 @@ class MultiNode:
         else:
             what = f"exited with code {rc}; see logs/node{node.index}.log"
         return f"{node.label}: {what}; the job was stopped on every node"
+
+    def _failure(self, node: remote.Node) -> dict[str, Any] | None:
+        """The failed node's structured failure (its agent's diagnosis), with the node named."""
+        _, result = remote.parse_node_log(self.dir / "logs" / f"node{node.index}.log")
+        failure = (result or {}).get("failure")
+        return {**failure, "node": node.index} if failure else None
 
     def _ended(self, rc: int) -> int:
         sup = self.sup
@@ -352,5 +360,7 @@ class MultiNode:
             return self._ended(0 if final_state == "COMPLETED" else rc)
         from .watch import diagnose
 
-        why = diagnose(self.dir, self.attempt, rc, None, [])
-        return sup._fail(f"Slurm job {job_id} ended {final_state}: {why}", rc)
+        failure = diagnose(self.dir, self.attempt, rc, None, [])
+        return sup._fail(
+            f"Slurm job {job_id} ended {final_state}: {failure.sentence()}", rc, failure.model_dump()
+        )

@@ -175,7 +175,8 @@ class Agent:
             from .watch import diagnose
 
             time.sleep(0.2)  # the relay thread's last lines
-            result["error"] = diagnose(self.run_dir, a.attempt, rc, self.first_dead, list(self.tail))
+            failure = diagnose(self.run_dir, a.attempt, rc, self.first_dead, list(self.tail))
+            result["error"], result["failure"] = failure.sentence(), failure.model_dump()
         self.say(f"{RESULT} {json.dumps(result)}")
         return 0 if rc == 0 else 1
 

@@ -80,7 +80,7 @@ class Supervisor:
             State.RESUMING if self.resume else State.STARTING,
             pid=pid, pid_create_time=psutil.Process(pid).create_time(),
             attempt=int(prev.get("attempt") or 0) + 1, started_at=prev.get("started_at") or now_iso(),
-            ended_at=None, exit_code=None, error=None, lost=None, job_pgid=None,
+            ended_at=None, exit_code=None, error=None, failure=None, lost=None, job_pgid=None,
         )  # fmt: skip
 
     def main(self) -> int:
@@ -150,7 +150,8 @@ class Supervisor:
             )
         if rc == 0:
             return self._fail("the job exited 0 but wrote no final model; see logs/", rc)
-        return self._fail(self._diagnose(rc), rc)
+        failure = diagnose(self.dir, self.attempt, rc, self.first_dead, self.run.log_tail(200))
+        return self._fail(failure.sentence(), rc, failure.model_dump())
 
     def _auto_eval(self) -> None:
         """The spec's `eval:` section: evaluate the final model as its own detached job."""
@@ -285,15 +286,15 @@ class Supervisor:
     def _stopped_cleanly(self) -> bool:
         return any(e.get("event") == "stopped_at" for e in self.run.events()[-20:])
 
-    def _diagnose(self, rc: int) -> str:
-        return diagnose(self.dir, self.attempt, rc, self.first_dead, self.run.log_tail(200))
+    def _fail(self, reason: str, rc: int | None = None, failure: dict[str, Any] | None = None) -> int:
+        """End failed: `reason` is the sentence for people, `failure` the same as fields."""
+        return self._finish(State.FAILED, rc, reason, failure)
 
-    def _fail(self, reason: str, rc: int | None = None) -> int:
-        return self._finish(State.FAILED, rc, reason)
-
-    def _finish(self, state: State, rc: int | None, error: str | None) -> int:
+    def _finish(
+        self, state: State, rc: int | None, error: str | None, failure: dict[str, Any] | None = None
+    ) -> int:
         self._remove_swap()
-        self.set_status(state, ended_at=now_iso(), exit_code=rc, error=error)
+        self.set_status(state, ended_at=now_iso(), exit_code=rc, error=error, failure=failure)
         self.event(state.value, **({"reason": error} if error else {}))
         return 0 if state != State.FAILED else 1
 

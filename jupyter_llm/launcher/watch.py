@@ -9,7 +9,9 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel
 
 from ..files import process_alive, read_json
 
@@ -17,9 +19,33 @@ SIGINT_WAIT_S = 10.0  # after SIGINT, before SIGTERM
 SIGTERM_WAIT_S = 5.0  # after SIGTERM, before SIGKILL
 
 
+class Failure(BaseModel):
+    """Why an attempt failed, as fields (status.json's `failure`); `error` is the sentence
+    derived from them. cause: exception (a rank's own), vanished (a rank gone without a record:
+    SIGKILL, the OOM killer, a segfault), launcher (nothing of the ranks says more)."""
+
+    cause: Literal["exception", "vanished", "launcher"]
+    rank: int | None = None
+    node: int | None = None
+    pid: int | None = None
+    exit_code: int | None = None
+    signal: str | None = None
+    type: str | None = None  # the exception's class
+    message: str | None = None
+
+    def sentence(self) -> str:
+        how = f" (killed by {self.signal})" if self.signal else (
+            f" (exit code {self.exit_code})" if self.exit_code is not None else "")  # fmt: skip
+        if self.cause == "exception":
+            return f"rank {self.rank} failed: {self.type}: {self.message}".strip()
+        if self.cause == "vanished":
+            return f"rank {self.rank} (pid {self.pid}) died without an error{how}; the others were stopped"
+        return f"the DeepSpeed launcher exited with code {self.exit_code}{'' if not self.signal else how}; see logs/"
+
+
 def diagnose(
     run_dir: Path, attempt: int, rc: int, first_dead: dict[str, Any] | None, log_lines: list[str]
-) -> str:
+) -> Failure:
     """Name the rank that failed first and why.
 
     When one rank dies the others fail too (a broken collective, or the launcher's
@@ -35,25 +61,27 @@ def diagnose(
             fails[info["rank"]] = info
     codes = [ln for ln in log_lines if "exits with return code" in ln]
     code = codes[-1].rsplit("=", 1)[-1].strip() if codes else None
-    how = f" (exit code {code})" if code else ""
-    if code and code.lstrip("-").isdigit() and int(code) < 0:
-        how = f" (killed by {signal.Signals(-int(code)).name})"
+    exit_code = int(code) if code and code.lstrip("-").isdigit() else None
+    sig = signal.Signals(-exit_code).name if exit_code is not None and exit_code < 0 else None
+
+    def raised(f: dict[str, Any]) -> Failure:
+        return Failure(
+            cause="exception", rank=f["rank"], pid=f.get("pid"), type=f["type"], message=f["message"]
+        )
 
     own = [f for f in fails.values() if not _collateral(f)]
     if own:
-        first = min(own, key=lambda x: x["time"])
-        return f"rank {first['rank']} failed: {first['type']}: {first['message']}".strip()
+        return raised(min(own, key=lambda x: x["time"]))
     vanished = [r for r in ranks.values() if r["rank"] not in fails]
     if vanished:
         if first_dead is not None and first_dead["rank"] not in fails:
             r = first_dead
         else:
             r = min(vanished, key=lambda x: x["rank"])
-        return f"rank {r['rank']} (pid {r['pid']}) died without an error{how}; the others were stopped"
+        return Failure(cause="vanished", rank=r["rank"], pid=r["pid"], exit_code=exit_code, signal=sig)
     if fails:
-        first = min(fails.values(), key=lambda x: x["time"])
-        return f"rank {first['rank']} failed: {first['type']}: {first['message']}".strip()
-    return f"the DeepSpeed launcher exited with code {rc}{how}; see logs/"
+        return raised(min(fails.values(), key=lambda x: x["time"]))
+    return Failure(cause="launcher", exit_code=rc, signal=sig)
 
 
 def rank_records(run_dir: Path, attempt: int) -> dict[int, dict[str, Any]]:
