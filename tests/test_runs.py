@@ -191,3 +191,21 @@ def test_the_one_tailer(tmp_path: Path) -> None:
     tail.restarted = False
     f.unlink()
     assert tail.read() == [] and tail.restarted
+
+
+def test_the_one_stop_ladder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """watch.StopLadder (local, ssh/pdsh nodes and Slurm use it): nothing before the grace
+    period, then SIGINT, SIGTERM SIGINT_WAIT_S later, SIGKILL SIGTERM_WAIT_S after, each once."""
+    from jupyter_llm.launcher import watch
+
+    now = [100.0]
+    monkeypatch.setattr(watch.time, "monotonic", lambda: now[0])
+    ladder = watch.StopLadder(grace_s=30)
+    assert ladder.due(None) == []  # no stop requested
+    asked = 100.0
+    now[0] = 129.0
+    assert ladder.due(asked) == []
+    now[0] = 130.0
+    assert ladder.due(asked) == [("SIGINT", 30.0)] and ladder.due(asked) == []
+    now[0] = 130.0 + watch.SIGINT_WAIT_S + watch.SIGTERM_WAIT_S + 1  # a slow poll: both at once
+    assert [name for name, _ in ladder.due(asked)] == ["SIGTERM", "SIGKILL"] and ladder.due(asked) == []

@@ -25,6 +25,7 @@ from ..folder import CKPT_MARKER, FINAL_DIR, State
 from . import remote, slurm
 from .backends import commands
 from .local import job_env, rank_env
+from .watch import StopLadder
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
@@ -79,15 +80,15 @@ class MultiNode:
             "preflight", ok=pf.ok, checks=[{"name": n, "ok": ok, "detail": d} for n, ok, d in pf.checks]
         )
         if not pf.ok:
-            return sup._fail("pre-flight failed: " + "; ".join(pf.problems))
+            return sup.fail("pre-flight failed: " + "; ".join(pf.problems))
         nodes = [remote.Node(n.index, n.host, n.run_dir, n.slots or 1) for n in pf.nodes]
         assert pf.master_port is not None
         port = pf.master_port
         if sup.stop_signal is not None:
-            return sup._finish(State.STOPPED, 0, None)
+            return sup.finish(State.STOPPED, 0, None)
         sup.set_status(State.STARTING, phase="data")
         if err := self._prepare_data():
-            return sup._fail(err)
+            return sup.fail(err)
         (self.dir / "hostfile").write_text(remote.hostfile(nodes))
         if c.launcher == "pdsh":
             return self._pdsh(nodes, port, cpu=pf.cpu)
@@ -97,11 +98,11 @@ class MultiNode:
             data_dir = Path((read_json(self.dir / "data.json") or {})["path"])
             problems = remote.push(c, nodes, self.dir, data_dir, pre_dir, self.log, self.control)
             if problems:
-                return sup._fail("; ".join(problems))
+                return sup.fail("; ".join(problems))
             syncer = remote.Syncer(c, nodes, self.dir, CKPT_MARKER, self.control)
             syncer.start()
         if sup.stop_signal is not None:  # stopped while the data was prepared or copied
-            return sup._finish(State.STOPPED, 0, None)
+            return sup.finish(State.STOPPED, 0, None)
         return self._ssh(nodes, port, pf.cpu, syncer)
 
     def _prepare_data(self) -> str | None:
@@ -146,30 +147,19 @@ class MultiNode:
                        nodes=[{"node": n.index, "host": n.host.label, "slots": n.slots} for n in nodes])  # fmt: skip
         failed: tuple[int, int] | None = None  # (node, exit code) of the first node that failed
         failed_at = 0.0
-        sent: set[str] = set()
+        ladder = StopLadder(sup.grace_s)
         last_sync = time.monotonic()
-        grace = self.spec.train.stop_grace_s
-        hang_s = self.spec.train.hang_timeout_s
         sup.launched_at = time.time()
-        from .watch import SIGINT_WAIT_S, SIGTERM_WAIT_S
-
         while True:
             time.sleep(0.25)
             rcs = {i: p.poll() for i, p in self.procs.items()}
-            if sup._handle_stop():
+            if sup.handle_stop():
                 self._send("stop")
-            if hang_s and sup.hung is None and sup._stalled(hang_s):  # the synced files went quiet
-                sup.hung = f"hung: no progress for {hang_s:g} s (train.hang_timeout_s); stopped"
-                sup.event("hung", timeout_s=hang_s)
-                sup.stop_requested_at = sup.stop_requested_at or time.monotonic() - grace - SIGINT_WAIT_S
-            if sup.stop_requested_at is not None and failed is None:
-                waited = time.monotonic() - sup.stop_requested_at
-                for name, after in (("INT", grace), ("TERM", grace + SIGINT_WAIT_S),
-                                    ("KILL", grace + SIGINT_WAIT_S + SIGTERM_WAIT_S)):  # fmt: skip
-                    if waited >= after and name not in sent:
-                        sent.add(name)
-                        sup.event("signal", signal=f"SIG{name}", after_s=round(waited, 1))
-                        self._send(f"signal {name}")
+            sup.check_hang()  # the synced files went quiet
+            if failed is None:
+                for name, waited in ladder.due(sup.stop_requested_at):
+                    sup.event("signal", signal=name, after_s=waited)
+                    self._send(f"signal {name.removeprefix('SIG')}")
             if failed is None and sup.stop_requested_at is None:  # a stop's own exits are no failure
                 bad = [(i, rc) for i, rc in rcs.items() if rc not in (None, 0)]
                 if bad:
@@ -194,11 +184,11 @@ class MultiNode:
         sup.set_status(State(sup.run.status()["state"]), nodes=[{"node": n.index, "host": n.host.label, "slots": n.slots,
                                                        "exit_code": codes[n.index]} for n in nodes])  # fmt: skip
         if failed is not None:
-            return sup._fail(
+            return sup.fail(
                 self._why(nodes[failed[0]], failed[1]), failed[1], self._failure(nodes[failed[0]])
             )
         if sup.hung:
-            return sup._fail(sup.hung, max(codes.values()))
+            return sup.fail(sup.hung, max(codes.values()))
         return self._ended(max(codes.values()))
 
     def _why(self, node: remote.Node, rc: int) -> str:
@@ -221,16 +211,16 @@ class MultiNode:
         sup = self.sup
         final = (self.dir / FINAL_DIR / "config.json").is_file()
         if rc == 0 and final:
-            code = sup._finish(State.COMPLETED, rc, None)
-            sup._auto_eval()
+            code = sup.finish(State.COMPLETED, rc, None)
+            sup.auto_eval()
             return code
         if sup.stop_signal is not None:
-            if sup._stopped_cleanly():
-                return sup._finish(State.STOPPED, rc, None)
-            return sup._finish(State.STOPPED, rc, "stopped without a final checkpoint (grace period ran out)")
+            if sup.stopped_cleanly():
+                return sup.finish(State.STOPPED, rc, None)
+            return sup.finish(State.STOPPED, rc, "stopped without a final checkpoint (grace period ran out)")
         if rc == 0:
-            return sup._fail("the job exited 0 but no final model came back; see logs/", rc)
-        return sup._fail(f"the job failed (exit {rc}); see logs/", rc)
+            return sup.fail("the job exited 0 but no final model came back; see logs/", rc)
+        return sup.fail(f"the job failed (exit {rc}); see logs/", rc)
 
     def _send(self, command: str) -> None:
         for p in self.procs.values():
@@ -280,17 +270,17 @@ class MultiNode:
             if not PDSH_SAFE.fullmatch(v)
         ]
         if unsafe:
-            return sup._fail(f"launcher pdsh cannot pass {unsafe[0]!r} safely (DeepSpeed's pdsh mode quotes "
+            return sup.fail(f"launcher pdsh cannot pass {unsafe[0]!r} safely (DeepSpeed's pdsh mode quotes "
                              "only lightly); use launcher: ssh for such values or paths")  # fmt: skip
         (self.dir / "ds_env").write_text("".join(f"{k}={v}\n" for k, v in ranks.items()))
-        pgid = sup._spawn(argv, env, self.attempt)
+        pgid = sup.spawn(argv, env, self.attempt)
         world = sum(n.slots for n in nodes)
         sup.event(
             "launched", attempt=self.attempt, ranks=world, master_port=port, command=argv, job_pgid=pgid
         )
         sup.set_status(State.RUNNING, phase=None, job_pgid=pgid, world_size=world, master_port=port)
-        rc = sup._watch()
-        sup._kill_group()
+        rc = sup.watch()
+        sup.kill_group()
         self._reap(nodes)  # pdsh leaves remote ranks behind when it is killed
         return self._ended(rc)
 
@@ -308,7 +298,7 @@ class MultiNode:
         sup, c = self.sup, self.cluster
         sup.set_status(State.STARTING, phase="data")
         if err := self._prepare_data():
-            return sup._fail(err)
+            return sup.fail(err)
         nodes = slurm.plan(self.spec, c, self.dir)
         (self.dir / "hostfile").write_text(remote.hostfile(nodes))
         port = self.spec.distributed.master_port or slurm.port_for(self.sup.run.id)
@@ -319,15 +309,15 @@ class MultiNode:
             out = subprocess.run(cmd.argv, capture_output=True, text=True, cwd=self.dir,
                                  timeout=slurm.CTL_TIMEOUT_S, stdin=subprocess.DEVNULL)  # fmt: skip
         except subprocess.TimeoutExpired:
-            return sup._fail(f"sbatch did not answer within {slurm.CTL_TIMEOUT_S:g} s: is the Slurm "
+            return sup.fail(f"sbatch did not answer within {slurm.CTL_TIMEOUT_S:g} s: is the Slurm "
                              "controller reachable (`scontrol ping`)? Nothing was submitted that we know of")  # fmt: skip
         if out.returncode != 0:
-            return sup._fail(f"sbatch refused the job: {(out.stderr or out.stdout).strip()[-500:]}")
+            return sup.fail(f"sbatch refused the job: {(out.stderr or out.stdout).strip()[-500:]}")
         job_id = slurm.parse_job_id(out.stdout)
         sup.event("launched", attempt=self.attempt, slurm_job=job_id, master_port=port, script=str(path))
         sup.set_status(State.RUNNING, phase=None, slurm_job=job_id, master_port=port,
                        world_size=sum(n.slots for n in nodes))  # fmt: skip
-        grace = self.spec.train.stop_grace_s
+        ladder = StopLadder(sup.grace_s)
         cancelled = False
         unreachable_since: float | None = None
         while (state := slurm.job_state(job_id)) in slurm.ACTIVE | {slurm.UNREACHABLE}:
@@ -339,15 +329,11 @@ class MultiNode:
             elif time.monotonic() - unreachable_since > SLURM_UNREACHABLE_S:
                 with contextlib.suppress(slurm.SlurmTimeout):
                     slurm.ctl(slurm.cancel_argv(job_id))
-                return sup._fail(f"squeue did not answer for {SLURM_UNREACHABLE_S:g} s: Slurm job {job_id} "
+                return sup.fail(f"squeue did not answer for {SLURM_UNREACHABLE_S:g} s: Slurm job {job_id} "
                                  "was asked to cancel; check the controller (`scontrol ping`), then resume")  # fmt: skip
             time.sleep(2.0)
-            sup._handle_stop()  # shared filesystem: the ranks see the stop file
-            if (
-                sup.stop_requested_at is not None
-                and not cancelled
-                and time.monotonic() - sup.stop_requested_at > grace
-            ):
+            sup.handle_stop()  # shared filesystem: the ranks see the stop file
+            if ladder.due(sup.stop_requested_at) and not cancelled:  # Slurm signals the job itself
                 cancelled = True
                 sup.event("signal", signal="scancel")
                 try:
@@ -361,6 +347,6 @@ class MultiNode:
         from .watch import diagnose
 
         failure = diagnose(self.dir, self.attempt, rc, None, [])
-        return sup._fail(
+        return sup.fail(
             f"Slurm job {job_id} ended {final_state}: {failure.sentence()}", rc, failure.model_dump()
         )

@@ -37,7 +37,7 @@ from ..provenance import git_sha, versions
 from .local import free_port, job_env, kill_group, port_free, signal_group
 from .watch import (
     SIGINT_WAIT_S,
-    SIGTERM_WAIT_S,
+    StopLadder,
     diagnose,
     first_dead_rank,
     rank_records,
@@ -92,7 +92,7 @@ class Supervisor:
         try:
             return self._supervise(attempt)
         except Exception as e:  # the supervisor itself must always leave a final state
-            self._kill_group()
+            self.kill_group()
             self.set_status(State.FAILED, ended_at=now_iso(), error=f"supervisor error: {e}")
             self.event("failed", reason=f"supervisor error: {e}")
             raise
@@ -115,10 +115,10 @@ class Supervisor:
         pp = spec.distributed.procs_per_node
         nprocs = pp if isinstance(pp, int) else (ngpu or 1)
         if cuda and nprocs > ngpu:
-            return self._fail(f"distributed.procs_per_node={nprocs} but this machine has {ngpu} GPU(s)")
+            return self.fail(f"distributed.procs_per_node={nprocs} but this machine has {ngpu} GPU(s)")
         want = spec.distributed.master_port
         if want is not None and not port_free(want):
-            return self._fail(f"distributed.master_port {want} is in use; remove it to pick a free port")
+            return self.fail(f"distributed.master_port {want} is in use; remove it to pick a free port")
         port = free_port(want)  # picked just before launch: the window for a clash is short
         from .backends import commands, local_node
 
@@ -128,32 +128,30 @@ class Supervisor:
         argv, env = cmd.argv, cmd.env
         self._write_manifest(argv, nprocs, port, attempt)
         if self.stop_signal is not None:  # stopped before the job started
-            return self._finish(State.STOPPED, 0, None)
-        pgid = self._spawn(argv, env, attempt)
+            return self.finish(State.STOPPED, 0, None)
+        pgid = self.spawn(argv, env, attempt)
         self.event("launched", attempt=attempt, ranks=nprocs, master_port=port, command=argv, job_pgid=pgid)
         self.set_status(State.RUNNING, job_pgid=pgid, world_size=nprocs, master_port=port)
-        rc = self._watch(ranks=nprocs)
-        self._kill_group()  # nothing of this job outlives it
+        rc = self.watch(ranks=nprocs)
+        self.kill_group()  # nothing of this job outlives it
         _unlink_shm(port)
         final = (self.dir / FINAL_DIR / "config.json").is_file()
         if rc == 0 and final:
-            code = self._finish(State.COMPLETED, rc, None)
-            self._auto_eval()
+            code = self.finish(State.COMPLETED, rc, None)
+            self.auto_eval()
             return code
         if self.hung:
-            return self._fail(self.hung, rc)
+            return self.fail(self.hung, rc)
         if self.stop_signal is not None:
-            if self._stopped_cleanly():
-                return self._finish(State.STOPPED, rc, None)
-            return self._finish(
-                State.STOPPED, rc, "stopped without a final checkpoint (grace period ran out)"
-            )
+            if self.stopped_cleanly():
+                return self.finish(State.STOPPED, rc, None)
+            return self.finish(State.STOPPED, rc, "stopped without a final checkpoint (grace period ran out)")
         if rc == 0:
-            return self._fail("the job exited 0 but wrote no final model; see logs/", rc)
+            return self.fail("the job exited 0 but wrote no final model; see logs/", rc)
         failure = diagnose(self.dir, self.attempt, rc, self.first_dead, self.run.log_tail(200))
-        return self._fail(failure.sentence(), rc, failure.model_dump())
+        return self.fail(failure.sentence(), rc, failure.model_dump())
 
-    def _auto_eval(self) -> None:
+    def auto_eval(self) -> None:
         """The spec's `eval:` section: evaluate the final model as its own detached job."""
         request = self.run.spec.eval
         if request is None:
@@ -173,22 +171,22 @@ class Supervisor:
         env = job_env(self.dir, attempt)
         self._write_manifest(argv, 1, 0, attempt)
         if self.stop_signal is not None:
-            return self._finish(State.STOPPED, 0, None)
-        pgid = self._spawn(argv, env, attempt)
+            return self.finish(State.STOPPED, 0, None)
+        pgid = self.spawn(argv, env, attempt)
         self.event("launched", attempt=attempt, job="prepare", command=argv, job_pgid=pgid)
         self.set_status(State.RUNNING, job_pgid=pgid, world_size=1)
-        rc = self._watch()
-        self._kill_group()
+        rc = self.watch()
+        self.kill_group()
         if rc == 0 and (self.dir / "data.json").is_file():
-            return self._finish(State.COMPLETED, rc, None)
+            return self.finish(State.COMPLETED, rc, None)
         if self.stop_signal is not None:
-            return self._finish(State.STOPPED, rc, None)  # nothing half-written looks valid
+            return self.finish(State.STOPPED, rc, None)  # nothing half-written looks valid
         failure = read_json(self.dir / "failures" / "rank0.json")
         if failure and failure.get("attempt") == attempt:
-            return self._fail(f"preparation failed: {failure['type']}: {failure['message']}".strip(), rc)
-        return self._fail(f"preparation exited with code {rc}; see logs/prepare.log", rc)
+            return self.fail(f"preparation failed: {failure['type']}: {failure['message']}".strip(), rc)
+        return self.fail(f"preparation exited with code {rc}; see logs/prepare.log", rc)
 
-    def _spawn(self, argv: list[str], env: dict[str, str], attempt: int) -> int:
+    def spawn(self, argv: list[str], env: dict[str, str], attempt: int) -> int:
         """Start the job in its own process group (we signal exactly this job), its output
         appended to logs/launcher.log; returns the group id."""
         with open(self.dir / "logs" / "launcher.log", "ab") as log:
@@ -201,38 +199,43 @@ class Supervisor:
         self.launched_at = time.time()
         return self.proc.pid
 
-    def _watch(self, ranks: int | None = None) -> int:
+    def watch(self, ranks: int | None = None) -> int:
         """The job's exit code, once it exits, or 0 as soon as all `ranks` ranks (this machine's
         job) are done and gone: DeepSpeed's launcher notices within a second and then tears
         down its own interpreter (measured: 2-3 s more), with nothing left to do."""
         assert self.proc is not None
-        grace = 0.0 if self.prepare_only else self.run.spec.train.stop_grace_s
-        hang_s = self.run.spec.train.hang_timeout_s
-        sent: set[int] = set()
+        ladder = StopLadder(self.grace_s)
         while (rc := self.proc.poll()) is None:
             time.sleep(POLL_S)
             records = rank_records(self.dir, self.attempt)
             if ranks and ranks_done(records, ranks):
                 return 0
             self._track_ranks(records)
-            self._handle_stop()
-            if hang_s and self.hung is None and self._stalled(hang_s):
-                self.hung = f"hung: no progress for {hang_s:g} s (train.hang_timeout_s); stopped"
-                self.event("hung", timeout_s=hang_s)
-                self._signal_group(signal.SIGTERM)
-                self.stop_requested_at = self.stop_requested_at or time.monotonic() - grace - SIGINT_WAIT_S
-            if self.stop_requested_at is None:
-                continue
-            waited = time.monotonic() - self.stop_requested_at
-            for sig, after in ((signal.SIGINT, grace), (signal.SIGTERM, grace + SIGINT_WAIT_S),
-                               (signal.SIGKILL, grace + SIGINT_WAIT_S + SIGTERM_WAIT_S)):  # fmt: skip
-                if waited >= after and sig not in sent:
-                    sent.add(sig)
-                    self.event("signal", signal=signal.Signals(sig).name, after_s=round(waited, 1))
-                    self._signal_group(sig)
+            self.handle_stop()
+            self.check_hang()
+            for name, waited in ladder.due(self.stop_requested_at):
+                self.event("signal", signal=name, after_s=waited)
+                self._signal_group(signal.Signals[name])
         return rc
 
-    def _stalled(self, timeout_s: float) -> bool:
+    @property
+    def grace_s(self) -> float:
+        """How long a stop waits for the ranks' own checkpoint-then-exit (train.stop_grace_s)."""
+        return 0.0 if self.prepare_only else self.run.spec.train.stop_grace_s
+
+    def check_hang(self) -> bool:
+        """The one hang check: no write by the job (metrics, events, rank logs) for
+        train.hang_timeout_s, counted from its first metrics line. A hung job is stopped at
+        once from SIGINT and SIGTERM on (StopLadder); True when it was declared hung now."""
+        hang_s = self.run.spec.train.hang_timeout_s
+        if not hang_s or self.hung is not None or not self.stalled(hang_s):
+            return False
+        self.hung = f"hung: no progress for {hang_s:g} s (train.hang_timeout_s); stopped"
+        self.event("hung", timeout_s=hang_s)
+        self.stop_requested_at = self.stop_requested_at or time.monotonic() - self.grace_s - SIGINT_WAIT_S
+        return True
+
+    def stalled(self, timeout_s: float) -> bool:
         """No write by the job (metrics, events, rank logs) for `timeout_s`, counted from its
         first metrics line of this attempt: start-up (op builds, data, downloads) may be long."""
         try:
@@ -254,7 +257,7 @@ class Supervisor:
         # only note it: the watch loop acts on it, so no file is written from a signal handler
         self.stop_signal = self.stop_signal or signum
 
-    def _handle_stop(self) -> bool:
+    def handle_stop(self) -> bool:
         """Turn a received stop signal into the stop request the ranks look for; True
         when it did so now."""
         if self.stop_signal is None or self.stop_requested_at is not None:
@@ -272,7 +275,7 @@ class Supervisor:
         if self.proc is not None:
             signal_group(self.proc.pid, sig)
 
-    def _kill_group(self, wait_s: float = 10.0) -> None:
+    def kill_group(self, wait_s: float = 10.0) -> None:
         """SIGKILL the job's process group and wait until it is gone (reaped)."""
         if self.proc is not None:
             kill_group(self.proc.pid, wait_s)
@@ -283,14 +286,14 @@ class Supervisor:
         if self.first_dead is None:
             self.first_dead = first_dead_rank(self.dir, self.attempt, records)
 
-    def _stopped_cleanly(self) -> bool:
+    def stopped_cleanly(self) -> bool:
         return any(e.get("event") == "stopped_at" for e in self.run.events()[-20:])
 
-    def _fail(self, reason: str, rc: int | None = None, failure: dict[str, Any] | None = None) -> int:
+    def fail(self, reason: str, rc: int | None = None, failure: dict[str, Any] | None = None) -> int:
         """End failed: `reason` is the sentence for people, `failure` the same as fields."""
-        return self._finish(State.FAILED, rc, reason, failure)
+        return self.finish(State.FAILED, rc, reason, failure)
 
-    def _finish(
+    def finish(
         self, state: State, rc: int | None, error: str | None, failure: dict[str, Any] | None = None
     ) -> int:
         self._remove_swap()

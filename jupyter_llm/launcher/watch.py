@@ -84,6 +84,30 @@ def diagnose(
     return Failure(cause="launcher", exit_code=rc, signal=sig)
 
 
+class StopLadder:
+    """The one stop ladder, for every backend: once a stop is requested (or a hang declared),
+    SIGINT when the grace period is over (the ranks had that long to checkpoint and exit on
+    their own), SIGTERM SIGINT_WAIT_S later, SIGKILL SIGTERM_WAIT_S after that; each once."""
+
+    def __init__(self, grace_s: float):
+        self.steps = (("SIGINT", grace_s), ("SIGTERM", grace_s + SIGINT_WAIT_S),
+                      ("SIGKILL", grace_s + SIGINT_WAIT_S + SIGTERM_WAIT_S))  # fmt: skip
+        self.sent: set[str] = set()
+
+    def due(self, requested_at: float | None) -> list[tuple[str, float]]:
+        """The signals due now and not sent yet, each with the seconds since the request."""
+        if requested_at is None:
+            return []
+        waited = time.monotonic() - requested_at
+        out = [
+            (name, round(waited, 1))
+            for name, after in self.steps
+            if waited >= after and name not in self.sent
+        ]
+        self.sent.update(name for name, _ in out)
+        return out
+
+
 def rank_records(run_dir: Path, attempt: int) -> dict[int, dict[str, Any]]:
     """The ranks' own records of this attempt (ranks/rank*.json, on this machine), by rank."""
     out = {}
