@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -209,3 +210,34 @@ def test_the_one_stop_ladder(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ladder.due(asked) == [("SIGINT", 30.0)] and ladder.due(asked) == []
     now[0] = 130.0 + watch.SIGINT_WAIT_S + watch.SIGTERM_WAIT_S + 1  # a slow poll: both at once
     assert [name for name, _ in ladder.due(asked)] == ["SIGTERM", "SIGKILL"] and ladder.due(asked) == []
+
+
+def test_the_one_final_state_decision(spec: Spec) -> None:
+    """Supervisor.conclude decides every backend's end of an attempt (local, ssh, pdsh, Slurm)."""
+    import signal as sig
+
+    from jupyter_llm.files import append_jsonl as log_event
+    from jupyter_llm.launcher.supervisor import Supervisor
+
+    def ended(rc: int, **setup: Any) -> dict[str, Any]:
+        run = RunStore().create(spec)
+        sup = Supervisor(run.path, resume=False)
+        if setup.get("final"):
+            (run.path / "final").mkdir()
+            (run.path / "final" / "config.json").write_text("{}")
+        sup.hung = setup.get("hung")
+        sup.stop_signal = setup.get("stop")
+        if setup.get("stopped_at"):
+            log_event(run.path / "events.jsonl", {"event": "stopped_at", "step": 7})
+        sup.conclude(rc, lambda: ("rank 1 failed: Boom: no", {"cause": "exception", "rank": 1}))
+        return run.status()
+
+    assert ended(0, final=True)["state"] == "completed"
+    st = ended(-9, hung="hung: no progress for 5 s (train.hang_timeout_s); stopped")
+    assert st["state"] == "failed" and st["error"].startswith("hung:")
+    assert ended(0, stop=sig.SIGTERM, stopped_at=True)["state"] == "stopped"
+    st = ended(-9, stop=sig.SIGTERM)
+    assert st["state"] == "stopped" and st["error"].startswith("stopped without a final checkpoint")
+    assert "no final model" in ended(0)["error"]
+    st = ended(1)
+    assert st["state"] == "failed" and st["error"] == "rank 1 failed: Boom: no" and st["failure"]["rank"] == 1

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 from ..cluster import Cluster
 from ..files import now_iso, read_json
-from ..folder import CKPT_MARKER, FINAL_DIR, State
+from ..folder import CKPT_MARKER, State
 from . import remote, slurm
 from .backends import commands
 from .local import job_env, rank_env
-from .watch import StopLadder
+from .watch import StopLadder, diagnose
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
@@ -187,8 +187,6 @@ class MultiNode:
             return sup.fail(
                 self._why(nodes[failed[0]], failed[1]), failed[1], self._failure(nodes[failed[0]])
             )
-        if sup.hung:
-            return sup.fail(sup.hung, max(codes.values()))
         return self._ended(max(codes.values()))
 
     def _why(self, node: remote.Node, rc: int) -> str:
@@ -208,19 +206,7 @@ class MultiNode:
         return {**failure, "node": node.index} if failure else None
 
     def _ended(self, rc: int) -> int:
-        sup = self.sup
-        final = (self.dir / FINAL_DIR / "config.json").is_file()
-        if rc == 0 and final:
-            code = sup.finish(State.COMPLETED, rc, None)
-            sup.auto_eval()
-            return code
-        if sup.stop_signal is not None:
-            if sup.stopped_cleanly():
-                return sup.finish(State.STOPPED, rc, None)
-            return sup.finish(State.STOPPED, rc, "stopped without a final checkpoint (grace period ran out)")
-        if rc == 0:
-            return sup.fail("the job exited 0 but no final model came back; see logs/", rc)
-        return sup.fail(f"the job failed (exit {rc}); see logs/", rc)
+        return self.sup.conclude(rc, lambda: (f"the job failed (exit {rc}); see logs/", None))
 
     def _send(self, command: str) -> None:
         for p in self.procs.values():
@@ -342,11 +328,9 @@ class MultiNode:
                     sup.event("scancel_failed", reason=str(e))
         final_state, rc = slurm.final_state(job_id)
         sup.event("slurm_finished", slurm_job=job_id, state=final_state or state, exit_code=rc)
-        if final_state == "COMPLETED" or sup.stop_signal is not None:
-            return self._ended(0 if final_state == "COMPLETED" else rc)
-        from .watch import diagnose
 
-        failure = diagnose(self.dir, self.attempt, rc, None, [])
-        return sup.fail(
-            f"Slurm job {job_id} ended {final_state}: {failure.sentence()}", rc, failure.model_dump()
-        )
+        def why() -> tuple[str, dict[str, Any] | None]:
+            failure = diagnose(self.dir, self.attempt, rc, None, [])
+            return f"Slurm job {job_id} ended {final_state}: {failure.sentence()}", failure.model_dump()
+
+        return sup.conclude(0 if final_state == "COMPLETED" else (rc or 1), why)

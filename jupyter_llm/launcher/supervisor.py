@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -135,8 +136,19 @@ class Supervisor:
         rc = self.watch(ranks=nprocs)
         self.kill_group()  # nothing of this job outlives it
         _unlink_shm(port)
-        final = (self.dir / FINAL_DIR / "config.json").is_file()
-        if rc == 0 and final:
+
+        def why() -> tuple[str, dict[str, Any] | None]:
+            failure = diagnose(self.dir, self.attempt, rc, self.first_dead, self.run.log_tail(200))
+            return failure.sentence(), failure.model_dump()
+
+        return self.conclude(rc, why)
+
+    def conclude(self, rc: int, why: Callable[[], tuple[str, dict[str, Any] | None]]) -> int:
+        """The one final-state decision of an attempt, for every backend: completed (exit 0 and
+        a final model; the spec's eval: starts), failed as hung, stopped (cleanly, or without
+        its final checkpoint), failed without a final model, or failed for `why()` (the
+        backend's diagnosis: the sentence and the fields)."""
+        if rc == 0 and (self.dir / FINAL_DIR / "config.json").is_file():
             code = self.finish(State.COMPLETED, rc, None)
             self.auto_eval()
             return code
@@ -147,9 +159,9 @@ class Supervisor:
                 return self.finish(State.STOPPED, rc, None)
             return self.finish(State.STOPPED, rc, "stopped without a final checkpoint (grace period ran out)")
         if rc == 0:
-            return self.fail("the job exited 0 but wrote no final model; see logs/", rc)
-        failure = diagnose(self.dir, self.attempt, rc, self.first_dead, self.run.log_tail(200))
-        return self.fail(failure.sentence(), rc, failure.model_dump())
+            return self.fail("the job exited 0 but no final model is in the run folder; see logs/", rc)
+        reason, failure = why()
+        return self.fail(reason, rc, failure)
 
     def auto_eval(self) -> None:
         """The spec's `eval:` section: evaluate the final model as its own detached job."""
