@@ -47,6 +47,7 @@ from .watch import (
 )
 
 POLL_S = 0.25
+SPAWN_TIMEOUT_S = 60.0  # start(): the detaching supervisor's first process exits within a second
 
 
 class Supervisor:
@@ -383,10 +384,14 @@ def start(run_dir: Path, resume: bool = False) -> None:
         argv.append("--resume")
     env = dict(os.environ, JUPYTER_LLM_CALLER_CWD=os.getcwd())
     with open(run_dir / "logs" / "supervisor.log", "ab") as log:
-        subprocess.run(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, cwd=run_dir, env=env, check=True,
-        )  # fmt: skip
+        try:
+            subprocess.run(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, cwd=run_dir, env=env, check=True, timeout=SPAWN_TIMEOUT_S,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"the supervisor of {run_dir.name} did not detach within {SPAWN_TIMEOUT_S:g} s "
+                               f"(it records its state first); see {run_dir / 'logs' / 'supervisor.log'}") from None  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
