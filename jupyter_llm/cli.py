@@ -7,9 +7,11 @@ User mistakes exit with code 2 and a one-paragraph message; `train --wait` and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .errors import SpecError, UserError
@@ -87,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a shared parameter (repeatable)")  # fmt: skip
     plr.add_argument("--out", help="the pipeline folder (default: <runs root>/_pipelines/<id>)")
     plr.add_argument("--resume", metavar="FOLDER", help="continue a failed pipeline from its failed stage")
+    plr.add_argument("--allow-extra", action="store_true", help="let through parameters no notebook declares")
 
     rp = sub.add_parser("reproduce", help="rerun a run or a pipeline folder from its record; compare losses")
     rp.add_argument("target", help="run id / name, or a pipeline folder")
@@ -97,7 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     store = RunStore(args.root)
     try:
-        return int(COMMANDS[args.cmd](args, store) or 0)
+        rc = int(COMMANDS[args.cmd](args, store) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below
+        return rc
     except SpecError as e:
         print(f"jupyter-llm: {e}", file=sys.stderr)
         return 2
@@ -106,6 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `jupyter-llm runs | head -1`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def _train(args: argparse.Namespace, store: RunStore) -> int:
@@ -116,10 +124,7 @@ def _train(args: argparse.Namespace, store: RunStore) -> int:
     if args.dry_run:  # the spec, DeepSpeed config, every command and the pre-flight (nodes included)
         from .preflight import dry_run
 
-        # the memory estimate (a subprocess with torch) only where the launch must fit itself
-        plan = dry_run(
-            spec, estimate_memory="auto" in (spec.distributed.zero_stage, spec.distributed.offload)
-        )
+        plan = dry_run(spec)  # with the memory estimate (a few seconds: a subprocess builds the model)
         print(plan)
         return 0 if plan.ok else 1
     run = launch(spec, root=store.root)
@@ -149,8 +154,9 @@ def _prepare(args: argparse.Namespace, store: RunStore) -> int:
 
 def _follow(run: Run) -> int:
     """Print metrics lines as they come; exit code 0 only for a completed run."""
-    for m in run.follow():
-        print(_fmt_metrics(m), file=sys.stderr)
+    with _goes_on(run):
+        for m in run.follow():
+            print(_fmt_metrics(m), file=sys.stderr)
     st = run.status()
     print(f"{run.id}: {st['state']}" + (f" ({st['error']})" if st.get("error") else ""), file=sys.stderr)
     return 0 if st["state"] == State.COMPLETED.value else 1
@@ -176,6 +182,8 @@ def _row(run: Run) -> dict[str, Any]:
         "run_id": run.id, "name": st.get("name"), "state": st["state"], "step": last.get("step"),
         "max_steps": total, "loss": last.get("loss"), "val_loss": last_val.get("val_loss"),
         "started_at": st.get("started_at"), "ended_at": st.get("ended_at"), "error": st.get("error"),
+        "restarts": st.get("restarts") or None,
+        "last_restart": (st.get("last_restart") or {}).get("reason") if st.get("restarts") else None,
         "path": str(run.path),
     }  # fmt: skip
 
@@ -194,6 +202,8 @@ def _runs(args: argparse.Namespace, store: RunStore) -> int:
         loss = f"{r['loss']:.4f}" if r["loss"] is not None else "-"
         started = (r["started_at"] or "")[:19].replace("T", " ")
         print(f"{r['run_id']:<44} {r['state']:<10} {step:>11} {loss:>8} {started:<19}")
+        if r["state"] == "damaged":
+            print(f"  {r['error']}")
     return 0
 
 
@@ -211,9 +221,21 @@ def _status(args: argparse.Namespace, store: RunStore) -> int:
 
 def _logs(args: argparse.Namespace, store: RunStore) -> int:
     run = store.get(args.run)
-    for line in run.logs(args.n, args.rank, follow=args.follow):
-        print(line, flush=True)
+    with _goes_on(run):
+        for line in run.logs(args.n, args.rank, follow=args.follow):
+            print(line, flush=True)
     return 0
+
+
+@contextlib.contextmanager
+def _goes_on(run: Run) -> Iterator[None]:
+    """Ctrl-C stops the following, never the run: say so, and how to stop or follow it."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"\n{run.id} goes on in the background ({run.state}); `jupyter-llm stop {run.id}` stops it, "
+              f"`jupyter-llm logs -f {run.id}` follows it again", file=sys.stderr)  # fmt: skip
+        raise
 
 
 def _stop(args: argparse.Namespace, store: RunStore) -> int:
@@ -287,7 +309,8 @@ def _pipeline(args: argparse.Namespace, store: RunStore) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     try:
-        folder = run(args.file, args.params, out=args.out, resume=args.resume, log=log)
+        folder = run(args.file, args.params, out=args.out, resume=args.resume, log=log,
+                     allow_extra=args.allow_extra)  # fmt: skip
     except PipelineError as e:
         print(f"jupyter-llm: {e}\n{summary_text(e.folder)}", file=sys.stderr)
         return 1

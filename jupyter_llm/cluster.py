@@ -25,10 +25,10 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
+from .inputs import load_yaml, read_text
 
 CLUSTER_FILE = "cluster.json"  # in a run folder: the cluster it runs on (absent: this machine)
 HOST_RE = re.compile(r"^(?:(?P<user>[A-Za-z0-9._-]+)@)?(?P<host>[A-Za-z0-9._-]+)(?::(?P<port>\d{1,5}))?$")
@@ -176,10 +176,7 @@ def load_clusters(path: str | os.PathLike[str] | None = None) -> dict[str, Clust
     f = Path(path) if path is not None else clusters_file()
     if not f.is_file():
         return {}
-    try:
-        raw = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{f}: not valid YAML: {e}") from None
+    raw = load_yaml(read_text(f), str(f)) or {}
     if not isinstance(raw, dict):
         raise UserError(f"{f}: expected a mapping of cluster names to clusters")
     out = {}

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from .preflight import DryRun
 
 COLORS = {"completed": "#2e7d32", "failed": "#c62828", "stopped": "#6d4c41", "running": "#1565c0",
-          "starting": "#6a1b9a", "resuming": "#6a1b9a", "stopping": "#ef6c00", "created": "#616161"}  # fmt: skip
+          "starting": "#6a1b9a", "resuming": "#6a1b9a", "stopping": "#ef6c00", "created": "#616161",
+          "damaged": "#ad1457"}  # fmt: skip
 
 
 def badge(state: str) -> str:
@@ -86,10 +87,7 @@ def run_html(run: RunFolder) -> str:
 def runs_rows(runs: Sequence[RunFolder]) -> list[dict[str, Any]]:
     rows = []
     for r in runs:
-        try:
-            p, st = progress(r), r.status()
-        except Exception:  # a damaged folder must not break the table
-            continue
+        p, st = progress(r), r.status()  # a damaged folder is a row in state `damaged`
         start, end = st.get("started_at"), st.get("ended_at")
         duration = None
         if start:

@@ -6,6 +6,10 @@ code 2 with a short message and the magics into `UsageError`, never a traceback.
 
 from __future__ import annotations
 
+import errno
+import os
+import reprlib
+import shutil
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,8 +38,12 @@ class Problem:
 def _short(value: Any, limit: int = 60) -> str:
     if value is MISSING:
         return ""
-    text = repr(value)
+    text = _repr.repr(value)  # bounded: a huge or deeply shared value is never expanded whole
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_repr = reprlib.Repr()
+_repr.maxlevel, _repr.maxlist, _repr.maxdict, _repr.maxstring, _repr.maxother = 3, 6, 6, 60, 60
 
 
 class _Missing:
@@ -70,3 +78,36 @@ class RunStateError(UserError):
 
 class LaunchError(JupyterLLMError):
     """The job could not be started (pre-flight failed, launcher missing, ...)."""
+
+
+class DiskFull(UserError):
+    """The disk holding a run folder has no room for what must be written."""
+
+
+def free_mb(path: str | os.PathLike[str]) -> float | None:
+    """Free space (MB) on the disk holding `path` (its nearest existing parent), or None."""
+    p = os.path.abspath(path)
+    while not os.path.exists(p) and os.path.dirname(p) != p:
+        p = os.path.dirname(p)
+    try:
+        return shutil.disk_usage(p).free / 2**20
+    except OSError:
+        return None
+
+
+def disk_full_message(path: str | os.PathLike[str], what: str, needed_mb: float | None = None) -> str:
+    free = free_mb(path)
+    have = f"{_mb(free)} MB free" if free is not None else "no space left"
+    need = f", {what} needs {_mb(needed_mb)} MB" if needed_mb else f"; cannot write {what}"
+    return f"the disk holding {path} is full ({have}{need}); free some space there and try again"
+
+
+def _mb(x: float) -> str:
+    return f"{x:.1f}" if x < 10 else f"{x:,.0f}"
+
+
+def disk_error(path: str | os.PathLike[str], e: OSError, what: str) -> UserError:
+    """A UserError for an OSError met writing `what` under `path`: a full disk says so."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(disk_full_message(path, what))
+    return UserError(f"cannot write {what} under {path}: {e.strerror or e}")

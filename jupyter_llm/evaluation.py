@@ -171,8 +171,9 @@ def _check_model(run: RunFolder, spec: Spec, req: EvalSpec) -> None:
     if req.checkpoint == "final":
         if run.final_model is None:
             raise RunStateError(
-                f"run {run.id} has no final model ({run.state}); evaluate a checkpoint "
-                f"(checkpoint='latest' or a step: {_steps(run) or 'none saved'})"
+                f"run {run.id} has no final model ({run.state}); evaluate a checkpoint: latest or a step "
+                f"(saved: {_steps(run) or 'none'}) -- `--checkpoint latest` in the CLI, "
+                "checkpoint='latest' in Python"
             )
         return
     steps = _steps(run)

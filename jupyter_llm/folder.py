@@ -12,6 +12,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from .errors import RunNotFound, RunStateError
+from .errors import RunNotFound, RunStateError, disk_error
 from .files import (
     Tail,
     append_jsonl,
@@ -54,6 +55,9 @@ LOGS_DIR = "logs"
 RANKS_DIR = "ranks"  # ranks/rank{r}.json: each rank's own record of an attempt
 FAILURES_DIR = "failures"  # failures/rank{r}.json: a rank's exception
 CONTROL_DIR = "control"  # control/stop: the stop request the ranks look for
+# "pid:create_time" of the process supervising the ranks (the supervisor, or a node's agent):
+# when it is gone, the ranks ask themselves to stop (checkpoint, exit) -- no unsupervised job
+PARENT_ENV = "JUPYTER_LLM_PARENT"
 
 # status.json's format. 1: numbered ("format": 1). A folder written before the format was
 # numbered reads as 0; its fields are a subset of 1's, so it reads, lists, evaluates and
@@ -72,10 +76,11 @@ class State(str, Enum):
     COMPLETED = "completed"
     FAILED = "failed"
     STOPPED = "stopped"
+    DAMAGED = "damaged"  # status.json is missing, cut short or invalid (read, never written)
 
     @property
     def terminal(self) -> bool:
-        return self in (State.COMPLETED, State.FAILED, State.STOPPED)
+        return self in (State.COMPLETED, State.FAILED, State.STOPPED, State.DAMAGED)
 
 
 class RunStatus(BaseModel):
@@ -90,6 +95,7 @@ class RunStatus(BaseModel):
     name: str | None = None
     job: Literal["train", "prepare"] = "train"
     attempt: int = 0
+    restarts: int = 0  # automatic restarts so far (train.max_restarts); the causes are events
     pid: int | None = None  # the supervisor
     pid_create_time: float | None = None
     job_pgid: int | None = None  # the launcher's process group
@@ -155,29 +161,36 @@ class FolderStore(Generic[R]):
         for _ in range(100):
             stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")[:-3]
             run_id = f"{stamp}-{spec.name}-{secrets.token_hex(2)}"
-            path = self.root / run_id
-            try:
-                path.mkdir()
+            if not (self.root / run_id).exists():
                 break
-            except FileExistsError:
-                continue
         else:  # pragma: no cover - needs 100 collisions of 16 random bits in one ms
             raise RuntimeError("could not allocate a unique run id")
-        (path / "logs").mkdir()
-        (path / SPEC_FILE).write_text(spec.to_yaml(), encoding="utf-8")
-        write_json_atomic(path / DS_CONFIG_FILE, deepspeed_config(spec, run_id))
-        run = self.run_class(path)
-        write_status(path, State.CREATED, run_id=run_id, name=spec.name, job=job, created_at=now_iso())
-        append_jsonl(path / EVENTS_FILE, {"time": now_iso(), "event": "created"})
-        return run
+        # Built under a hidden name and renamed into place: a lister never sees half a run
+        # folder, and one that cannot be written (a full disk) leaves nothing behind.
+        tmp = self.root / f".creating-{run_id}"
+        try:
+            tmp.mkdir()
+            (tmp / LOGS_DIR).mkdir()
+            (tmp / SPEC_FILE).write_text(spec.to_yaml(), encoding="utf-8")
+            write_json_atomic(tmp / DS_CONFIG_FILE, deepspeed_config(spec, run_id))
+            write_status(tmp, State.CREATED, run_id=run_id, name=spec.name, job=job, created_at=now_iso())
+            append_jsonl(tmp / EVENTS_FILE, {"time": now_iso(), "event": "created"})
+            tmp.rename(self.root / run_id)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise disk_error(self.root, e, "a new run folder") from None
+        return self.run_class(self.root / run_id)
 
     def list(self) -> list[R]:
+        """Every run folder, oldest first; a damaged one too (its state reads `damaged`)."""
         if not self.root.is_dir():
             return []
         return [
             self.run_class(p)
             for p in sorted(self.root.iterdir())
-            if RUN_ID_RE.match(p.name) and (p / STATUS_FILE).is_file() and not p.is_symlink()
+            if RUN_ID_RE.match(p.name)
+            and not p.is_symlink()
+            and ((p / STATUS_FILE).exists() or (p / SPEC_FILE).exists())
         ]
 
     def get(self, run_id: str | None = None) -> R:
@@ -248,10 +261,15 @@ class RunFolder:
         Readers never write status.json (the supervisor owns it); a run whose supervisor
         vanished (SIGKILL, machine reboot) shows state `failed` with `lost: true`.
         """
-        raw = self.status_raw()
-        if raw is None:
-            raise RunNotFound(f"{self.path} is not a run folder (no status.json)")
-        st = RunStatus.model_validate(raw).model_dump(mode="json")  # every field, in format 1's names
+        try:
+            raw = json.loads((self.path / STATUS_FILE).read_bytes())
+            st = RunStatus.model_validate(raw).model_dump(mode="json")  # every field, in format 1's names
+        except FileNotFoundError:
+            if not self.path.is_dir():
+                raise RunNotFound(f"{self.path} is not a run folder") from None
+            return self._damaged("it has no status.json")
+        except (OSError, ValueError) as e:  # JSON, UTF-8 and pydantic errors are ValueErrors
+            return self._damaged(f"its status.json cannot be read ({_first_line(e)})")
         state = State(st["state"])
         lost = not state.terminal and state != State.CREATED
         if lost and not process_alive(st.get("pid"), st.get("pid_create_time")):
@@ -262,6 +280,16 @@ class RunFolder:
                 "error": st.get("error") or f"supervisor (pid {st.get('pid')}) is gone",
             }
         return st
+
+    def _damaged(self, why: str) -> dict[str, Any]:
+        return {
+            "format": STATUS_FORMAT,
+            "state": State.DAMAGED.value,
+            "run_id": self.id,
+            "name": None,
+            "damaged": True,
+            "error": f"damaged: {why}; its other files are untouched (spec.yaml, checkpoints/, final/)",
+        }
 
     @property
     def state(self) -> str:
@@ -382,6 +410,11 @@ class RunFolder:
         if wait:
             return self.wait(timeout)
         return self.state
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
 
 
 class RunFolders(FolderStore[RunFolder]):

@@ -274,12 +274,9 @@ class LLMMagics(Magics):
                 raise UsageError(f"sweep file not found: {args.name}")
             s = sweep(Path(args.name))
         else:
-            import yaml
+            from .inputs import load_yaml
 
-            try:
-                body = yaml.safe_load(cell) or {}
-            except yaml.YAMLError as e:
-                raise UsageError(f"the sweep is not valid YAML: {getattr(e, 'problem', e)}") from None
+            body = load_yaml(cell, "the sweep") or {}
             if not isinstance(body, Mapping):
                 raise UsageError("the sweep body must be a mapping: base, space, objective, trials, ...")
             s = sweep({**body, **({"name": args.name} if args.name else {})})
@@ -295,6 +292,7 @@ class LLMMagics(Magics):
     )
     @argument("--out", help="the pipeline folder")
     @argument("--resume", metavar="FOLDER", help="continue a failed pipeline")
+    @argument("--allow-extra", action="store_true", help="let through parameters no notebook declares")
     @_usage
     def llm_pipeline(self, line: str = "") -> str:
         """Run a papermill pipeline (prepare → train → evaluate notebooks) to the end."""
@@ -302,7 +300,8 @@ class LLMMagics(Magics):
 
         args = _parse(self.llm_pipeline, line)
         try:
-            folder = run(args.file, args.params, out=args.out, resume=args.resume, log=print)
+            folder = run(args.file, args.params, out=args.out, resume=args.resume, log=print,
+                         allow_extra=args.allow_extra)  # fmt: skip
         except PipelineError as e:
             raise UsageError(f"{e}\n{summary_text(e.folder)}") from None
         return summary_text(folder)

@@ -15,6 +15,7 @@ run, and `resume` continues from that stage (with new parameters if given).
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import os
@@ -24,13 +25,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import JupyterLLMError, Problem, SpecError, UserError
 from .files import now_iso, read_json, write_json_atomic
 from .folder import default_root
 from .hashing import content_sha256
+from .inputs import InputError, load_yaml, read_text
 from .provenance import git_sha, versions
 
 
@@ -81,9 +82,9 @@ def load(path: str | os.PathLike[str]) -> tuple[PipelineSpec, Path]:
     if not p.is_file():
         raise SpecError([Problem("<file>", str(path), "pipeline file not found")])
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise SpecError([Problem("<yaml>", "...", f"not valid YAML: {getattr(e, 'problem', e)}")]) from None
+        data = load_yaml(read_text(p), str(p))
+    except InputError as e:
+        raise SpecError([Problem("<file>", str(path), e.detail)]) from None
     try:
         spec = PipelineSpec.model_validate(data)
     except ValidationError as e:
@@ -107,8 +108,58 @@ def parse_params(items: list[str] | Mapping[str, Any] | None) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise UserError(f"-p {item!r}: give key=value")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        out[key.strip()] = load_yaml(value, f"-p {key.strip()}") if value.strip() else ""
     return out
+
+
+_KINDS: dict[type, tuple[type, ...]] = {int: (int,), float: (int, float), str: (str,), bool: (bool,),
+                                         list: (list,), dict: (dict,)}  # fmt: skip
+
+
+def check_params(
+    spec: PipelineSpec, declared: Mapping[str, Mapping[str, Any]], given: Mapping[str, Any], allow_extra: bool
+) -> None:
+    """Every value against the type of each declaring notebook's default (None: any type)."""
+    problems = []
+    stage_of = {s.name: s for s in spec.stages}
+    sources = [("-p", k, v, list(declared)) for k, v in given.items()]
+    sources += [("parameters", k, v, list(declared)) for k, v in spec.parameters.items() if k not in given]
+    sources += [
+        (f"stages.{n}.parameters", k, v, [n]) for n, st in stage_of.items() for k, v in st.parameters.items()
+    ]
+    for where, key, value, stages in sources:
+        owners = [n for n in stages if key in declared[n]]
+        if not owners and not allow_extra:
+            names = sorted({k for n in stages for k in declared[n]} - {"pipeline_outputs"})
+            problems.append(Problem(f"{where} {key}", value, "no stage's parameters cell declares it (declared: "
+                                    f"{', '.join(names)}); pass --allow-extra to let it through"))  # fmt: skip
+        for n in owners:
+            default = declared[n][key].get("default")
+            try:
+                kind = type(ast.literal_eval(default)) if default else type(None)
+            except (ValueError, SyntaxError):
+                continue  # an expression: no type to hold it to
+            ok = _KINDS.get(kind)
+            if ok and not (isinstance(value, ok) and not (isinstance(value, bool) and bool not in ok)):
+                problems.append(Problem(f"{where} {key}", value, f"{stage_of[n].notebook} has {key} = {default} "
+                                        f"({_a(kind.__name__)}); give {_a(kind.__name__)}"))  # fmt: skip
+                break
+    if problems:
+        raise SpecError(problems)
+
+
+def _declared(pm: Any, notebook: Path) -> dict[str, Any]:
+    """The notebook's `parameters` cell as papermill reads it (name → default, help)."""
+    try:
+        return dict(pm.inspect_notebook(str(notebook)))
+    except Exception as e:  # papermill raises ValueError, JSON and nbformat errors alike
+        raise SpecError(
+            [Problem("stages", notebook.name, f"papermill cannot read its parameters: {e}")]
+        ) from None
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
 
 
 def record(pipeline_outputs: str | None, **outputs: Any) -> None:
@@ -126,13 +177,21 @@ def run(
     out: str | os.PathLike[str] | None = None,
     resume: str | os.PathLike[str] | None = None,
     log: Any = None,
+    allow_extra: bool = False,
 ) -> Path:
     """Run every stage in order (or, with `resume=FOLDER`, from the first stage not completed);
-    returns the pipeline folder. Raises PipelineError naming the failed stage and cell."""
+    returns the pipeline folder. Raises PipelineError naming the failed stage and cell.
+
+    Before anything runs, every parameter (the pipeline's, a stage's, `params`) is checked
+    against the `parameters` cells: a value of another type than a cell's default is a
+    SpecError naming the notebook; a name no stage declares is one too, unless `allow_extra`."""
     import papermill as pm
 
     spec, path = load(pipeline)
     given = parse_params(params)
+    check_params(
+        spec, {s.name: _declared(pm, path.parent / s.notebook) for s in spec.stages}, given, allow_extra
+    )
     if resume is not None:
         folder = Path(resume).resolve()
         manifest = read_json(folder / "manifest.json")
@@ -163,8 +222,7 @@ def run(
             out_json = folder / f"{i + 1:02d}_{stage.name}.outputs.json"
             out_json.unlink(missing_ok=True)
             # the shared parameters this notebook declares (papermill warns about the others)
-            declared = pm.inspect_notebook(str(path.parent / stage.notebook))
-            shared = {k: v for k, v in parameters.items() if k in declared}
+            shared = {k: v for k, v in parameters.items() if k in _declared(pm, path.parent / stage.notebook)}
             stage_params = {**shared, **stage.parameters, "pipeline_outputs": str(out_json)}
             for param, ref in stage.inputs.items():
                 src, _, key = ref.partition(".")

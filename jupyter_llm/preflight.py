@@ -100,6 +100,7 @@ def dry_run(spec: Spec, estimate_memory: bool = True, probe: bool = True) -> Dry
                 "data file", size is not None, f"{f} ({_size(size)})" if size is not None else f"{f} missing"
             )
         )
+    checks += _data_checks(spec)
     if gpus:
         checks.append(Check("ranks", ranks <= gpus, f"{ranks} rank(s) on {gpus} GPU(s)"))
     else:
@@ -121,10 +122,12 @@ def dry_run(spec: Spec, estimate_memory: bool = True, probe: bool = True) -> Dry
                             problem or f"{d.nvme_path}: {(free or 0) / fit.GIB:.1f} GiB free"))  # fmt: skip
     if d.tensor_parallel > 1:
         checks.append(tp_check(spec, ranks, ranks, memory["shape"] if memory and "shape" in memory else None))
+    if err is not None and not err.startswith("the estimate took"):  # the model cannot be built
+        checks.append(Check("model", False, f"building the model from the spec failed: {err}"))
     plan = None
     if memory and "shape" in memory:
         plan = fit.plan_spec(spec, memory["shape"], ranks, ranks, fit.probe(d.nvme_path))
-        checks.append(Check("fits", plan.chosen is not None or not _auto(spec), plan.reason))
+        checks.append(Check("fits", plan.chosen is not None, plan.reason))
         if plan.chosen is not None and _auto(spec):
             spec = fitted(spec, plan)
     return DryRun(spec, _ds_config(spec, memory), cmd.argv, ranks, checks, memory, err, shown_env, fit=plan)
@@ -269,7 +272,7 @@ def _dry_run_cluster(spec: Spec, cluster: Any, estimate_memory: bool, probe: boo
     plan = None
     if memory and "shape" in memory and resources is not None:
         plan = fit.plan_spec(spec, memory["shape"], ranks, max(n.slots for n in nodes), resources)
-        checks.append(Check("fits", plan.chosen is not None or not _auto(spec), plan.reason))
+        checks.append(Check("fits", plan.chosen is not None, plan.reason))
         if plan.chosen is not None and _auto(spec):
             spec = fitted(spec, plan)
     return DryRun(spec, _ds_config(spec, memory), cmds[0].argv, ranks, checks, memory, err, dict(cluster.env),
@@ -281,6 +284,21 @@ def _ds_config(spec: Spec, memory: dict[str, Any] | None) -> dict[str, Any]:
     estimate knows the model's shape)."""
     cfg = deepspeed_config(spec)
     return resolve_auto(cfg, memory["shape"]) if memory and "shape" in memory else cfg
+
+
+def _data_checks(spec: Spec) -> list[Check]:
+    """What the data files alone tell: a training block longer than the whole training text
+    can never be filled (a token is at least one character of text)."""
+    d = spec.data
+    files = [f for f in d.train if os.path.isfile(f) and f.endswith((".txt", ".md"))]
+    if d.format != "text" or not files or len(files) != len(d.train):
+        return []
+    chars = sum(os.path.getsize(f) for f in files)
+    room = int(chars * (1 - (d.val_fraction if d.validation is None else 0)))
+    ok = d.block_size + 1 <= room
+    return [Check("block vs data", ok, f"data.block_size {d.block_size} fits the training text (<= {room:,} tokens)"
+                  if ok else f"data.block_size {d.block_size} is longer than the whole training text (at most "
+                  f"{room:,} tokens); lower data.block_size or add data")]  # fmt: skip
 
 
 def memory_estimate(spec: Spec, ranks: int) -> tuple[dict[str, Any] | None, str | None]:

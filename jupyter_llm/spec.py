@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from .errors import MISSING, Problem, SpecError
+from .inputs import InputError, load_yaml, read_text
 
 DATA_SUFFIXES = (".txt", ".md", ".text", ".jsonl", ".csv", ".parquet")
 
@@ -190,6 +191,13 @@ class TrainSpec(_Section):
     # seconds without any sign of progress (metrics, events, rank logs), counted from the
     # first logged step, before the job is declared hung and stopped; 0 = never
     hang_timeout_s: float = Field(1800, ge=0)
+    # automatic restarts after an infrastructure failure (a rank killed by a signal, a lost
+    # node, a hang, a collective that timed out, a full disk once space is back), each from
+    # the newest complete checkpoint; a user error (spec, data, an exception in the code) is
+    # never retried. None: 2 on a cluster (nodes/Slurm), 0 on this machine, where the same
+    # failure usually comes back and the person who launched it is at hand
+    max_restarts: int | None = Field(None, ge=0, le=100)
+    restart_backoff_s: float = Field(10, ge=0, le=3600)  # before the first restart; doubles each time
     grad_norms_every: int = Field(0, ge=0)  # steps between per-layer gradient norms (grads.jsonl); 0 = off
     # compute precision (DeepSpeed's bf16/fp16 modes keep fp32 master weights in the optimizer);
     # auto: the weights' dtype (model.dtype)
@@ -385,12 +393,9 @@ class Spec(_Section):
         check_files: bool = True,
     ) -> Spec:
         try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
-            what = getattr(e, "problem", None) or str(e)
-            raise SpecError([Problem("<yaml>", MISSING, f"not valid YAML at {where}: {what}")]) from None
+            data = load_yaml(text, "<yaml>")
+        except InputError as e:
+            raise SpecError([Problem("<yaml>", MISSING, e.detail)]) from None
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
@@ -404,7 +409,11 @@ class Spec(_Section):
         p = Path(path).expanduser().resolve()
         if not p.is_file():
             raise SpecError([Problem("<file>", str(path), "spec file not found")])
-        return cls.from_yaml(p.read_text(encoding="utf-8"), overrides, base_dir=p.parent)
+        try:
+            text = read_text(p)
+        except InputError as e:
+            raise SpecError([Problem("<file>", str(path), e.detail)]) from None
+        return cls.from_yaml(text, overrides, base_dir=p.parent)
 
     @classmethod
     def load(cls, source: Any, overrides: list[str] | Mapping[str, Any] | None = None) -> Spec:
@@ -656,9 +665,11 @@ def split_override(item: str) -> tuple[str, Any]:
     if not sep or not key or any(not p for p in key.split(".")):
         raise SpecError([Problem("--set", item, "expected KEY=VALUE with a dotted key, e.g. optim.lr=3e-4")])
     try:
-        return key, yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        return key, text
+        return key, load_yaml(text, f"--set {key}") if text.strip() else ""
+    except InputError as e:
+        if e.syntax:
+            return key, text  # a plain string value
+        raise SpecError([Problem(key, MISSING, e.detail)]) from None
 
 
 def deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:

@@ -92,4 +92,13 @@ def run_text(run: RunFolder) -> str:
     text = ", ".join(parts)
     if p["error"]:
         text += f"\n  error: {p['error']}"
+    text += restarts_text(run.status())
     return text + f"\n  folder: {run.path}"
+
+
+def restarts_text(st: dict[str, Any]) -> str:
+    """ "restarts: N (last: why)" for a run that restarted itself; empty otherwise."""
+    if not st.get("restarts"):
+        return ""
+    last = st.get("last_restart") or {}
+    return f"\n  restarts: {st['restarts']} automatic (last: {last.get('reason', '?')})"

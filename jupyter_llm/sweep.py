@@ -28,9 +28,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .detach import DetachedJob
-from .errors import Problem, RunStateError, SpecError, UserError
+from .errors import MISSING, Problem, RunStateError, SpecError, UserError
 from .files import now_iso, read_json, write_json_atomic
 from .folder import default_root
+from .inputs import InputError, load_yaml, read_text
 from .runs import Run, RunStore
 from .spec import Spec, apply_overrides
 
@@ -133,14 +134,15 @@ def load_sweep_spec(source: Any, base_dir: Path | None = None) -> tuple[SweepSpe
         path = Path(source).expanduser().resolve()
         if not path.is_file():
             raise SpecError([Problem("<file>", str(source), "sweep file not found")])
-        base_dir, source = path.parent, path.read_text(encoding="utf-8")
+        try:
+            base_dir, source = path.parent, read_text(path)
+        except InputError as e:
+            raise SpecError([Problem("<file>", str(source), e.detail)]) from None
     if isinstance(source, str):
         try:
-            source = yaml.safe_load(source)
-        except yaml.YAMLError as e:
-            raise SpecError(
-                [Problem("<yaml>", "...", f"not valid YAML: {getattr(e, 'problem', e)}")]
-            ) from None
+            source = load_yaml(source)
+        except InputError as e:
+            raise SpecError([Problem("<yaml>", MISSING, e.detail)]) from None
     if not isinstance(source, Mapping):
         raise SpecError(
             [Problem("<sweep>", source, "a sweep is a mapping: name, base, space, objective, ...")]

@@ -298,23 +298,25 @@ def _job_alive(run: Run) -> bool:
 
 
 def test_supervisor_killed_then_resume(corpus: Path) -> None:
-    """SIGKILL of the supervisor: the run reads as failed (lost); resume kills the orphaned
-    job by its environment tag, continues from the newest checkpoint and completes."""
-    run = launch(tiny_spec(corpus, name="orphan", train={"max_steps": 300, "save_every": 20, "log_every": 5}))
-    wait_for(lambda: run.checkpoints(), what="a checkpoint")
+    """SIGKILL of the supervisor: the run reads as failed (lost); its ranks notice within
+    seconds, checkpoint and exit (no unsupervised job training on to the end); resume
+    continues from that checkpoint and completes."""
+    run = launch(tiny_spec(corpus, name="orphan", train={"max_steps": 300, "save_every": 0, "log_every": 5}))
+    wait_for(lambda: any(m.get("step", 0) >= 10 for m in run.metrics()), what="step 10")
     st = run.status()
     os.kill(st["pid"], signal.SIGKILL)
     wait_for(lambda: run.status().get("lost"), timeout=10, what="the run to read as lost")
     assert run.state == "failed"
-    assert _job_alive(run)  # the orphaned ranks are still going
-    old_pgid = st["job_pgid"]
+    wait_for(lambda: not _job_alive(run), timeout=60, what="the orphaned ranks to exit")
+    events = run.events()
+    assert any(e["event"] == "orphaned" and e["parent_pid"] == st["pid"] for e in events)
+    stopped = [e for e in events if e["event"] == "stopped_at"][-1]["step"]
+    assert stopped < 300 and not (run.path / "final").exists()  # they did not train on to the end
+    assert json.loads((run.checkpoints()[-1] / CKPT_MARKER).read_text())["step"] == stopped
     run.resume()
     assert finished(run)["state"] == "completed"
-    reaped = [e for e in run.events() if e["event"] == "reaped_orphans"]
-    assert reaped and reaped[0]["pids"]
-    with pytest.raises(ProcessLookupError):
-        os.killpg(old_pgid, 0)
-    assert any(e["event"] == "resumed_from" for e in run.events())
+    assert [e for e in run.events() if e["event"] == "resumed_from"][-1]["step"] == stopped
+    assert min(losses(run, attempt=2)) == stopped + 5
 
 
 def test_hung_job_is_reported_and_stopped(corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -352,9 +352,18 @@ def test_two_nodes_zero2_via_cluster_file(sshd: Sshd, corpus: Path, tmp_path: Pa
 @pytest.mark.deepspeed
 def test_killed_rank_on_one_node_stops_the_job(sshd: Sshd, corpus: Path) -> None:
     """A shared filesystem this time: both agents work in the run folder itself."""
-    run = launch(tiny_spec(corpus, distributed={"nodes": sshd.cluster(shared_fs=True), "procs_per_node": 1,
-                                                "zero_stage": "auto", "offload": "auto"},
-                           train={"max_steps": 100000, "save_every": 0, "log_every": 5}))  # fmt: skip
+    run = launch(
+        tiny_spec(
+            corpus,
+            distributed={
+                "nodes": sshd.cluster(shared_fs=True),
+                "procs_per_node": 1,
+                "zero_stage": "auto",
+                "offload": "auto",
+            },
+            train={"max_steps": 100000, "save_every": 0, "log_every": 5, "max_restarts": 0},
+        )
+    )  # max_restarts 0: this test is about the report of the failure, not a restart
     # auto: fitted before launch to what the nodes reported over ssh
     plan = json.loads((run.path / "fit.json").read_text())
     assert plan["resources"]["host_source"].startswith("node ") and plan["chosen"] == {

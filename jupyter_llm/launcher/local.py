@@ -89,6 +89,14 @@ def job_env(run_dir: Path, attempt: int, base_env: Mapping[str, str] | None = No
     return env
 
 
+def parent_tag() -> str:
+    """This process as the ranks' parent (folder.PARENT_ENV): when it is gone they checkpoint
+    and exit."""
+    import psutil
+
+    return f"{os.getpid()}:{psutil.Process().create_time()}"
+
+
 def free_port(preferred: int | None = None) -> int:
     """`preferred` when it is free, else a port the OS reports free on loopback."""
     if preferred is not None and port_free(preferred):

@@ -183,10 +183,10 @@ class MultiNode:
                 sup.event("swap_removed", path=result["swap_removed"], node=n.index)
         sup.set_status(State(sup.run.status()["state"]), nodes=[{"node": n.index, "host": n.host.label, "slots": n.slots,
                                                        "exit_code": codes[n.index]} for n in nodes])  # fmt: skip
-        if failed is not None:
-            return sup.fail(
-                self._why(nodes[failed[0]], failed[1]), failed[1], self._failure(nodes[failed[0]])
-            )
+        if failed is not None:  # a node's ranks failed, or the node itself (ssh lost: exit 255)
+            node = nodes[failed[0]]
+            failure = self._failure(node) or {"cause": "launcher", "node": node.index, "exit_code": failed[1]}
+            return sup.fail_or_restart(self._why(node, failed[1]), failed[1], failure)
         return self._ended(max(codes.values()))
 
     def _why(self, node: remote.Node, rc: int) -> str:

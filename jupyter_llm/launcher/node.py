@@ -123,7 +123,8 @@ class Agent:
                 pass
 
     def main(self) -> int:
-        from .local import rank_env
+        from ..folder import PARENT_ENV
+        from .local import parent_tag, rank_env
 
         a = self.args
         os.chdir(self.run_dir)
@@ -140,6 +141,7 @@ class Agent:
             write_json_atomic(self.run_dir / "data.json", {"path": a.data, "cached": True})
         if a.data is not None or a.data_ready:
             env["JUPYTER_LLM_DATA_READY"] = "1"
+        env[PARENT_ENV] = parent_tag()
         if a.pretrained is not None:
             env["JUPYTER_LLM_PRETRAINED"] = str(self.run_dir / a.pretrained)
         argv = [

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import platform
 import shutil
@@ -22,12 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from ..devices import gpu_count
+from ..errors import disk_full_message
 from ..files import append_jsonl, now_iso, read_json, write_json_atomic
 from ..folder import (
     EVENTS_FILE,
     FINAL_DIR,
     MANIFEST_FILE,
     METRICS_FILE,
+    PARENT_ENV,
     STATUS_FILE,
     RunFolder,
     State,
@@ -35,7 +38,7 @@ from ..folder import (
 )
 from ..hashing import content_sha256
 from ..provenance import git_sha, versions
-from .local import free_port, job_env, kill_group, port_free, signal_group
+from .local import free_port, job_env, kill_group, parent_tag, port_free, signal_group
 from .watch import (
     SIGINT_WAIT_S,
     StopLadder,
@@ -44,9 +47,12 @@ from .watch import (
     rank_records,
     ranks_done,
     reap_orphans,
+    retryable,
 )
 
 POLL_S = 0.25
+RESERVE_FILE = ".reserve"  # held while the supervisor runs; freed to write the end of a full disk
+RESERVE_BYTES = 1 << 20
 SPAWN_TIMEOUT_S = 60.0  # start(): the detaching supervisor's first process exits within a second
 
 
@@ -62,6 +68,8 @@ class Supervisor:
         self.hung: str | None = None
         self.launched_at = time.time()
         self.prepare_only = (read_json(run_dir / STATUS_FILE) or {}).get("job") == "prepare"
+        self.restart: dict[str, Any] | None = None  # the failure an automatic restart follows
+        self.restarts_here = 0  # by this supervisor (each launch or resume has the budget anew)
 
     # -- status -------------------------------------------------------------------------
 
@@ -86,18 +94,41 @@ class Supervisor:
         )  # fmt: skip
 
     def main(self) -> int:
-        self.attempt = attempt = int((read_json(self.dir / STATUS_FILE) or {})["attempt"])
+        self.attempt = int((read_json(self.dir / STATUS_FILE) or {})["attempt"])
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_stop_signal)
         (self.dir / "control").mkdir(exist_ok=True)
         (self.dir / "control" / "stop").unlink(missing_ok=True)
+        reserve = self.dir / RESERVE_FILE
+        # room for the final state when the disk fills up
+        with contextlib.suppress(OSError), open(reserve, "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, RESERVE_BYTES)
         try:
-            return self._supervise(attempt)
-        except Exception as e:  # the supervisor itself must always leave a final state
+            while True:
+                rc = self._supervise(self.attempt)
+                if self.restart is None:
+                    return rc
+                if not self._restart():  # a stop came during the backoff
+                    return self.finish(State.STOPPED, None, None)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                self._crashed(e)
+                raise
             self.kill_group()
-            self.set_status(State.FAILED, ended_at=now_iso(), error=f"supervisor error: {e}")
-            self.event("failed", reason=f"supervisor error: {e}")
+            reserve.unlink(missing_ok=True)
+            why = disk_full_message(self.dir, "the run's files")
+            self.finish(State.FAILED, None, why, {"cause": "disk_full", "message": why})
+            return 1
+        except Exception as e:  # the supervisor itself must always leave a final state
+            self._crashed(e)
             raise
+        finally:
+            reserve.unlink(missing_ok=True)
+
+    def _crashed(self, e: Exception) -> None:
+        self.kill_group()
+        self.set_status(State.FAILED, ended_at=now_iso(), error=f"supervisor error: {e}")
+        self.event("failed", reason=f"supervisor error: {e}")
 
     def _supervise(self, attempt: int) -> int:
         spec = self.run.spec
@@ -154,7 +185,7 @@ class Supervisor:
             self.auto_eval()
             return code
         if self.hung:
-            return self.fail(self.hung, rc)
+            return self.fail_or_restart(self.hung, rc, None, hung=True)
         if self.stop_signal is not None:
             if self.stopped_cleanly():
                 return self.finish(State.STOPPED, rc, None)
@@ -162,7 +193,71 @@ class Supervisor:
         if rc == 0:
             return self.fail("the job exited 0 but no final model is in the run folder; see logs/", rc)
         reason, failure = why()
+        return self.fail_or_restart(reason, rc, failure)
+
+    def max_restarts(self) -> int:
+        """train.max_restarts; None: 2 on a cluster (nodes or Slurm), 0 on this machine."""
+        from ..cluster import run_cluster
+
+        n = self.run.spec.train.max_restarts
+        return n if n is not None else (2 if run_cluster(self.dir) is not None else 0)
+
+    def fail_or_restart(
+        self, reason: str, rc: int | None, failure: dict[str, Any] | None, hung: bool = False
+    ) -> int:
+        """An attempt failed: restart it (the main loop does, after the backoff) when the cause
+        is the infrastructure's and restarts are left; else end failed, saying why not."""
+        retry, kind = retryable(failure, hung)
+        budget = self.max_restarts()
+        if retry and (failure or {}).get("cause") == "disk_full":
+            retry, kind = self._room_again(), kind
+        if retry and self.stop_signal is None and self.restarts_here < budget and not self.prepare_only:
+            self.restart = {"reason": reason, "class": kind, "failure": failure, "exit_code": rc}
+            return 1
+        if budget and retry:
+            reason += f" (after {self.restarts_here} automatic restart(s): train.max_restarts is {budget})"
+        elif budget and self.restarts_here == 0:
+            self.event("not_restarted", reason=reason, **{"class": kind})
         return self.fail(reason, rc, failure)
+
+    def _room_again(self) -> bool:
+        """A full disk is worth a restart only once the next checkpoint fits again."""
+        from ..errors import free_mb
+
+        ckpts = self.run.checkpoints()
+        need = sum(f.stat().st_size for f in ckpts[-1].rglob("*") if f.is_file()) / 2**20 if ckpts else 0
+        free = free_mb(self.dir)
+        return free is None or free > 1.1 * need + 8
+
+    def _restart(self) -> bool:
+        """Wait the backoff (train.restart_backoff_s, doubling with each restart), then make
+        the next attempt: status `resuming`, attempt + 1, restarts + 1. False when a stop
+        request arrived meanwhile (nothing is running; the run ends stopped)."""
+        assert self.restart is not None
+        delay = min(self.run.spec.train.restart_backoff_s * 2**self.restarts_here, 600.0)
+        total = int(self.run.status().get("restarts") or 0) + 1
+        self.event("restarting", restart=total, next_attempt=self.attempt + 1, after_s=delay, **self.restart)
+        self.set_status(State.RESUMING, restarts=total, error=None, failure=None, exit_code=None, job_pgid=None,
+                        last_restart={"time": now_iso(), "reason": self.restart["reason"],
+                                      "class": self.restart["class"]})  # fmt: skip
+        deadline = time.monotonic() + delay
+        while time.monotonic() < deadline:
+            if self.stop_signal is not None:
+                self.restart = None
+                return False
+            time.sleep(POLL_S)
+        self.restart, self.restarts_here = None, self.restarts_here + 1
+        self.attempt += 1
+        self.resume, self.first_dead, self.hung, self.proc, self.stop_requested_at = (
+            True,
+            None,
+            None,
+            None,
+            None,
+        )
+        (self.dir / "control" / "stop").unlink(missing_ok=True)
+        self.set_status(State.RESUMING, attempt=self.attempt)
+        return True
 
     def auto_eval(self) -> None:
         """The spec's `eval:` section: evaluate the final model as its own detached job."""
@@ -202,6 +297,7 @@ class Supervisor:
     def spawn(self, argv: list[str], env: dict[str, str], attempt: int) -> int:
         """Start the job in its own process group (we signal exactly this job), its output
         appended to logs/launcher.log; returns the group id."""
+        env = {**env, PARENT_ENV: parent_tag()}
         with open(self.dir / "logs" / "launcher.log", "ab") as log:
             log.write(f"\n== attempt {attempt} at {now_iso()}: {' '.join(argv)}\n".encode())
             log.flush()

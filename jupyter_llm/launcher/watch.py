@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from ..errors import disk_full_message
 from ..files import process_alive, read_json
 
 SIGINT_WAIT_S = 10.0  # after SIGINT, before SIGTERM
@@ -22,9 +23,10 @@ SIGTERM_WAIT_S = 5.0  # after SIGTERM, before SIGKILL
 class Failure(BaseModel):
     """Why an attempt failed, as fields (status.json's `failure`); `error` is the sentence
     derived from them. cause: exception (a rank's own), vanished (a rank gone without a record:
-    SIGKILL, the OOM killer, a segfault), launcher (nothing of the ranks says more)."""
+    SIGKILL, the OOM killer, a segfault), launcher (nothing of the ranks says more), disk_full
+    (a rank could not write: no space left on the disk holding the run folder)."""
 
-    cause: Literal["exception", "vanished", "launcher"]
+    cause: Literal["exception", "vanished", "launcher", "disk_full"]
     rank: int | None = None
     node: int | None = None
     pid: int | None = None
@@ -36,11 +38,47 @@ class Failure(BaseModel):
     def sentence(self) -> str:
         how = f" (killed by {self.signal})" if self.signal else (
             f" (exit code {self.exit_code})" if self.exit_code is not None else "")  # fmt: skip
+        if self.cause == "disk_full":
+            return f"rank {self.rank}: {self.message}"
         if self.cause == "exception":
             return f"rank {self.rank} failed: {self.type}: {self.message}".strip()
         if self.cause == "vanished":
             return f"rank {self.rank} (pid {self.pid}) died without an error{how}; the others were stopped"
         return f"the DeepSpeed launcher exited with code {self.exit_code}{'' if not self.signal else how}; see logs/"
+
+
+# exceptions of the machinery between ranks, not of the user's code or data: worth a restart
+_INFRA_TYPES = {"DistBackendError", "DistNetworkError", "DistStoreError", "ConnectionError",
+                "ConnectionResetError", "ConnectionRefusedError", "BrokenPipeError", "TimeoutError"}  # fmt: skip
+_INFRA_WORDS = ("timed out", "timeout", "connection reset", "connection refused", "connection closed",
+                "broken pipe", "nccl error", "gloo")  # fmt: skip
+
+
+def retryable(failure: dict[str, Any] | None, hung: bool = False) -> tuple[bool, str]:
+    """Is the failure of an attempt the infrastructure's (restart from the newest checkpoint)
+    or the user's (no retry)? Returns the decision and the class, in words."""
+    if hung:
+        return True, "infrastructure: no progress (a hang)"
+    f = failure or {}
+    cause = f.get("cause")
+    if cause == "vanished":
+        return (
+            True,
+            f"infrastructure: rank {f.get('rank')} was killed ({f.get('signal') or 'no error of its own'})",
+        )
+    if cause == "launcher":
+        return True, "infrastructure: the launcher failed with no rank error"
+    if cause == "disk_full":
+        return True, "infrastructure: the disk was full (retried only once there is room)"
+    if cause == "exception":
+        text = f"{f.get('message') or ''}".lower()
+        if f.get("type") in _INFRA_TYPES or any(w in text for w in _INFRA_WORDS):
+            return True, f"infrastructure: {f.get('type')} between ranks"
+        return (
+            False,
+            f"user error: {f.get('type')} in rank {f.get('rank')} (a restart would fail the same way)",
+        )
+    return False, "not a failure of the job (no retry)"
 
 
 def diagnose(
@@ -65,6 +103,13 @@ def diagnose(
     sig = signal.Signals(-exit_code).name if exit_code is not None and exit_code < 0 else None
 
     def raised(f: dict[str, Any]) -> Failure:
+        if f["type"] == "DiskFull" or "[Errno 28]" in f["message"] or "No space left" in f["message"]:
+            message = (
+                f["message"] if f["type"] == "DiskFull" else disk_full_message(run_dir, "the run's files")
+            )
+            return Failure(
+                cause="disk_full", rank=f["rank"], pid=f.get("pid"), type=f["type"], message=message
+            )
         return Failure(
             cause="exception", rank=f["rank"], pid=f.get("pid"), type=f["type"], message=f["message"]
         )

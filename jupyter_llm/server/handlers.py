@@ -13,6 +13,7 @@ from tornado import web
 from ..errors import RunNotFound, RunStateError, SpecError, UserError
 from ..files import read_json
 from ..folder import METRICS_FILE
+from ..inputs import InputError, decode
 from ..runs import Run, RunStore
 
 PREFIX = "jupyter-llm/api"
@@ -34,14 +35,18 @@ class _Base(APIHandler):
 
     def body(self) -> dict[str, Any]:
         try:
-            data = json.loads(self.request.body or b"{}")
+            data = json.loads(decode(self.request.body or b"{}", "the body"))
+        except InputError as e:
+            raise _Reply(413 if e.too_large else 400, str(e)) from None
         except json.JSONDecodeError as e:
             raise _Reply(400, f"the body is not JSON: {e.msg}") from None
+        except RecursionError:
+            raise _Reply(400, "the body is nested too deeply") from None
         if not isinstance(data, dict):
             raise _Reply(400, "the body must be a JSON object")
         return data
 
-    def int_arg(self, name: str, default: int | None, lo: int = 0) -> int | None:
+    def int_arg(self, name: str, default: int | None, lo: int = 0, hi: int = 2**62) -> int | None:
         raw = self.get_query_argument(name, None)
         if raw is None:
             return default
@@ -51,6 +56,8 @@ class _Base(APIHandler):
             raise _Reply(400, f"{name} must be an integer, not {raw!r}") from None
         if value < lo:
             raise _Reply(400, f"{name} must be >= {lo}")
+        if value > hi:
+            raise _Reply(400, f"{name} must be <= {hi}")
         return value
 
     def reply(self, data: Any, status: int = 200) -> None:
@@ -95,6 +102,7 @@ def _row(run: Run) -> dict[str, Any]:
             "step": p["step"], "total": p["total"], "loss": p["last"].get("loss"),
             "val_loss": p["last_val"].get("val_loss"), "eta_s": p["eta_s"], "created_at": st.get("created_at"),
             "started_at": st.get("started_at"), "ended_at": st.get("ended_at"), "error": st.get("error"),
+            "restarts": st.get("restarts") or 0, "last_restart": st.get("last_restart"),
             "sweep": read_json(run.path / "sweep.json"), "pipeline": read_json(run.path / "pipeline.json")}  # fmt: skip
 
 
@@ -104,12 +112,7 @@ class RunsHandler(_Base):
     @_handled
     async def get(self) -> None:
         """Every run, oldest first."""
-        rows = []
-        for run in self.store.list():
-            try:
-                rows.append(_row(run))
-            except Exception:  # a damaged folder must not break the listing
-                continue
+        rows = [_row(run) for run in self.store.list()]  # a damaged folder reads `damaged`
         self.reply({"runs": rows, "root": str(self.store.root)})
 
     @web.authenticated

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 import shutil
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import DiskFull, disk_full_message, free_mb
 from ..files import append_jsonl, now_iso, write_json_atomic
 from ..folder import CKPT_MARKER, EVENTS_FILE
 
@@ -103,8 +105,17 @@ def save(engine: Any, run_dir: Path, step: int, rank: int, keep: int, client: di
 
     ckpt_dir = run_dir / "checkpoints"
     tag = tag_for(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, **client}, save_latest=False)
-    torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
+    check_space(engine, ckpt_dir)
+    try:
+        engine.save_checkpoint(
+            str(ckpt_dir), tag=tag, client_state={"step": step, **client}, save_latest=False
+        )
+        torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
+    except OSError as e:  # the space went between the check and the write (another writer)
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)  # never complete: free its space
+        raise DiskFull(disk_full_message(ckpt_dir, "a checkpoint", checkpoint_mb(engine, ckpt_dir))) from None
     dist.barrier()
     if rank == 0:
         write_json_atomic(
@@ -121,6 +132,35 @@ def save(engine: Any, run_dir: Path, step: int, rank: int, keep: int, client: di
         )
         prune(ckpt_dir, keep)
     dist.barrier()
+
+
+def checkpoint_mb(engine: Any, ckpt_dir: Path) -> float:
+    """What the next checkpoint will take (MB): the newest complete one's size, else an
+    estimate from the parameters (weights and two Adam moments in fp32, and the model's own
+    copy), for every rank together."""
+    done = complete_checkpoints(ckpt_dir)
+    if done:
+        return sum(f.stat().st_size for f in done[-1][1].rglob("*") if f.is_file()) / 2**20
+    numel = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    return numel * 16 / 2**20
+
+
+def check_space(engine: Any, ckpt_dir: Path) -> None:
+    """Every rank checks the disk holding `ckpt_dir` before a checkpoint; if one lacks room
+    all raise DiskFull together (no rank left waiting in a collective), before a byte is
+    written: the earlier complete checkpoints stay as they are."""
+    import torch.distributed as dist
+
+    need = checkpoint_mb(engine, ckpt_dir)
+    free = free_mb(ckpt_dir)
+    short = free is not None and free < need * 1.1 + SPACE_MARGIN_MB
+    ok = torch.tensor([0 if short else 1], device=getattr(engine, "device", "cpu"))
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if not int(ok.item()):
+        raise DiskFull(disk_full_message(ckpt_dir, "a checkpoint", need))
+
+
+SPACE_MARGIN_MB = 8  # the marker, the events, the logs
 
 
 def prune(ckpt_dir: Path, keep: int) -> None:

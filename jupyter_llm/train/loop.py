@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import append_jsonl, now_iso, write_json_atomic
-from ..folder import DS_CONFIG_FILE, EVENTS_FILE, FINAL_DIR, GRADS_FILE, METRICS_FILE, SPEC_FILE
+from ..folder import DS_CONFIG_FILE, EVENTS_FILE, FINAL_DIR, GRADS_FILE, METRICS_FILE, PARENT_ENV, SPEC_FILE
 
 
 def main(run_dir: Path) -> None:
@@ -226,6 +226,8 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
     peak = peak_flops(dev_name)
     tokens_per_step = per_step * t.grad_accum * d.block_size
     stop_file = run_dir / "control" / "stop"
+    if master:
+        _watch_parent(run_dir, stop_file)
     proc = psutil.Process()
     loss_sum = torch.zeros((), device=device)
     window_steps, window_start = 0, time.perf_counter()
@@ -237,6 +239,7 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
     engine.train()
     window_start = time.perf_counter()
     hang_at = _fault("hang_at_step")
+    raise_at = _fault("raise_at_step")
     # fault injection: every step takes at least this long, so a test can catch a run mid-flight
     step_delay_s = (_fault("step_delay_ms") or 0) / 1000
     gn_every = t.grad_norms_every
@@ -247,6 +250,8 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
             time.sleep(step_delay_s)
         for micro in range(t.grad_accum):
             out = engine(**train_batch(step, micro))
+            if raise_at == step and master:  # fault injection: a bug in the loss (user code)
+                raise ZeroDivisionError("injected fault in the loss")
             engine.backward(out.loss)
             if gn_every and step % gn_every == 0 and micro == t.grad_accum - 1:
                 norms = layer_grad_norms(engine.module, tp)  # every rank: ZeRO gathers collectively
@@ -607,8 +612,33 @@ def vm_hwm_mb() -> float:
     return 0.0
 
 
+def _watch_parent(run_dir: Path, stop_file: Path, poll_s: float = 1.0) -> None:
+    """Rank 0 watches the process supervising the job (folder.PARENT_ENV); once it is gone
+    (SIGKILL, a crash) it requests a stop, so the ranks checkpoint at the next log step and
+    exit instead of training on unsupervised. A later `resume` continues from there."""
+    import threading
+
+    from ..files import process_alive
+
+    tag = os.environ.get(PARENT_ENV, "")
+    pid, _, created = tag.partition(":")
+    if not pid.isdigit():
+        return
+
+    def watch() -> None:
+        while process_alive(int(pid), float(created) if created else None):
+            time.sleep(poll_s)
+        append_jsonl(run_dir / EVENTS_FILE, {"time": now_iso(), "event": "orphaned", "parent_pid": int(pid),
+                                             "detail": "the supervising process is gone: checkpoint and exit"})  # fmt: skip
+        stop_file.parent.mkdir(exist_ok=True)
+        stop_file.touch()
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def _fault(name: str) -> int | None:
-    """Fault injection for tests: JUPYTER_LLM_FAULT=hang_at_step:N or step_delay_ms:N."""
+    """Fault injection for tests: JUPYTER_LLM_FAULT=hang_at_step:N, raise_at_step:N (an
+    exception in the loss, on rank 0) or step_delay_ms:N."""
     kind, _, arg = os.environ.get("JUPYTER_LLM_FAULT", "").partition(":")
     return int(arg) if kind == name and arg.isdigit() else None
 

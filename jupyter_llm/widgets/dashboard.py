@@ -148,6 +148,9 @@ class _RunView:
         row = "".join(f"<td>{c}</td>" for c in cells)
         if err:
             row += f'<td style="color:{COLORS["failed"]}">{html.escape(str(err))}</td>'
+        if snap.status.get("restarts"):
+            last = (snap.status.get("last_restart") or {}).get("reason", "")
+            row += f'<td title="{html.escape(str(last))}">restarted {snap.status["restarts"]}×</td>'
         return f"<tr>{row}</tr>"
 
 

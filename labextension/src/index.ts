@@ -15,9 +15,10 @@ const STATE_COLORS: Record<string, string> = {
   starting: '#6a1b9a',
   resuming: '#6a1b9a',
   stopping: '#ef6c00',
-  created: '#616161'
+  created: '#616161',
+  damaged: '#ad1457'
 };
-const TERMINAL = ['completed', 'failed', 'stopped'];
+const TERMINAL = ['completed', 'failed', 'stopped', 'damaged'];
 const MAX_BACKOFF = 8;
 
 const icon = new LabIcon({
@@ -38,6 +39,8 @@ interface IRunRow {
   loss: number | null;
   val_loss: number | null;
   error: string | null;
+  restarts: number;
+  last_restart: { reason?: string; class?: string } | null;
   sweep: { sweep_id?: string; trial?: number } | null;
   pipeline: { pipeline?: string } | null;
 }
@@ -304,6 +307,16 @@ class RunPanel extends Widget {
     );
     if (run.error) {
       this.node.appendChild(el('div', 'jp-llm-error', run.error));
+    }
+    if (run.restarts) {
+      const why = run.last_restart?.reason ?? '';
+      this.node.appendChild(
+        el(
+          'div',
+          'jp-llm-meta jp-llm-restarts',
+          `restarted ${run.restarts}× automatically (last: ${why})`
+        )
+      );
     }
     const stop = el('button', 'jp-mod-styled jp-llm-stop', 'Stop') as HTMLButtonElement;
     stop.disabled = TERMINAL.includes(run.state);
