@@ -29,7 +29,7 @@ from jupyter_llm import launch
 from jupyter_llm.cluster import Cluster, Host, resolve
 from jupyter_llm.errors import SpecError, UserError
 from jupyter_llm.launcher import remote, slurm
-from jupyter_llm.runs import CKPT_MARKER, Run
+from jupyter_llm.runs import CKPT_MARKER, Run, RunStore
 from jupyter_llm.spec import Spec
 
 # every character a shell would act on, in a node's work folder and a variable for the ranks
@@ -99,14 +99,18 @@ def test_slurm_script_follows_the_spec(tmp_path: Path) -> None:
     nodes = [remote.Node(i, h, str(run_dir), 4) for i, h in enumerate(c.hosts)]
     script = slurm.sbatch_script(spec, c, run_dir, nodes, 24567, attempt=2)
     sb = dict(
-        ln[len("#SBATCH --") :].split("=", 1) for ln in script.splitlines() if ln.startswith("#SBATCH --")
+        (ln[len("#SBATCH --") :].split("=", 1) + [""])[:2]
+        for ln in script.splitlines()
+        if ln.startswith("#SBATCH --")
     )
     assert sb["nodes"] == "3" and sb["ntasks-per-node"] == "1" and sb["gpus-per-node"] == "4"
     assert sb["partition"] == "gpu" and sb["time"] == "01:00:00" and sb["qos"] == "high"
     assert sb["job-name"] == f"jllm-{run_dir.name}" and sb["chdir"] == str(run_dir)
+    assert "requeue" in sb and sb["signal"] == "B:USR1@120" and sb["open-mode"] == "append"  # preemption
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # valid shell
     srun = next(ln for ln in script.splitlines() if ln.startswith("srun "))
-    inner = shlex.split(srun)[-1]
+    assert srun.endswith(" &")  # in the background: the USR1 trap runs while the script waits
+    inner = shlex.split(srun)[-2]
     words = shlex.split(inner)
     assert words[:4] == ["exec", "/opt/env/bin/python", "-u", "-m"] and "--no_ssh" in words
     assert words[words.index("--node_rank") + 1] == "$SLURM_NODEID"  # expanded by bash -c on each node
@@ -117,6 +121,9 @@ def test_slurm_script_follows_the_spec(tmp_path: Path) -> None:
         ["bash", "-c", head + 'printf "%s|%s" "$X" "$JUPYTER_LLM_JOB"'], capture_output=True, text=True
     )
     assert out.stdout == f"{NASTY}|{run_dir.name}:2", out
+    requeued = subprocess.run(["bash", "-c", head + 'printf "%s" "$JUPYTER_LLM_ATTEMPT"'], capture_output=True,
+                              text=True, env={**os.environ, "SLURM_RESTART_COUNT": "1"})  # fmt: skip
+    assert requeued.stdout == "3"  # Slurm's first requeue is the run's next attempt
     assert slurm.parse_job_id("4711;cluster\n") == "4711" and slurm.submit_argv(Path("/a b")) == [
         "sbatch",
         "--parsable",
@@ -496,6 +503,47 @@ def test_slurm_stop_checkpoints_then_scancel_ends_a_stuck_job(
         assert "stopped_at" not in ev and 5 <= time.monotonic() - t0 < 60
         assert stuck.status()["error"].startswith("stopped without a final checkpoint")
         wait_for(lambda: not _job_procs(stuck), 30, "no process of the stuck job left")
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.deepspeed
+def test_slurm_preemption_checkpoints_requeues_and_completes_as_one_run(
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The USR1 warning that `--signal=B:USR1@grace` sends before a time limit (sent here with
+    scancel): the ranks checkpoint and exit, the job requeues itself, Slurm runs it again, the
+    ranks resume from that checkpoint, and the run completes -- one run, two attempts."""
+    from slurm import start_slurm
+
+    cluster = start_slurm(tmp_path / "slurm")
+    monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
+    nodes = {"launcher": "slurm", "shared_fs": True, "master_addr": "127.0.0.1", "python": sys.executable,
+             "env": {"GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1"}, "slurm": {"nodes": 1}}  # fmt: skip
+    try:
+        run = launch(tiny_spec(corpus, name="preempt", distributed={"nodes": nodes, "procs_per_node": 2},
+                               train={"max_steps": 120, "save_every": 0, "log_every": 5, "eval_every": 0}))  # fmt: skip
+        wait_for(lambda: any(m.get("step", 0) >= 10 for m in run.metrics()), 300, "training under Slurm")
+        job = run.status()["slurm_job"]
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, timeout=30)
+        wait_for(lambda: any(e["event"] == "requeued" for e in run.events()), 120, "the requeue")
+        # Slurm holds a requeued job back a while (its BeginTime); an administrator may let it go now
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], timeout=30, check=False)
+        assert run.wait(400) == "completed", (run.status(), run.log_tail(40))
+        st = run.status()
+        assert st["restarts"] == 1 and st["attempt"] == 2 and st["slurm_job"] == job, st
+        events = run.events()
+        requeued = next(e for e in events if e["event"] == "requeued")
+        assert requeued["reason"].startswith("preempted: warned with USR1")
+        stopped = [e for e in events if e["event"] == "stopped_at"][-1]["step"]
+        assert [e["step"] for e in events if e["event"] == "resumed_from"] == [stopped]
+        lines = [m for m in run.metrics(dedupe=False) if "loss" in m]
+        assert max(m["step"] for m in lines if m["attempt"] == 1) == stopped
+        assert min(m["step"] for m in lines if m["attempt"] == 2) == stopped + 5
+        assert all(m["samples"] == m["step"] * 16 for m in lines)  # the data position went on exactly
+        assert [r.id for r in RunStore(run.path.parent).list()] == [run.id]  # one run, not two
+        assert "#SBATCH --requeue" in (run.path / "job-1.sbatch").read_text()  # submitted once
+        assert not (run.path / "job-2.sbatch").exists()
     finally:
         cluster.stop()
 

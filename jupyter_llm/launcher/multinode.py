@@ -270,6 +270,27 @@ class MultiNode:
         self._reap(nodes)  # pdsh leaves remote ranks behind when it is killed
         return self._ended(rc)
 
+    def _requeued(self, job_id: str, base: int, seen: int, state: str) -> int:
+        """Slurm requeued the job (preemption, its time limit's USR1 warning, a node failure,
+        `scontrol requeue`): the same run goes on as its next attempt, from the newest complete
+        checkpoint. Returns the requeues seen so far."""
+        sup = self.sup
+        n = slurm.restarts(job_id) if state in slurm.ACTIVE else None
+        if n is not None and n > seen:
+            stop = read_json(self.dir / "control" / "stop") or {}
+            why = ("preempted: warned with USR1 before the time limit, checkpointed and requeued itself"
+                   if stop.get("reason") == slurm.PREEMPTED else "requeued by Slurm (preemption, a node "
+                   "failure or scontrol requeue); it continues from the newest complete checkpoint")  # fmt: skip
+            self.attempt = sup.attempt = base + n
+            total = int(sup.run.status().get("restarts") or 0) + 1
+            sup.event("requeued", slurm_job=job_id, restart=total, attempt=self.attempt, reason=why)
+            sup.set_status(State.RESUMING, attempt=self.attempt, restarts=total,
+                           last_restart={"time": now_iso(), "reason": why, "class": "infrastructure: requeued"})  # fmt: skip
+            seen = n
+        if state == "RUNNING" and sup.run.status()["state"] == State.RESUMING.value:
+            sup.set_status(State.RUNNING)
+        return seen
+
     def _reap(self, nodes: list[remote.Node]) -> None:
         tag = f"{self.dir.name}:{self.attempt}"
         for n in nodes:
@@ -306,7 +327,11 @@ class MultiNode:
         ladder = StopLadder(sup.grace_s)
         cancelled = False
         unreachable_since: float | None = None
+        prev, base, requeues = "", self.attempt, 0
         while (state := slurm.job_state(job_id)) in slurm.ACTIVE | {slurm.UNREACHABLE}:
+            if state != slurm.UNREACHABLE and state != prev:
+                requeues = self._requeued(job_id, base, requeues, state)
+                prev = state
             if state != slurm.UNREACHABLE:
                 unreachable_since = None
             elif unreachable_since is None:

@@ -53,6 +53,11 @@ def sbatch_script(
         "#SBATCH --ntasks-per-node=1",
         f"#SBATCH --output={shlex.quote(str(run_dir / 'logs' / 'slurm-%j.log'))}",
         f"#SBATCH --chdir={shlex.quote(str(run_dir))}",
+        "#SBATCH --open-mode=append",  # a requeued job's output follows the first's
+        # preemption and time limits: Slurm may requeue the job, and warns the batch shell with
+        # USR1 this long before the time limit (the ranks checkpoint, the job requeues itself)
+        "#SBATCH --requeue",
+        f"#SBATCH --signal=B:USR1@{max(60, int(spec.train.stop_grace_s))}",
     ]
     gpus = s.gpus_per_node  # asked for only when given: procs_per_node may count CPU ranks
     if gpus:
@@ -65,9 +70,24 @@ def sbatch_script(
     lines += ["set -euo pipefail"]
     if cluster.activate:
         lines.append(cluster.activate)
-    env = {"PYTHONUNBUFFERED": "1", "JUPYTER_LLM_JOB": f"{run_dir.name}:{attempt}", "JUPYTER_LLM_ATTEMPT": str(attempt),
-           "JUPYTER_LLM_RUN_DIR": str(run_dir), "JUPYTER_LLM_DATA_READY": "1", **cluster.env}  # fmt: skip
+    env = {
+        "PYTHONUNBUFFERED": "1",
+        "JUPYTER_LLM_RUN_DIR": str(run_dir),
+        "JUPYTER_LLM_DATA_READY": "1",
+        **cluster.env,
+    }
     lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+    # a requeued job is the run's next attempt (the supervisor counts the same way)
+    lines += [f"export JUPYTER_LLM_ATTEMPT=$(( {attempt} + ${{SLURM_RESTART_COUNT:-0}} ))",
+              f'export JUPYTER_LLM_JOB={shlex.quote(run_dir.name)}:"$JUPYTER_LLM_ATTEMPT"']  # fmt: skip
+    stop = shlex.quote(str(run_dir / "control" / "stop"))
+    lines += [
+        f"STOP={stop}",
+        f'if grep -qs {PREEMPTED!r} "$STOP"; then rm -f "$STOP"; fi  # that stop was the last attempt\'s',
+        "preempted=0",
+        # USR1: checkpoint and exit (the ranks' stop request), then requeue this job
+        f"""trap 'preempted=1; printf "{{\\"reason\\": \\"{PREEMPTED}\\"}}\\n" > "$STOP"' USR1""",
+    ]
     if cluster.python.startswith("/"):  # its folder first, as for local ranks (its ninja built the ops)
         lines.append(f'export PATH={shlex.quote(cluster.python.rsplit("/", 1)[0])}:"$PATH"')
     if cluster.master_addr:
@@ -85,8 +105,29 @@ def sbatch_script(
     ]
     rest = ["--master_port", str(port), "--no_local_rank", "--module", "jupyter_llm.train", str(run_dir)]
     inner = f'exec {shlex.join(fixed)} --node_rank "$SLURM_NODEID" --master_addr "$MASTER_ADDR" {shlex.join(rest)}'
-    lines.append(f"srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c {shlex.quote(inner)}")
+    lines += [
+        f"srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c {shlex.quote(inner)} &",
+        "job=$!",
+        "set +e",
+        'while true; do wait "$job"; rc=$?; kill -0 "$job" 2>/dev/null || break; done  # a trap ends a wait',
+        'if [ "$preempted" = 1 ]; then scontrol requeue "$SLURM_JOB_ID"; fi',
+        'exit "$rc"',
+    ]
     return "\n".join(lines) + "\n"
+
+
+PREEMPTED = "preempted"  # the reason a preempted job's stop request gives (control/stop)
+
+
+def restarts(job_id: str) -> int | None:
+    """How often Slurm requeued the job (scontrol's Restarts=), or None when unknown."""
+    try:
+        out = ctl(show_argv(job_id))
+    except SlurmTimeout:
+        return None
+    fields = dict(f.split("=", 1) for f in out.stdout.split() if "=" in f) if out.returncode == 0 else {}
+    value = fields.get("Restarts", "")
+    return int(value) if value.isdigit() else None
 
 
 def submit_argv(script: Path) -> list[str]:
