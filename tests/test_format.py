@@ -57,6 +57,8 @@ def test_a_format0_run_evaluates_and_resumes(tmp_path: Path, corpus: Path) -> No
     ev = run.evaluate(checkpoint="latest", prompts=["ROMEO:"], max_new_tokens=8, wait=True, timeout=300)
     assert ev.state == "completed", ev.summary()
     assert ev.result["checkpoint"] == "step-25" and ev.result["perplexity"]["ppl"] > 1
+    # the data cache the fixture names (/tmp/fx/...) is not on this machine: prepared again
+    assert (Path(json.loads((run.path / "data.json").read_text())["path"]) / "index.json").is_file()
     run.resume()
     assert run.wait(600) == "completed", run.log_tail(40, rank=0)
     assert [e for e in run.events() if e["event"] == "resumed_from"][-1]["step"] == 25

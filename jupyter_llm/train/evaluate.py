@@ -134,6 +134,24 @@ def checkpoint_state(path: Path, zero_stage: int) -> dict[str, Any]:
     return dict(get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name))
 
 
+def prepared_data(run_dir: Path, spec: Any) -> tuple[Path, dict[str, Any]]:
+    """The run's prepared data folder and its index. When the cache it names is gone (cleaned,
+    or the run folder came from another machine), the data is prepared again from the spec
+    and the run's own tokenizer: it is a function of the two, so the split is the same."""
+    data = read_json(run_dir / "data.json")
+    if data is None:
+        raise FileNotFoundError(f"{run_dir.name} has no prepared data (data.json); give files=[...]")
+    path = Path(data["path"])
+    index = read_json(path / "index.json")
+    if index is None:
+        from .data import data_stage
+
+        data_stage(run_dir, spec)
+        path = Path((read_json(run_dir / "data.json") or {})["path"])
+        index = read_json(path / "index.json") or {}
+    return path, index
+
+
 def heldout_tokens(run_dir: Path, spec: Any, tok: Any, req: Any) -> tuple[Any, Any, str]:
     """Tokens (and loss mask, if any) of the held-out text: given files, or the validation split."""
     import numpy as np
@@ -146,11 +164,7 @@ def heldout_tokens(run_dir: Path, spec: Any, tok: Any, req: Any) -> tuple[Any, A
             if eos is not None:
                 ids.append(eos)
         return np.asarray(ids, dtype=np.int64), None, ", ".join(req.files)
-    data = read_json(run_dir / "data.json")
-    if data is None:
-        raise FileNotFoundError(f"{run_dir.name} has no prepared data (data.json); give files=[...]")
-    path = Path(data["path"])
-    index = read_json(path / "index.json") or {}
+    path, index = prepared_data(run_dir, spec)
     tokens = np.fromfile(path / "val.bin", dtype=index["dtype"]).astype(np.int64)
     mask = np.fromfile(path / "val.mask", dtype=np.uint8) if (path / "val.mask").is_file() else None
     return tokens, mask, "validation split"
@@ -199,11 +213,7 @@ def masked_scores(
     from .data import Blocks
     from .loop import mlm_inputs
 
-    data = read_json(run_dir / "data.json")
-    if data is None:
-        raise FileNotFoundError(f"{run_dir.name} has no prepared data (data.json)")
-    path = Path(data["path"])
-    index = read_json(path / "index.json") or {}
+    path, index = prepared_data(run_dir, spec)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     blocks = Blocks(path / "val.bin", index["dtype"], spec.data.block_size - 2, spec.seed, pad)
     n = min(blocks.n, req.max_blocks or blocks.n)
