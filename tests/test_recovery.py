@@ -232,11 +232,10 @@ def test_cli_output_into_a_closed_pipe_and_ctrl_c_while_following(tmp_path: Path
 
     live = store.list()[0]  # reads as running: its "supervisor" is this test process
     write_status(live.path, State.RUNNING, pid=os.getpid(), pid_create_time=None)
+    (live.path / "logs" / "launcher.log").write_text("first line\n")
     follow = subprocess.Popen([sys.executable, "-m", "jupyter_llm.cli", "--root", str(store.root), "logs", "-f",
                                live.id], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    import time
-
-    time.sleep(3)
+    assert follow.stdout is not None and follow.stdout.readline() == "first line\n"  # it is following now
     follow.send_signal(signal.SIGINT)
     _, err = follow.communicate(timeout=30)
     assert follow.returncode == 130 and "Traceback" not in err, err

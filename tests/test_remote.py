@@ -99,7 +99,7 @@ def test_slurm_script_follows_the_spec(tmp_path: Path) -> None:
     nodes = [remote.Node(i, h, str(run_dir), 4) for i, h in enumerate(c.hosts)]
     script = slurm.sbatch_script(spec, c, run_dir, nodes, 24567, attempt=2)
     sb = dict(
-        (ln[len("#SBATCH --") :].split("=", 1) + [""])[:2]
+        [*ln[len("#SBATCH --") :].split("=", 1), ""][:2]
         for ln in script.splitlines()
         if ln.startswith("#SBATCH --")
     )
