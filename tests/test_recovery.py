@@ -221,16 +221,16 @@ def test_cli_output_into_a_closed_pipe_and_ctrl_c_while_following(tmp_path: Path
     from jupyter_llm.folder import State, write_status
 
     store = RunStore(tmp_path / "runs")
-    spec = Spec.from_dict(tiny_spec(corpus, name="many"))
-    for _ in range(300):  # more than a pipe holds
-        store.create(spec)
-    done = subprocess.run(f"{sys.executable} -m jupyter_llm.cli --root {store.root} runs --json | head -c 100",
+    store.create(Spec.from_dict(tiny_spec(corpus, name="chatty")))
+    live = store.list()[0]
+    (live.path / "logs" / "launcher.log").write_text("first line\n" + "x" * 100 + "\n" * 20_000)  # > a pipe
+    done = subprocess.run(f"{sys.executable} -m jupyter_llm.cli --root {store.root} logs -n 20001 | head -c 100",
                           shell=True, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert len(done.stdout) == 100 and "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, (
         done.stderr
     )
 
-    live = store.list()[0]  # reads as running: its "supervisor" is this test process
+    # it reads as running: its "supervisor" is this test process
     write_status(live.path, State.RUNNING, pid=os.getpid(), pid_create_time=None)
     (live.path / "logs" / "launcher.log").write_text("first line\n")
     follow = subprocess.Popen([sys.executable, "-m", "jupyter_llm.cli", "--root", str(store.root), "logs", "-f",
@@ -255,15 +255,11 @@ def test_the_dry_run_fails_what_it_can_know_will_fail(corpus: Path, tmp_path: Pa
 
     small = tmp_path / "small.txt"
     small.write_text("To be, or not to be, that is the question.\n" * 20)  # ~900 characters
-    plan = dry_run(Spec.from_dict(tiny_spec(small, data={"block_size": 4096})))
+    plan = dry_run(Spec.from_dict(tiny_spec(small, data={"block_size": 4096})), estimate_memory=False)
     block = next(c for c in plan.checks if c.name == "block vs data")
     assert not plan.ok and "longer than the whole training text (at most 774 tokens)" in block.detail
 
-    huge = dry_run(
-        Spec.from_dict(tiny_spec(corpus, data={"block_size": 100_000}))
-    )  # 2.7 GB/rank, at run time
-    fits = next(c for c in huge.checks if c.name == "fits")
-    assert not huge.ok and not fits.ok, fits
+    # block 100000: 2.7 GB per rank at run time, where it sat in the step-0 validation for minutes
     f = tmp_path / "huge.yaml"
     f.write_text(yaml.safe_dump(tiny_spec(corpus, data={"block_size": 100_000})))
     done = cli("train", str(f), "--dry-run")
