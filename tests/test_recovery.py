@@ -308,6 +308,11 @@ def test_a_killed_rank_is_restarted_automatically_and_a_bug_is_not(corpus: Path,
         assert second[step] == pytest.approx(first[step], rel=1e-5), step
     per_step = 8 * 2  # micro batch x ranks
     assert all(m["samples"] == m["step"] * per_step for m in lines)  # none seen twice, none skipped
+    from jupyter_llm.summary import run_text
+
+    assert "restarts: 1 automatic (last: rank 1 (pid" in run_text(run)  # Run.summary()
+    shown = cli("status", run.id, root=run.path.parent)
+    assert "restarts: 1" in shown.stdout and "last_restart: rank 1" in shown.stdout, shown.stdout
 
     monkeypatch.setenv("JUPYTER_LLM_FAULT", "raise_at_step:8")
     bug = launch(tiny_spec(corpus, name="bug", train=kw))
