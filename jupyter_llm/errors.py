@@ -95,6 +95,16 @@ def free_mb(path: str | os.PathLike[str]) -> float | None:
         return None
 
 
+SPACE_MARGIN_MB = 8  # besides a checkpoint: its marker, the events, status and logs
+
+
+def has_room(path: str | os.PathLike[str], need_mb: float) -> bool:
+    """The one rule for "will the next checkpoint fit": free space on the disk holding `path`
+    of at least 1.1 × `need_mb` plus SPACE_MARGIN_MB (true when the free space is unknown)."""
+    free = free_mb(path)
+    return free is None or free >= need_mb * 1.1 + SPACE_MARGIN_MB
+
+
 def disk_full_message(path: str | os.PathLike[str], what: str, needed_mb: float | None = None) -> str:
     free = free_mb(path)
     have = f"{_mb(free)} MB free" if free is not None else "no space left"

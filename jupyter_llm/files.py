@@ -108,6 +108,11 @@ def appended_lines(path: Path) -> list[dict[str, Any]]:
         return list(lines)
 
 
+def tree_mb(path: Path) -> float:
+    """The size (MB) of every file under `path`."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
 def read_json(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))

@@ -32,6 +32,7 @@ from .files import (
     process_alive,
     read_json,
     read_jsonl,
+    tree_mb,
     write_json_atomic,
 )
 
@@ -359,6 +360,11 @@ class RunFolder:
             if marker and isinstance(marker.get("step"), int):
                 done.append((marker["step"], p))
         return [p for _, p in sorted(done)]
+
+    def checkpoint_mb(self) -> float:
+        """The newest complete checkpoint's size (MB; 0 without one): what the next will take."""
+        ckpts = self.checkpoints()
+        return tree_mb(ckpts[-1]) if ckpts else 0.0
 
     @property
     def final_model(self) -> Path | None:

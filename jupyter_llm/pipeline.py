@@ -189,9 +189,8 @@ def run(
 
     spec, path = load(pipeline)
     given = parse_params(params)
-    check_params(
-        spec, {s.name: _declared(pm, path.parent / s.notebook) for s in spec.stages}, given, allow_extra
-    )
+    declared = {s.name: _declared(pm, path.parent / s.notebook) for s in spec.stages}  # read once
+    check_params(spec, declared, given, allow_extra)
     if resume is not None:
         folder = Path(resume).resolve()
         manifest = read_json(folder / "manifest.json")
@@ -222,7 +221,7 @@ def run(
             out_json = folder / f"{i + 1:02d}_{stage.name}.outputs.json"
             out_json.unlink(missing_ok=True)
             # the shared parameters this notebook declares (papermill warns about the others)
-            shared = {k: v for k, v in parameters.items() if k in _declared(pm, path.parent / stage.notebook)}
+            shared = {k: v for k, v in parameters.items() if k in declared[stage.name]}
             stage_params = {**shared, **stage.parameters, "pipeline_outputs": str(out_json)}
             for param, ref in stage.inputs.items():
                 src, _, key = ref.partition(".")

@@ -14,7 +14,7 @@ import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .errors import DiskFull, RunStateError, UserError, disk_full_message, free_mb
+from .errors import DiskFull, RunStateError, UserError, disk_full_message, has_room
 from .files import append_jsonl, now_iso, write_json_atomic
 from .folder import (
     CKPT_MARKER,
@@ -41,7 +41,6 @@ __all__ = [
 ]
 
 # what a resume may change (Run.resume): where the run runs, not what it trains
-RESUME_MARGIN_MB = 8  # the events, status and logs a resume writes before its first checkpoint
 RESUME_KEYS = ("distributed.procs_per_node", "distributed.nodes", "distributed.tensor_parallel",
                "train.micro_batch_size", "train.grad_accum")  # fmt: skip
 
@@ -76,10 +75,8 @@ class Run(RunFolder):
     def _check_space(self) -> None:
         """Refuse a resume that could not write its next checkpoint (the same sentence the
         ranks give), rather than start ranks that will fail at it."""
-        ckpts = self.checkpoints()
-        need = sum(f.stat().st_size for f in ckpts[-1].rglob("*") if f.is_file()) / 2**20 if ckpts else 0.0
-        free = free_mb(self.path)
-        if free is not None and free < need * 1.1 + RESUME_MARGIN_MB:
+        need = self.checkpoint_mb()
+        if not has_room(self.path, need):
             raise DiskFull(disk_full_message(self.path / "checkpoints", "a checkpoint", need or None))
 
     def _relayout(self, overrides: list[str] | dict[str, Any]) -> None:

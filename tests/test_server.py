@@ -197,6 +197,12 @@ def test_fuzz_every_endpoint_and_parameter_never_gives_500(
         assert r.status_code < 500, (method, target, params, str(kw)[:300], r.status_code, r.text[:500])
     assert {200, 400, 404, 409} <= set(seen), seen  # the fuzz reached the handlers, not only the router
     assert RunStore(store.root).get(run.id).state == "created"  # and started nothing
+    listed = {r["run_id"]: r for r in call(lab, "GET", "/runs").json()["runs"]}
+    assert (
+        listed[damaged.id]["state"] == "damaged"
+        and "status.json cannot be read" in listed[damaged.id]["error"]
+    )
+    assert listed[run.id]["state"] == "created"  # the damaged folder hides no other run
 
 
 def test_run_ids_never_reach_outside_the_root(server: tuple[JupyterLab, RunStore], corpus: Path,

@@ -121,13 +121,18 @@ PREEMPTED = "preempted"  # the reason a preempted job's stop request gives (cont
 
 def restarts(job_id: str) -> int | None:
     """How often Slurm requeued the job (scontrol's Restarts=), or None when unknown."""
+    value = _job_fields(job_id).get("Restarts", "")
+    return int(value) if value.isdigit() else None
+
+
+def _job_fields(job_id: str) -> dict[str, str]:
+    """`scontrol show job -o`'s KEY=VALUE fields; empty when the controller does not answer
+    in time or no longer remembers the job (MinJobAge)."""
     try:
         out = ctl(show_argv(job_id))
     except SlurmTimeout:
-        return None
-    fields = dict(f.split("=", 1) for f in out.stdout.split() if "=" in f) if out.returncode == 0 else {}
-    value = fields.get("Restarts", "")
-    return int(value) if value.isdigit() else None
+        return {}
+    return dict(f.split("=", 1) for f in out.stdout.split() if "=" in f) if out.returncode == 0 else {}
 
 
 def submit_argv(script: Path) -> list[str]:
@@ -188,11 +193,7 @@ def show_argv(job_id: str) -> list[str]:
 def final_state(job_id: str) -> tuple[str | None, int]:
     """(State, exit code), e.g. ("COMPLETED", 0) or ("FAILED", 1): from the controller while
     it remembers the job (MinJobAge), else from accounting."""
-    try:
-        out = ctl(show_argv(job_id))
-    except SlurmTimeout:
-        out = subprocess.CompletedProcess([], 1, "", "")
-    fields = dict(f.split("=", 1) for f in out.stdout.split() if "=" in f) if out.returncode == 0 else {}
+    fields = _job_fields(job_id)
     if "JobState" in fields:
         code = fields.get("ExitCode", "1:0").split(":")[0]
         return fields["JobState"], int(code) if code.isdigit() else 1

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..devices import gpu_count
-from ..errors import disk_full_message
+from ..errors import disk_full_message, has_room
 from ..files import append_jsonl, now_iso, read_json, write_json_atomic
 from ..folder import (
     EVENTS_FILE,
@@ -62,14 +62,18 @@ class Supervisor:
         self.dir = run_dir
         self.resume = resume
         self.stop_signal: int | None = None
+        self._reset_attempt()
+        self.prepare_only = (read_json(run_dir / STATUS_FILE) or {}).get("job") == "prepare"
+        self.restart: dict[str, Any] | None = None  # the failure an automatic restart follows
+        self.restarts_here = 0  # by this supervisor (each launch or resume has the budget anew)
+
+    def _reset_attempt(self) -> None:
+        """What one attempt knows of its job; a new attempt (an automatic restart) starts bare."""
         self.stop_requested_at: float | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.first_dead: dict[str, Any] | None = None
         self.hung: str | None = None
         self.launched_at = time.time()
-        self.prepare_only = (read_json(run_dir / STATUS_FILE) or {}).get("job") == "prepare"
-        self.restart: dict[str, Any] | None = None  # the failure an automatic restart follows
-        self.restarts_here = 0  # by this supervisor (each launch or resume has the budget anew)
 
     # -- status -------------------------------------------------------------------------
 
@@ -210,7 +214,7 @@ class Supervisor:
         retry, kind = retryable(failure, hung)
         budget = self.max_restarts()
         if retry and (failure or {}).get("cause") == "disk_full":
-            retry, kind = self._room_again(), kind
+            retry = has_room(self.dir, self.run.checkpoint_mb())  # only once the next checkpoint fits
         if retry and self.stop_signal is None and self.restarts_here < budget and not self.prepare_only:
             self.restart = {"reason": reason, "class": kind, "failure": failure, "exit_code": rc}
             return 1
@@ -219,15 +223,6 @@ class Supervisor:
         elif budget and self.restarts_here == 0:
             self.event("not_restarted", reason=reason, **{"class": kind})
         return self.fail(reason, rc, failure)
-
-    def _room_again(self) -> bool:
-        """A full disk is worth a restart only once the next checkpoint fits again."""
-        from ..errors import free_mb
-
-        ckpts = self.run.checkpoints()
-        need = sum(f.stat().st_size for f in ckpts[-1].rglob("*") if f.is_file()) / 2**20 if ckpts else 0
-        free = free_mb(self.dir)
-        return free is None or free > 1.1 * need + 8
 
     def _restart(self) -> bool:
         """Wait the backoff (train.restart_backoff_s, doubling with each restart), then make
@@ -248,13 +243,8 @@ class Supervisor:
             time.sleep(POLL_S)
         self.restart, self.restarts_here = None, self.restarts_here + 1
         self.attempt += 1
-        self.resume, self.first_dead, self.hung, self.proc, self.stop_requested_at = (
-            True,
-            None,
-            None,
-            None,
-            None,
-        )
+        self.resume = True
+        self._reset_attempt()
         (self.dir / "control" / "stop").unlink(missing_ok=True)
         self.set_status(State.RESUMING, attempt=self.attempt)
         return True

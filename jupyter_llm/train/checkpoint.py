@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import DiskFull, disk_full_message, free_mb
-from ..files import append_jsonl, now_iso, write_json_atomic
+from ..errors import DiskFull, disk_full_message, has_room
+from ..files import append_jsonl, now_iso, tree_mb, write_json_atomic
 from ..folder import CKPT_MARKER, EVENTS_FILE
 
 
@@ -140,7 +140,7 @@ def checkpoint_mb(engine: Any, ckpt_dir: Path) -> float:
     copy), for every rank together."""
     done = complete_checkpoints(ckpt_dir)
     if done:
-        return sum(f.stat().st_size for f in done[-1][1].rglob("*") if f.is_file()) / 2**20
+        return tree_mb(done[-1][1])
     numel = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     return numel * 16 / 2**20
 
@@ -152,15 +152,10 @@ def check_space(engine: Any, ckpt_dir: Path) -> None:
     import torch.distributed as dist
 
     need = checkpoint_mb(engine, ckpt_dir)
-    free = free_mb(ckpt_dir)
-    short = free is not None and free < need * 1.1 + SPACE_MARGIN_MB
-    ok = torch.tensor([0 if short else 1], device=getattr(engine, "device", "cpu"))
+    ok = torch.tensor([int(has_room(ckpt_dir, need))], device=getattr(engine, "device", "cpu"))
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     if not int(ok.item()):
         raise DiskFull(disk_full_message(ckpt_dir, "a checkpoint", need))
-
-
-SPACE_MARGIN_MB = 8  # the marker, the events, the logs
 
 
 def prune(ckpt_dir: Path, keep: int) -> None:
