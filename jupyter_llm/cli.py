@@ -70,6 +70,13 @@ def _parser() -> argparse.ArgumentParser:
     add_arguments(ev)
     ev.add_argument("--json", action="store_true", help="with --wait: print eval.json")
 
+    rep = sub.add_parser(
+        "report", help="send a run to TensorBoard, MLflow, W&B or CSV (default: its report_to)"
+    )
+    rep.add_argument("run", nargs="?")
+    rep.add_argument("--to", action="append", metavar="TARGET",
+                     help="tensorboard, mlflow, wandb or csv; repeat it or separate with commas")  # fmt: skip
+
     cmp = sub.add_parser("compare", help="the latest evaluation of several runs side by side")
     cmp.add_argument("runs", nargs="+")
     cmp.add_argument("--json", action="store_true")
@@ -277,6 +284,12 @@ def _compare(args: argparse.Namespace, store: RunStore) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace, store: RunStore) -> int:
+    lines = store.get(args.run).report(args.to)
+    print("\n".join(lines))
+    return 1 if any(": failed: " in line for line in lines) else 0
+
+
 def _sweep(args: argparse.Namespace, store: RunStore) -> int:
     from .sweep import get_sweep, sweep
 
@@ -336,6 +349,7 @@ COMMANDS = {
     "resume": _resume,
     "eval": _eval,
     "compare": _compare,
+    "report": _report,
     "sweep": _sweep,
     "pipeline": _pipeline,
     "reproduce": _reproduce,

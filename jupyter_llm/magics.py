@@ -177,11 +177,17 @@ class LLMMagics(Magics):
     def llm_status(self, line: str = "") -> Any:
         """State, progress and latest metrics of a run (a snapshot)."""
         args = _parse(self.llm_status, line)
-        from IPython.display import HTML
+        from IPython.display import HTML, Markdown, display
 
+        from .card import as_markdown
         from .display import run_html
 
-        return HTML(run_html(self._run(args.run)))
+        run = self._run(args.run)
+        card = run.model_card if run.state == "completed" else None
+        if card is None:
+            return HTML(run_html(run))
+        display(HTML(run_html(run)))
+        return Markdown(as_markdown(card))  # the model card, final/README.md
 
     @line_magic
     @magic_arguments()

@@ -131,6 +131,22 @@ class Run(RunFolder):
 
         return evaluations(self)
 
+    def report(self, to: list[str] | str | None = None) -> list[str]:
+        """Send this run to TensorBoard, MLflow, W&B or CSV (default: the spec's report_to):
+        what the target has not received yet. A line per target says what was sent and how to
+        open it (`tensorboard --logdir …`, `mlflow ui …`, `wandb sync …`)."""
+        from .report import report
+
+        return report(self, to)
+
+    @property
+    def model_card(self) -> str | None:
+        """final/README.md, the model card (written when the run completed; updated by evaluations)."""
+        from .folder import CARD_FILE, FINAL_DIR
+
+        path = self.path / FINAL_DIR / CARD_FILE
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+
     def summary(self) -> str:
         """The run in a few lines of text (state, step, loss, ETA or error)."""
         from .summary import run_text
@@ -156,6 +172,7 @@ def launch(
     timeout: float | None = None,
     job: str = "train",
     transform: Callable[[str], Any] | None = None,
+    records: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Run:
     """Validate `spec` (Spec, dict, YAML text or path), create its run folder and start it.
 
@@ -164,6 +181,8 @@ def launch(
     runs only the data step (tokenizer, cleaning, packing into the cache), detached too.
     `transform(text) -> str | None | list[str]` is applied to every document before cleaning;
     it travels to the job with cloudpickle, so a function defined in a notebook works.
+    `records` are JSON files written into the folder before the job starts (a sweep's
+    sweep.json: what the trial belongs to, read by its reports from the start).
     """
     from .spec import Spec
 
@@ -195,6 +214,10 @@ def launch(
         _, problem = nvme_check(spec.distributed.nvme_path)
         if problem:
             raise UserError(f"distributed.nvme_path: {problem}")
+    if job == "train" and spec.report_to:
+        from .report import check_installed
+
+        check_installed(spec.report_to)  # at launch, not as a crash at the end
     run = RunStore(root).create(spec, job=job)
     if plan is not None:
         record = plan.to_dict()
@@ -208,6 +231,8 @@ def launch(
     if pipeline := os.environ.get("JUPYTER_LLM_PIPELINE"):  # launched by a pipeline stage's notebook
         write_json_atomic(run.path / "pipeline.json",
                           {"pipeline": pipeline, "stage": os.environ.get("JUPYTER_LLM_PIPELINE_STAGE")})  # fmt: skip
+    for name, record in (records or {}).items():
+        write_json_atomic(run.path / name, dict(record))
     if transform is not None:
         import cloudpickle
 

@@ -348,6 +348,20 @@ class EvalSpec(_Section):
         return str(path)
 
 
+REPORT_TARGETS = ("tensorboard", "mlflow", "wandb", "csv")
+ReportTarget = Literal["tensorboard", "mlflow", "wandb", "csv"]
+
+
+class ReportSpec(_Section):
+    """Where `report_to` sends a run (read from the run folder here, never by the ranks)."""
+
+    tracking_uri: str | None = None  # MLflow; None: sqlite:///<runs root>/mlflow.db
+    experiment: str = Field("jupyter-llm", min_length=1, max_length=256)  # MLflow experiment, W&B project
+    log_model: bool = True  # MLflow: the final model as an artifact (a copy of final/)
+    wandb_mode: Literal["offline", "online"] = "offline"  # offline: `wandb sync <run>/wandb` uploads later
+    wandb_entity: str | None = None  # W&B team or user (online)
+
+
 class Spec(_Section):
     # part of the run id; runs are found by it
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -360,6 +374,22 @@ class Spec(_Section):
     distributed: DistributedSpec = DistributedSpec()
     deepspeed: dict[str, Any] = {}  # raw DeepSpeed config, merged last
     eval: EvalSpec | None = None  # evaluate the final model when training completes
+    # tensorboard, mlflow, wandb, csv (one or a list): the metrics, the spec and the evaluations
+    report_to: list[ReportTarget] = []
+    report: ReportSpec = ReportSpec()
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_list(cls, v: Any) -> Any:
+        if v is None or v == "none":
+            return []
+        if v == "all":
+            return list(REPORT_TARGETS)
+        if isinstance(v, str):
+            v = [part.strip() for part in v.split(",") if part.strip()]
+        if isinstance(v, list) and len(set(map(str, v))) != len(v):
+            raise ValueError("names a target twice")
+        return v
 
     # -- loading -----------------------------------------------------------------------
 

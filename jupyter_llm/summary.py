@@ -102,3 +102,17 @@ def restarts_text(st: dict[str, Any]) -> str:
         return ""
     last = st.get("last_restart") or {}
     return f"\n  restarts: {st['restarts']} automatic (last: {last.get('reason', '?')})"
+
+
+def eval_numbers(res: dict[str, Any]) -> dict[str, float]:
+    """The numbers of an eval.json, flat: perplexity, eval_loss, masked_accuracy, bleu, rouge*."""
+    out: dict[str, float] = {}
+    p, m = res.get("perplexity") or {}, res.get("masked") or {}
+    if p.get("ppl") is not None:
+        out["perplexity"], out["eval_loss"] = float(p["ppl"]), float(p["loss"])
+    if m.get("accuracy") is not None:
+        out["masked_accuracy"] = float(m["accuracy"])
+    for k in ("bleu", "rouge1", "rouge2", "rougeL"):
+        if res.get(k) is not None:
+            out[k] = float(res[k])
+    return out

@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 
 from conftest import CORPUS, tiny_spec, wait_for
-from jupyter_llm import launch
 from jupyter_llm.cli import main as cli
 from jupyter_llm.errors import RunStateError, SpecError, UserError
 from jupyter_llm.evaluation import Comparison, Evaluation, compare, evaluate
@@ -21,20 +20,9 @@ from jupyter_llm.runs import CKPT_MARKER, Run, RunStore
 from jupyter_llm.spec import Spec
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Run:
-    """A 30-step char GPT with checkpoints at 15 and 30 and an `eval:` section."""
-    home = tmp_path_factory.mktemp("eval-home")
-    corpus = home / "corpus.txt"
-    corpus.write_text(CORPUS.read_text(encoding="utf-8")[:200_000], encoding="utf-8")
-    spec = tiny_spec(corpus, name="evaluated",
-                     train={"max_steps": 30, "log_every": 5, "eval_every": 15, "save_every": 15,
-                            "keep_checkpoints": 2, "eval_batches": 2},
-                     eval={"prompts": ["ROMEO:"], "max_new_tokens": 16})  # fmt: skip
-    run = launch(spec, root=home / "runs")
-    run.wait(600)
-    assert run.state == "completed", "\n".join(run.log_tail(40, rank=0))
-    return run
+@pytest.fixture
+def trained(evaluated_run: Run) -> Run:
+    return evaluated_run
 
 
 def auto_evaluation(run: Run) -> Evaluation:

@@ -182,7 +182,7 @@ def test_sweep_on_an_evaluation_metric_within_a_time_budget(corpus: Path) -> Non
     """Objective eval.perplexity.ppl: each trial's value is its automatic evaluation's; the
     time budget stops new trials (2 start at once, none after)."""
     spec = base(corpus, train={"max_steps": 20, "log_every": 5, "eval_every": 0, "save_every": 0},
-                eval={"max_blocks": 4})  # fmt: skip
+                eval={"max_blocks": 4}, report_to=["mlflow"])  # fmt: skip
     sw = sweep({"name": "ppl", "base": spec, "space": {"optim.lr": {"loguniform": [1e-3, 1e-2]}},
                 "objective": {"metric": "eval.perplexity.ppl"}, "trials": 50, "parallel": 2, "budget_s": 3,
                 "pruner": {"kind": "none"}}, wait=True, timeout=900)  # fmt: skip
@@ -193,3 +193,21 @@ def test_sweep_on_an_evaluation_metric_within_a_time_budget(corpus: Path) -> Non
         result = read_json(sw.store.get(t["run_id"]).path / "eval.json")
         assert result is not None and t["value"] == result["perplexity"]["ppl"]
         assert result["perplexity"]["blocks"] == 4
+    # report_to mlflow: the sweep is a parent MLflow run, each trial's run nested under it
+    from mlflow.tracking import MlflowClient
+
+    runs = [sw.store.get(t["run_id"]) for t in trials]
+    for r in runs:
+        wait_for(
+            lambda r=r: (read_json(r.path / "reports" / "mlflow.json") or {}).get("evals"), 120, "the reports"
+        )
+    client = MlflowClient(f"sqlite:///{sw.store.root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("jupyter-llm").experiment_id
+    [parent] = client.search_runs([exp], filter_string=f"tags.`jupyter_llm.sweep_id` = '{sw.id}'")
+    nested = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(n.data.tags["jupyter_llm.run_id"] for n in nested) == sorted(r.id for r in runs)
+    for n in nested:
+        t = next(t for t in trials if t["run_id"] == n.data.tags["jupyter_llm.run_id"])
+        assert n.data.metrics["eval/perplexity"] == t["value"] and n.data.params["optim.lr"] == str(
+            t["params"]["optim.lr"]
+        )

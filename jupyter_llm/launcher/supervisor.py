@@ -107,6 +107,7 @@ class Supervisor:
         # room for the final state when the disk fills up
         with contextlib.suppress(OSError), open(reserve, "wb") as f:
             os.posix_fallocate(f.fileno(), 0, RESERVE_BYTES)
+        self.start_report()
         try:
             while True:
                 rc = self._supervise(self.attempt)
@@ -185,6 +186,7 @@ class Supervisor:
         its final checkpoint), failed without a final model, or failed for `why()` (the
         backend's diagnosis: the sentence and the fields)."""
         if rc == 0 and (self.dir / FINAL_DIR / "config.json").is_file():
+            self.write_card()  # before the final state: the report's follower logs final/ with it
             code = self.finish(State.COMPLETED, rc, None)
             self.auto_eval()
             return code
@@ -248,6 +250,26 @@ class Supervisor:
         (self.dir / "control" / "stop").unlink(missing_ok=True)
         self.set_status(State.RESUMING, attempt=self.attempt)
         return True
+
+    def start_report(self) -> None:
+        """report_to: the follower that sends the run's folder to its targets (its own process)."""
+        targets = [] if self.prepare_only else self.run.spec.report_to
+        if not targets:
+            return
+        from ..report import start_follower
+
+        try:
+            self.event("report_started", to=targets, pid=start_follower(self.dir))
+        except Exception as e:  # reporting never stops a run
+            self.event("report_error", target="all", error=f"{type(e).__name__}: {e}")
+
+    def write_card(self) -> None:
+        from ..card import write
+
+        try:
+            write(self.run)
+        except Exception as e:  # the model is there; only its card is missing
+            self.event("card_error", error=f"{type(e).__name__}: {e}")
 
     def auto_eval(self) -> None:
         """The spec's `eval:` section: evaluate the final model as its own detached job."""

@@ -50,8 +50,25 @@ def main(eval_dir: Path) -> None:
     run_dir = eval_dir.parent.parent
     shutil.copyfile(eval_dir / "eval.json", run_dir / ".eval.json.tmp")
     os.replace(run_dir / ".eval.json.tmp", run_dir / "eval.json")  # the run's newest result
+    _card_and_report(run_dir)
     write_json_atomic(status, {**(read_json(status) or {}), "state": "completed", "ended_at": now_iso()})
     print(json.dumps(result, indent=1))
+
+
+def _card_and_report(run_dir: Path) -> None:
+    """The model card carries the newest evaluation of the final model; report_to gets the result."""
+    from ..card import write
+    from ..folder import RunFolder
+    from ..report import report
+
+    run = RunFolder(run_dir)
+    try:
+        write(run)
+        if run.spec.report_to:
+            for line in report(run):
+                print(line, flush=True)
+    except Exception as e:  # the evaluation stands; its report is what is missing
+        print(f"card/report: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
 
 
 def _terminated(signum: int, frame: Any) -> None:
