@@ -262,6 +262,22 @@ class LLMMagics(Magics):
             ev.wait()
         return ev
 
+    @line_magic
+    @magic_arguments()
+    @argument("run", nargs="?")
+    @argument("--checkpoint", default="final", help="final (default), latest or a checkpoint's step")
+    @argument("--compare", default=None, metavar="CHECKPOINT_OR_RUN",
+              help="a second pane: another checkpoint of the run (a step, latest) or another run")  # fmt: skip
+    @argument("--idle-timeout", type=float, default=900.0, help="seconds before an unused generator ends")
+    @_usage
+    def llm_chat(self, line: str = "") -> Any:
+        """A playground for a trained model: prompt (or chat) box, generation settings, tokens
+        streamed from a generator process of its own (the kernel never imports torch)."""
+        from .widgets.playground import Playground
+
+        args = _parse(self.llm_chat, line)
+        return Playground(self._run(args.run), args.checkpoint, args.compare, args.idle_timeout)
+
     @line_cell_magic
     @magic_arguments()
     @argument("name", nargs="?", help="cell magic: the sweep's name; line magic: a sweep YAML file")

@@ -169,7 +169,12 @@ class Controller:
         except SpecError as e:  # the sampled parameters make an invalid spec: a failed trial
             self._tell_fail(trial, str(e))
             return
-        record = {"sweep_id": self.sweep.id, "sweep_path": str(self.path), "trial": trial.number, "params": params}
+        record = {
+            "sweep_id": self.sweep.id,
+            "sweep_path": str(self.path),
+            "trial": trial.number,
+            "params": params,
+        }
         run = launch(spec, root=self.store.root, records={"sweep.json": record})
         trial.set_user_attr("run_id", run.id)
         self.active[trial.number] = (trial, run)

@@ -95,9 +95,10 @@ def test_every_target_has_the_runs_metrics_spec_and_evaluation(evaluated_run: Ru
     assert tensorboard_scalars(run.path / "tensorboard", "val/loss") == [
         (s, pytest.approx(v, rel=1e-6)) for s, v in val
     ]
-    assert tensorboard_scalars(run.path / "tensorboard", "eval/perplexity") == [
-        (30, pytest.approx(ppl, rel=1e-6))
-    ]
+    # (the other tests of this shared run add evaluations of their own: this one is among them)
+    assert (30, pytest.approx(ppl, rel=1e-6)) in tensorboard_scalars(
+        run.path / "tensorboard", "eval/perplexity"
+    )
     # MLflow's client: the run, its parameters, every metric point, the evaluation, the artifacts
     from mlflow.tracking import MlflowClient
 
@@ -109,13 +110,14 @@ def test_every_target_has_the_runs_metrics_spec_and_evaluation(evaluated_run: Ru
     assert ml.data.params["distributed.procs_per_node"] == "2"
     history = client.get_metric_history(ml.info.run_id, "train/loss")
     assert sorted((m.step, m.value) for m in history) == losses  # float64 in SQLite: exact
-    [p] = client.get_metric_history(ml.info.run_id, "eval/perplexity")
-    assert (p.step, p.value) == (30, ppl)
+    assert (30, ppl) in [
+        (p.step, p.value) for p in client.get_metric_history(ml.info.run_id, "eval/perplexity")
+    ]
     artifacts = {a.path for a in client.list_artifacts(ml.info.run_id, "model")}
     assert {"model/config.json", "model/model.safetensors", "model/README.md"} <= artifacts, artifacts
-    [ev_art] = client.list_artifacts(ml.info.run_id, "evals")
-    assert [a.path for a in client.list_artifacts(ml.info.run_id, ev_art.path)] == [
-        f"{ev_art.path}/eval.json"
+    ev_id = result["eval_id"]
+    assert [a.path for a in client.list_artifacts(ml.info.run_id, f"evals/{ev_id}")] == [
+        f"evals/{ev_id}/eval.json"
     ]
     # W&B, offline: its own record file holds the same losses, by step
     wb = [h for h in wandb_history(run.path) if "train/loss" in h]
@@ -123,7 +125,7 @@ def test_every_target_has_the_runs_metrics_spec_and_evaluation(evaluated_run: Ru
     # CSV: a row per logged line
     rows = list(csv.DictReader((run.path / "reports" / "metrics.csv").open()))
     assert [(int(r["step"]), float(r["train/loss"])) for r in rows if r["train/loss"]] == losses
-    assert float(next(r for r in rows if r.get("eval/perplexity"))["eval/perplexity"]) == pytest.approx(ppl)
+    assert pytest.approx(ppl) in [float(r["eval/perplexity"]) for r in rows if r.get("eval/perplexity")]
     # the follower is gone once the run ended (it does not outlive what it reports)
     import psutil
 
@@ -137,7 +139,9 @@ def test_the_model_card_carries_the_evaluation_and_the_folder_still_loads(
     evaluated_run: Run, ip: Any, monkeypatch: Any
 ) -> None:
     run = evaluated_run
-    result = reported(run)
+    reported(run)
+    # the card carries the newest evaluation of the final model (other tests add some)
+    result = [e.result for e in run.evaluations() if e.result and e.result["checkpoint"] == "final"][-1]
     meta = card.read(run)
     assert (
         meta is not None

@@ -1,6 +1,7 @@
-"""Notebook widgets (ipywidgets + bqplot): a spec form, a live dashboard, a runs table.
+"""Notebook widgets (ipywidgets + bqplot): a spec form, a live dashboard, a runs table,
+a playground for a trained model.
 
-    from jupyter_llm.widgets import SpecForm, Dashboard, RunsTable
+    from jupyter_llm.widgets import SpecForm, Dashboard, RunsTable, Playground
 
 They read and write run folders only through the Python API; nothing here imports torch.
 """
@@ -12,9 +13,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .dashboard import Dashboard
     from .form import SpecForm
+    from .playground import Playground
     from .table import RunsTable
 
-_LAZY = {"Dashboard": "dashboard", "SpecForm": "form", "RunsTable": "table"}
+_LAZY = {"Dashboard": "dashboard", "SpecForm": "form", "RunsTable": "table", "Playground": "playground"}
 
 
 def __getattr__(name: str) -> Any:
@@ -25,4 +27,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'jupyter_llm.widgets' has no attribute {name!r}")
 
 
-__all__ = ["Dashboard", "RunsTable", "SpecForm"]
+__all__ = ["Dashboard", "Playground", "RunsTable", "SpecForm"]
