@@ -95,6 +95,7 @@ class Generator:
                 return self
             import psutil
 
+            self._cleanup()  # an earlier process's folder (it ended when idle, say)
             self.dir = Path(tempfile.mkdtemp(prefix="jllm-gen-"))  # private (0700), short: a socket path
             sock = self.dir / "gen.sock"
             me = psutil.Process()

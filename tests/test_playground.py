@@ -165,3 +165,34 @@ def test_a_chat_run_answers_through_its_chat_template(tmp_path: Path, corpus: Pa
         assert pane.output.value == f"user: Add 3 and 1.\nassistant: {pane.messages[1]['content']}"
     finally:
         pg.close()
+
+
+def test_rest_generation_streams_and_its_generator_ends_with_the_server(
+    evaluated_run: Run, tmp_path: Path
+) -> None:
+    import requests
+    from browser import JupyterLab
+
+    run = evaluated_run
+    with JupyterLab(tmp_path, {"JUPYTER_LLM_RUNS": str(run.path.parent)}) as lab:
+        url = f"{lab.base_url}/jupyter-llm/api/runs/{run.id}/generate"
+        auth = {"Authorization": f"token {lab.token}"}
+        assert requests.post(url, json={"prompt": PROMPT}, timeout=30).status_code == 403
+        with requests.post(url, json={"prompt": PROMPT, "max_new_tokens": 40, "temperature": 0}, headers=auth,
+                           stream=True, timeout=300) as r:  # fmt: skip
+            assert r.status_code == 200 and r.headers["Content-Type"] == "application/x-ndjson"
+            lines = [json.loads(x) for x in r.iter_lines() if x]
+        pieces = [m["text"] for m in lines if "text" in m]
+        assert len(pieces) >= 2 and lines[-1]["done"] and not lines[-1].get("error")
+        assert "".join(pieces) == direct_greedy(run.path / "final", PROMPT, 40)
+        bad = [({"prompt": 3}, "prompt must be a string"), ({}, 'give "prompt"'),
+               ({"prompt": "x", "temprature": 1}, "unknown field(s) ['temprature']"),
+               ({"prompt": "x", "seed": "one"}, "seed must be a number"),
+               ({"prompt": "x", "checkpoint": 7}, "no complete checkpoint 7")]  # fmt: skip
+        for body, message in bad:
+            r = requests.post(url, json=body, headers=auth, timeout=30)
+            assert r.status_code == 400 and message in r.json()["message"], (body, r.text)
+        assert requests.post(url, json={"stop": True}, headers=auth, timeout=30).json() == {"stopped": True}
+        pids = [p for p in generator_pids() if str(run.path) in " ".join(psutil.Process(p).cmdline())]
+        assert len(pids) == 1
+    gone(pids[0], 30)  # the server is gone: so is its generator

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from typing import Any
 
 from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
 from jupyter_server.utils import url_path_join
 from tornado import web
+from tornado.iostream import StreamClosedError
 
 from ..errors import RunNotFound, RunStateError, SpecError, UserError
 from ..files import read_json
@@ -190,6 +193,76 @@ class ActionHandler(_Base):
             self.reply({"run_id": run.id, "eval_id": ev.id, "state": ev.state}, 202)
 
 
+_GENERATORS: dict[tuple[str, str], Any] = {}  # (run folder, checkpoint) -> this server's Generator
+_GENERATORS_LOCK = threading.Lock()
+
+
+def _generator(run: Run, checkpoint: Any) -> Any:
+    from ..playground import Generator, check_checkpoint
+
+    ckpt = check_checkpoint(run, checkpoint if isinstance(checkpoint, int | str) else str(checkpoint))
+    with _GENERATORS_LOCK:
+        key = (str(run.path), str(ckpt))
+        if key not in _GENERATORS:
+            _GENERATORS[key] = Generator(run, ckpt)
+        return _GENERATORS[key]
+
+
+class GenerateHandler(_Base):
+    @web.authenticated
+    @authorized
+    @_handled
+    async def post(self, run_id: str) -> None:
+        """Generate from a run's model, streamed as JSON lines ({"text"} pieces, then {"done"});
+        body: {prompt | messages, checkpoint, max_new_tokens, temperature, top_k, top_p, seed},
+        or {"stop": true, checkpoint} to end the generation under way."""
+        from ..playground import SETTINGS
+
+        run = self.run_or_404(run_id)
+        body = self.body()
+        gen = _generator(run, body.pop("checkpoint", "final"))
+        if body.pop("stop", False):
+            gen.stop()
+            self.reply({"stopped": True})
+            return
+        prompt, messages = body.pop("prompt", None), body.pop("messages", None)
+        if (prompt is None) == (messages is None):
+            raise _Reply(400, 'give "prompt" (text) or "messages" (a chat: [{role, content}, ...])')
+        if prompt is not None and not isinstance(prompt, str):
+            raise _Reply(400, "prompt must be a string")
+        if messages is not None and not (isinstance(messages, list) and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages)):  # fmt: skip
+            raise _Reply(400, "messages must be a list of {role, content} strings")
+        if bad := sorted(set(body) - set(SETTINGS)):
+            raise _Reply(400, f"unknown field(s) {bad}; the settings are {', '.join(SETTINGS)}")
+        for k, v in body.items():
+            if v is not None and (not isinstance(v, int | float) or isinstance(v, bool)):
+                raise _Reply(400, f"{k} must be a number")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+        def work() -> None:
+            try:
+                for msg in gen.events(prompt, messages, **body):
+                    loop.call_soon_threadsafe(queue.put_nowait, msg)
+            except Exception as e:  # after the first line the status is sent: the error is a line
+                loop.call_soon_threadsafe(queue.put_nowait, {"done": True, "error": str(e)})
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+
+        self.set_header("Content-Type", "application/x-ndjson")
+        self.set_header("Cache-Control", "no-cache")
+        threading.Thread(target=work, daemon=True).start()
+        while (msg := await queue.get()) is not None:
+            try:
+                self.write(json.dumps(msg) + "\n")
+                await self.flush()
+            except StreamClosedError:  # the client left: its generation ends
+                gen.stop()
+        self.finish()
+
+
 ID = r"(?P<run_id>[^/]+)"
 ROUTES: list[tuple[str, type[_Base]]] = [
     ("runs", RunsHandler),
@@ -197,6 +270,7 @@ ROUTES: list[tuple[str, type[_Base]]] = [
     (f"runs/{ID}/metrics", MetricsHandler),
     (f"runs/{ID}/logs", LogsHandler),
     (f"runs/{ID}/(?P<action>stop|resume|evaluate)", ActionHandler),
+    (f"runs/{ID}/generate", GenerateHandler),
 ]
 
 
