@@ -75,6 +75,10 @@ def test_generation_streams_stops_and_matches_transformers(evaluated_run: Run) -
         t.join(30)
         assert out[-1]["done"] and out[-1]["stopped"], out[-1]
         assert len("".join(m.get("text", "") for m in out)) < 4000
+        # more new tokens than the model has positions: capped there, said so, no crash
+        positions = json.loads((run.path / "final" / "config.json").read_text())["n_positions"]
+        last = list(gen.events(PROMPT, max_new_tokens=positions + 100, temperature=0))[-1]
+        assert last["done"] and not last.get("error") and last["capped_at"] == positions - len(PROMPT)
         with pytest.raises(UserError, match="unknown generation setting"):
             gen.generate(PROMPT, temprature=1)
         pid = gen.pid

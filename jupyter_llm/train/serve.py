@@ -62,8 +62,9 @@ class Generator:
         else:
             text = str(req.get("prompt") or "")
         ids = list(self.tok(text, add_special_tokens=False)["input_ids"]) or [self.tok.eos_token_id or 0]
-        room = self.max_positions - int(req.get("max_new_tokens", 64)) if self.max_positions else len(ids)
-        return ids[-max(1, room) :]
+        if self.max_positions:  # the newest tokens that leave room for one new one at least
+            ids = ids[-(self.max_positions - 1) :]
+        return ids
 
     def generate(self, req: dict[str, Any], send: Any, stop: threading.Event) -> None:
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
@@ -71,7 +72,10 @@ class Generator:
         torch = self.torch
         max_new = max(1, min(int(req.get("max_new_tokens", 64)), 4096))
         temperature = float(req.get("temperature", 0.8))
-        ids = self.prompt_ids({**req, "max_new_tokens": max_new})
+        ids = self.prompt_ids(req)
+        limit = self.max_positions - len(ids) if self.max_positions else max_new
+        capped = max_new > limit  # the model has no position beyond max_positions
+        max_new = min(max_new, limit)
         streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
 
         class Stop(StoppingCriteria):
@@ -114,7 +118,7 @@ class Generator:
             raise error[0]
         send({"done": True, "pieces": pieces, "seconds": round(time.perf_counter() - t0, 4),
               "first_token_s": None if first is None else round(first, 4), "stopped": stop.is_set(),
-              "prompt_tokens": len(ids)})  # fmt: skip
+              "prompt_tokens": len(ids), "capped_at": max_new if capped else None})  # fmt: skip
 
 
 def _parent_alive(parent: str | None) -> bool:

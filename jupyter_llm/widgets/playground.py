@@ -68,7 +68,9 @@ class Pane(w.VBox):
                         f"{'stopped · ' if msg.get('stopped') else ''}{msg.get('pieces', 0)} pieces in "
                         f"{msg.get('seconds', 0):.2f} s · first token after {first if first is not None else '–'} s "
                         f"(generator) · {time.perf_counter() - t0:.2f} s here"
-                    )
+                        + (f" · capped at {msg['capped_at']} new tokens: the model's context ends there"
+                           if msg.get("capped_at") else "")
+                    )  # fmt: skip
             if chat:
                 self.messages.append({"role": "assistant", "content": text})
         except JupyterLLMError as e:
