@@ -104,3 +104,19 @@ def test_playground_streams_stops_compares_and_cleans_up(evaluated_run: Run, tmp
         wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
                  30, "the generator gone after the kernel was killed")  # fmt: skip
         nb.screenshot("playground-after-kernel-kill")
+        # the sidebar's run panel: "Try it" streams the final model's answer from the server
+        nb.page.evaluate("window.jupyterapp.commands.execute('jupyter-llm:open-sidebar')")
+        nb.wait_for(f'.jp-llm-run[data-run-id="{run.id}"]', timeout=60).click()
+        box = nb.wait_for(f'.jp-llm-panel[data-run-id="{run.id}"] .jp-llm-try', timeout=60)
+        box.locator(".jp-llm-try-prompt").fill("ROMEO:")
+        box.locator(".jp-llm-try-temperature").fill("0")
+        box.locator(".jp-llm-try-max-new").fill("200")
+        box.locator(".jp-llm-try-generate").click()
+        output = box.locator(".jp-llm-try-output")
+        nb.wait_until(
+            lambda: len(output.inner_text()) > len("ROMEO:"), timeout=120, what="streamed text in the panel"
+        )
+        nb.wait_until(lambda: "pieces in" in box.locator(".jp-llm-try-stats").inner_text(), timeout=120,
+                      what="the panel's generation done")  # fmt: skip
+        assert output.inner_text().startswith("ROMEO:") and len(output.inner_text()) > len("ROMEO:") + 20
+        nb.screenshot("playground-sidebar-try-it")

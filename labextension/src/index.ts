@@ -64,6 +64,57 @@ async function api<T>(path: string, init: RequestInit = {}): Promise<T> {
   return data as T;
 }
 
+interface IGenerationDone {
+  done: true;
+  pieces?: number;
+  seconds?: number;
+  stopped?: boolean;
+  error?: string;
+}
+
+/** POST a generation request and hand each streamed piece to `onText` as it arrives. */
+async function streamGeneration(
+  path: string,
+  body: Record<string, unknown>,
+  onText: (piece: string) => void,
+  onDone: (done: IGenerationDone) => void
+): Promise<void> {
+  const settings = ServerConnection.makeSettings();
+  const url = URLExt.join(settings.baseUrl, 'jupyter-llm/api', path);
+  const response = await ServerConnection.makeRequest(
+    url,
+    { method: 'POST', body: JSON.stringify(body) },
+    settings
+  );
+  if (!response.ok || !response.body) {
+    const data = await response.json();
+    throw new Error(data.message || response.statusText);
+  }
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = '';
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) {
+      break;
+    }
+    buffer += decoder.decode(value, { stream: true });
+    let nl: number;
+    while ((nl = buffer.indexOf('\n')) >= 0) {
+      const line = buffer.slice(0, nl);
+      buffer = buffer.slice(nl + 1);
+      if (line) {
+        const msg = JSON.parse(line);
+        if (msg.done) {
+          onDone(msg as IGenerationDone);
+        } else if (typeof msg.text === 'string') {
+          onText(msg.text);
+        }
+      }
+    }
+  }
+}
+
 /** The training losses of a run, fetched incrementally by byte offset. */
 class MetricsCache {
   private offsets = new Map<string, number>();
@@ -245,9 +296,13 @@ class RunsSidebar extends Widget {
   }
 }
 
-/** A main-area panel per run: loss curves, latest metrics, log tail, Stop and Resume. */
+/** A main-area panel per run: loss curves, latest metrics, log tail, Stop and Resume; and,
+ * once the run has a final model, "Try it": a prompt answered by the run's model, streamed
+ * from the server's generator (POST runs/ID/generate, JSON lines). */
 class RunPanel extends Widget {
   private timer: number | undefined;
+  private readonly body = el('div', 'jp-llm-panel-body');
+  private tryIt: HTMLElement | null = null;
 
   constructor(
     readonly runId: string,
@@ -259,6 +314,7 @@ class RunPanel extends Widget {
     this.id = `jupyter-llm-run-${runId}`;
     this.title.label = runId;
     this.title.closable = true;
+    this.node.appendChild(this.body);
     void this.update_();
   }
 
@@ -288,29 +344,101 @@ class RunPanel extends Widget {
       state = run.state;
       this.render(run, metrics, logs.lines);
     } catch (e) {
-      this.node.textContent = `could not read run ${this.runId}: ${(e as Error).message}`;
+      this.body.textContent = `could not read run ${this.runId}: ${(e as Error).message}`;
+    }
+    if (state === 'completed' && !this.tryIt) {
+      this.tryIt = this.tryBox();
+      this.node.appendChild(this.tryIt);
     }
     if (!TERMINAL.includes(state)) {
       this.timer = window.setTimeout(() => void this.update_(), this.sidebar.intervalMs);
     }
   }
 
+  /** The "Try it" box: prompt, temperature, max new tokens, Generate and Stop. */
+  private tryBox(): HTMLElement {
+    const box = el('div', 'jp-llm-try');
+    box.appendChild(el('h3', '', 'Try it'));
+    const prompt = el('textarea', 'jp-llm-try-prompt') as HTMLTextAreaElement;
+    prompt.placeholder = 'a prompt for the final model';
+    const temp = el('input', 'jp-llm-try-temperature') as HTMLInputElement;
+    temp.type = 'number';
+    temp.step = '0.1';
+    temp.min = '0';
+    temp.value = '0.8';
+    temp.title = 'temperature (0: greedy)';
+    const maxNew = el('input', 'jp-llm-try-max-new') as HTMLInputElement;
+    maxNew.type = 'number';
+    maxNew.min = '1';
+    maxNew.value = '64';
+    maxNew.title = 'max new tokens';
+    const go = el(
+      'button',
+      'jp-mod-styled jp-mod-accept jp-llm-try-generate',
+      'Generate'
+    ) as HTMLButtonElement;
+    const stop = el('button', 'jp-mod-styled jp-llm-try-stop', 'Stop') as HTMLButtonElement;
+    stop.disabled = true;
+    const output = el('pre', 'jp-llm-try-output');
+    const stats = el('div', 'jp-llm-meta jp-llm-try-stats');
+    const row = el('div', 'jp-llm-try-row');
+    row.append(
+      el('label', '', 'temperature '),
+      temp,
+      el('label', '', ' max new '),
+      maxNew,
+      go,
+      stop
+    );
+    box.append(prompt, row, output, stats);
+    const url = `runs/${encodeURIComponent(this.runId)}/generate`;
+    go.onclick = async () => {
+      go.disabled = true;
+      stop.disabled = false;
+      output.textContent = prompt.value;
+      stats.textContent = 'generating…';
+      try {
+        await streamGeneration(
+          url,
+          {
+            prompt: prompt.value,
+            temperature: +temp.value,
+            max_new_tokens: +maxNew.value,
+            seed: 0
+          },
+          (piece) => (output.textContent += piece),
+          (done) => {
+            stats.textContent = done.error
+              ? `error: ${done.error}`
+              : `${done.stopped ? 'stopped · ' : ''}${done.pieces} pieces in ${done.seconds} s`;
+          }
+        );
+      } catch (e) {
+        stats.textContent = `error: ${(e as Error).message}`;
+      }
+      go.disabled = false;
+      stop.disabled = true;
+    };
+    stop.onclick = () => void api(url, { method: 'POST', body: JSON.stringify({ stop: true }) });
+    return box;
+  }
+
   private render(run: IRunRow, metrics: IMetric[], logs: string[]): void {
-    this.node.textContent = '';
+    this.body.textContent = '';
     const head = el('h2', '', `${run.name ?? ''} `);
     const badge = el('span', 'jp-llm-state', run.state);
     badge.style.color = STATE_COLORS[run.state] ?? '#616161';
     head.appendChild(badge);
-    this.node.appendChild(head);
-    this.node.appendChild(
+    this.body.appendChild(head);
+    this.body.appendChild(
       el('div', 'jp-llm-meta', `${run.run_id} · step ${run.step}/${run.total ?? '?'}`)
     );
     if (run.error) {
-      this.node.appendChild(el('div', 'jp-llm-error', run.error));
+      this.body.appendChild(el('div', 'jp-llm-error', run.error));
     }
     if (run.restarts) {
       const why = run.last_restart?.reason ?? '';
-      this.node.appendChild(
+      this.body.appendChild(
         el(
           'div',
           'jp-llm-meta jp-llm-restarts',
@@ -326,12 +454,12 @@ class RunPanel extends Widget {
     resume.onclick = () => void this.act('resume');
     const buttons = el('div', '');
     buttons.append(stop, resume);
-    this.node.appendChild(buttons);
+    this.body.appendChild(buttons);
     const curve = el('div', '');
     curve.innerHTML =
       svgLine(series(metrics, 'loss'), 480, 160, 'jp-llm-curve', '#1565c0') +
       svgLine(series(metrics, 'val_loss'), 480, 160, 'jp-llm-curve-val', '#c62828');
-    this.node.appendChild(curve);
+    this.body.appendChild(curve);
     const last = [...metrics].reverse().find((m) => typeof m.loss === 'number');
     if (last) {
       const table = el('table', 'jp-llm-metrics');
@@ -344,9 +472,9 @@ class RunPanel extends Widget {
         );
         table.appendChild(tr);
       }
-      this.node.appendChild(table);
+      this.body.appendChild(table);
     }
-    this.node.appendChild(el('pre', 'jp-llm-logs', logs.join('\n')));
+    this.body.appendChild(el('pre', 'jp-llm-logs', logs.join('\n')));
   }
 }
 
