@@ -95,15 +95,6 @@ def test_playground_streams_stops_compares_and_cleans_up(evaluated_run: Run, tmp
         pg.locator(".jupyter-llm-playground-close").click()
         for pid in info["pids"]:
             wait_for(lambda pid=pid: not psutil.pid_exists(pid), 30, f"generator {pid} gone after Close")
-        # a new playground generates; killing the kernel takes its generator with it
-        nb.run_cell(3, timeout=300)
-        [pid] = nb.wait_until(lambda: ours(run), timeout=30, what="the second playground's generator")
-        kernel = next(p for p in psutil.Process(pid).parents() if "ipykernel" in " ".join(p.cmdline()))
-        # (the generator runs in a session of its own: its parent is the kernel until that dies)
-        psutil.Process(kernel.pid).send_signal(signal.SIGKILL)
-        wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
-                 30, "the generator gone after the kernel was killed")  # fmt: skip
-        nb.screenshot("playground-after-kernel-kill")
         # the sidebar's run panel: "Try it" streams the final model's answer from the server
         nb.page.evaluate("window.jupyterapp.commands.execute('jupyter-llm:open-sidebar')")
         nb.wait_for(f'.jp-llm-run[data-run-id="{run.id}"]', timeout=60).click()
@@ -120,3 +111,17 @@ def test_playground_streams_stops_compares_and_cleans_up(evaluated_run: Run, tmp
                       what="the panel's generation done")  # fmt: skip
         assert output.inner_text().startswith("ROMEO:") and len(output.inner_text()) > len("ROMEO:") + 20
         nb.screenshot("playground-sidebar-try-it")
+        # a new playground generates; killing the kernel takes its generator with it
+        nb.run_cell(3, timeout=300)
+
+        def kernels_generators() -> list[int]:  # (the sidebar's generator is the server's child)
+            return [p for p in ours(run) if "ipykernel" in " ".join(psutil.Process(p).parent().cmdline())]
+
+        [pid] = nb.wait_until(kernels_generators, timeout=30, what="the second playground's generator")
+        kernel = psutil.Process(
+            pid
+        ).parent()  # the generator runs in a session of its own, as the kernel's child
+        psutil.Process(kernel.pid).send_signal(signal.SIGKILL)
+        wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+                 30, "the generator gone after the kernel was killed")  # fmt: skip
+        nb.screenshot("playground-after-kernel-kill")

@@ -234,7 +234,10 @@ def test_cli_output_into_a_closed_pipe_and_ctrl_c_while_following(tmp_path: Path
     write_status(live.path, State.RUNNING, pid=os.getpid(), pid_create_time=None)
     (live.path / "logs" / "launcher.log").write_text("first line\n")
     follow = subprocess.Popen([sys.executable, "-m", "jupyter_llm.cli", "--root", str(store.root), "logs", "-f",
-                               live.id], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                               live.id], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              # a terminal's Ctrl-C: SIGINT at its default in the child, whatever this
+                              # process inherited (an ignored SIGINT is inherited, and Python keeps it)
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     assert follow.stdout is not None and follow.stdout.readline() == "first line\n"  # it is following now
     follow.send_signal(signal.SIGINT)
     _, err = follow.communicate(timeout=30)
