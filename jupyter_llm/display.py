@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import html
 import json
-import time
 from collections.abc import Sequence
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from .files import gib_text
 from .folder import RunFolder
-from .summary import fmt_duration, prepare_progress, progress, stats_rows
+from .summary import duration_s, fmt_duration, prepare_progress, progress, stats_rows
 
 if TYPE_CHECKING:
     from .errors import SpecError
@@ -23,6 +22,56 @@ if TYPE_CHECKING:
 COLORS = {"completed": "#2e7d32", "failed": "#c62828", "stopped": "#6d4c41", "running": "#1565c0",
           "starting": "#6a1b9a", "resuming": "#6a1b9a", "stopping": "#ef6c00", "created": "#616161",
           "damaged": "#ad1457"}  # fmt: skip
+
+
+# one colour per run, in this order everywhere (dashboard overlays, comparisons): each at least
+# 3:1 against JupyterLab's light (#fff) and dark (#111) backgrounds, as lines must be
+PALETTE = ["#3d7fd9", "#e0453a", "#2e9e44", "#9b5fd6", "#d9730d", "#0f9ba8", "#a07840", "#d6418f"]
+METRIC_TITLES = {"final_loss": "final loss", "best_val_loss": "best val loss", "ppl": "perplexity",
+                 "loss": "eval loss", "masked_accuracy": "masked accuracy", "bleu": "BLEU", "rouge1": "ROUGE-1",
+                 "rouge2": "ROUGE-2", "rougeL": "ROUGE-L"}  # fmt: skip
+
+
+def run_color(i: int) -> str:
+    return PALETTE[i % len(PALETTE)]
+
+
+def comparison_html(c: Any) -> str:
+    """`%llm_compare`'s table (evaluations, final and best losses), the hint for runs without an
+    evaluation, and where the specs differ."""
+    cols = [*c.train_metrics, *c.metrics]
+    head = "".join(f"<th>{h}</th>" for h in ["run", "state", "steps", "duration", "checkpoint"])
+    head += "".join(f"<th>{html.escape(METRIC_TITLES.get(k, k))}</th>" for k in cols)
+    body = ""
+    for i, (r, label) in enumerate(zip(c.rows, c.labels(), strict=True)):
+        hint = html.escape(f"not evaluated: %llm_eval {r['name']} --wait", quote=True)
+        cells = "".join(
+            f"<td title='{hint}'>– <i>not evaluated</i></td>" if r[k] is None and k in c.metrics
+            else f"<td>{'–' if r[k] is None else format(r[k], '.4f')}</td>"
+            for k in cols
+        )  # fmt: skip
+        body += (f"<tr><td><span style='color:{run_color(i)}'>■</span> <b>{html.escape(label)}</b> "
+                 f"<span style='opacity:.7'>{html.escape(r['run'])}</span></td><td>{badge(r['state'])}</td>"
+                 f"<td>{r['steps']}</td><td>{fmt_duration(r['duration_s'])}</td>"
+                 f"<td>{html.escape(str(r['checkpoint'] or '–'))}</td>{cells}</tr>")  # fmt: skip
+    out = f"<table class='jupyter-llm-compare'><tr>{head}</tr>{body}</table>"
+    if c.unevaluated and c.metrics:
+        names = ", ".join(c.unevaluated)
+        out += (f"<p style='opacity:.8'>not evaluated: {html.escape(names)} — <code>%llm_eval NAME --wait</code> "
+                "(or an <code>eval:</code> section in the spec) adds them here</p>")  # fmt: skip
+    if c.spec_diff:
+        labels = "".join(
+            f"<th style='color:{run_color(i)}'>{html.escape(n)}</th>" for i, n in enumerate(c.labels())
+        )
+        rows = "".join(
+            f"<tr><td><code>{html.escape(k)}</code></td>"
+            + "".join(f"<td>{html.escape(json.dumps(v))}</td>" for v in vals) + "</tr>"
+            for k, vals in c.spec_diff.items()
+        )  # fmt: skip
+        out += f"<h4>Where the specs differ</h4><table class='jupyter-llm-spec-diff'><tr><th>key</th>{labels}</tr>{rows}</table>"
+    elif len(c.rows) > 1:
+        out += "<p>the specs are the same (apart from their names)</p>"
+    return out
 
 
 def badge(state: str) -> str:
@@ -88,14 +137,9 @@ def runs_rows(runs: Sequence[RunFolder]) -> list[dict[str, Any]]:
     rows = []
     for r in runs:
         p, st = progress(r), r.status()  # a damaged folder is a row in state `damaged`
-        start, end = st.get("started_at"), st.get("ended_at")
-        duration = None
-        if start:
-            t1 = datetime.fromisoformat(end).timestamp() if end else time.time()
-            duration = t1 - datetime.fromisoformat(start).timestamp()
         rows.append({"run_id": r.id, "name": st.get("name"), "state": p["state"], "step": p["step"],
-                     "total": p["total"], "loss": p["last"].get("loss"), "started": (start or "")[:19],
-                     "duration_s": duration})  # fmt: skip
+                     "total": p["total"], "loss": p["last"].get("loss"), "started": (st.get("started_at") or "")[:19],
+                     "duration_s": duration_s(st)})  # fmt: skip
     return rows
 
 
@@ -144,13 +188,14 @@ def memory_html(memory: dict[str, Any] | None, error: str | None) -> str:
     if not memory:
         return f"<p>memory estimate unavailable: {html.escape(error)}</p>" if error else ""
     rows = "".join(
-        f"<tr><td>ZeRO {s}</td><td>{m['device']:.3f}</td><td>{m['cpu']:.3f}</td><td>{html.escape(m['source'])}</td></tr>"
+        f"<tr><td>ZeRO {s}</td><td>{gib_text(m['device'])}</td><td>{gib_text(m['cpu'])}</td>"
+        f"<td>{html.escape(m['source'])}</td></tr>"
         for s, m in memory["per_rank_gib"].items()
     )
     derived = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:,}</td></tr>"
                       for k, v in memory.get("zero3_settings", {}).items())  # fmt: skip
     return (f"<h4>Memory per rank ({memory['params']:,} parameters)</h4><table><tr><th>stage</th>"
-            f"<th>device GiB</th><th>CPU GiB</th><th>from</th></tr>{rows}</table>"
+            f"<th>device</th><th>CPU</th><th>from</th></tr>{rows}</table>"
             + (f"<details><summary>ZeRO-3 settings from the model's shape</summary><table>{derived}</table>"
                "</details>" if derived else ""))  # fmt: skip
 
@@ -159,13 +204,13 @@ def fit_html(plan: Any) -> str:
     """The candidates of a launch that fits itself (fit.Plan): estimates, the choice, why."""
     rows = "".join(
         f"<tr{' style=font-weight:bold' if r['chosen'] else ''}><td>{r['zero_stage']}</td><td>{r['offload']}</td>"
-        f"<td>{r['device_gib']:.2f}</td><td>{r['host_gib']:.2f}</td><td>{r['nvme_gib']:.2f}</td>"
+        f"<td>{gib_text(r['device_gib'])}</td><td>{gib_text(r['host_gib'])}</td><td>{gib_text(r['nvme_gib'])}</td>"
         f"<td>{html.escape(r['why'])}{' (chosen)' if r['chosen'] else ''}</td></tr>"
         for r in plan.rows()
     )
     tips = "; ".join(plan.suggestions)
     return (f"<h4>ZeRO stage and offload</h4><p>{html.escape(plan.reason)}</p><table><tr><th>stage</th>"
-            "<th>offload</th><th>device GiB/rank</th><th>host GiB/rank</th><th>NVMe GiB/rank</th><th></th></tr>"
+            "<th>offload</th><th>device/rank</th><th>host/rank</th><th>NVMe/rank</th><th></th></tr>"
             f"{rows}</table>" + (f"<p>would fit: {html.escape(tips)}</p>" if tips else ""))  # fmt: skip
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import json
 import os
 import signal
 import subprocess
@@ -209,63 +210,90 @@ def evaluations(run: RunFolder | str) -> list[Evaluation]:
 # -- comparison ---------------------------------------------------------------------------
 
 
+TRAIN_METRICS = ["final_loss", "best_val_loss"]  # from the runs' metrics.jsonl
+
+
 class Comparison:
-    """The latest results of several runs side by side: a table, and a bar chart per metric."""
+    """Several runs side by side: their evaluations (the latest RUN/eval.json), their final
+    and best training numbers, and where their specs differ. Shown in a notebook as a table,
+    bars per metric and the runs' curves overlaid (`jupyter_llm.widgets.CompareView`)."""
 
     def __init__(self, runs: Iterable[RunFolder | str]):
-        self.rows: list[dict[str, Any]] = []
-        for r in runs:
-            run = r if isinstance(r, RunFolder) else RunFolders().get(r)
-            res = read_json(run.path / "eval.json") or {}
-            p, m = res.get("perplexity") or {}, res.get("masked") or {}
-            self.rows.append({"run": run.id, "name": run.name, "checkpoint": res.get("checkpoint"),
-                              "ppl": p.get("ppl"), "loss": p.get("loss"), "masked_accuracy": m.get("accuracy"),
-                              **{k: res.get(k) for k in ("bleu", "rouge1", "rouge2", "rougeL")}})  # fmt: skip
+        self.runs = [r if isinstance(r, RunFolder) else RunFolders().get(r) for r in runs]
+        self.rows: list[dict[str, Any]] = [_comparison_row(run) for run in self.runs]
         self.metrics = [k for k in METRICS if any(r[k] is not None for r in self.rows)]
+        self.train_metrics = [k for k in TRAIN_METRICS if any(r[k] is not None for r in self.rows)]
+        self.unevaluated = [r["name"] for r in self.rows if r["checkpoint"] is None]
+        specs = [_flat_spec(run) for run in self.runs]
+        keys = sorted({k for s in specs for k in s} - {"name"})
+        missing = object()
+        self.spec_diff: dict[str, list[Any]] = {
+            k: [s.get(k) for s in specs] for k in keys if len({repr(s.get(k, missing)) for s in specs}) > 1
+        }
 
-    def _repr_html_(self) -> str:
-        head = "".join(f"<th>{h}</th>" for h in ["run", "checkpoint", *self.metrics])
-        body = "".join(
-            "<tr>"
-            + f"<td>{html.escape(r['run'])}</td><td>{html.escape(str(r['checkpoint'] or '–'))}</td>"
-            + "".join(f"<td>{'–' if r[k] is None else format(r[k], '.4f')}</td>" for k in self.metrics)
-            + "</tr>"
-            for r in self.rows
-        )
-        return f"<table><tr>{head}</tr>{body}</table>"
+    def labels(self) -> list[str]:
+        """A short label per run: its name, with the id's end where names repeat."""
+        names = [r["name"] for r in self.rows]
+        return [
+            n if names.count(n) == 1 else f"{n}·{r['run'][-4:]}"
+            for n, r in zip(names, self.rows, strict=True)
+        ]
 
     def __repr__(self) -> str:
-        lines = [f"{'RUN':<44} " + " ".join(f"{k:>15}" for k in self.metrics)]
+        cols = [*self.train_metrics, *self.metrics]
+        lines = [f"{'RUN':<44} {'STATE':<10} " + " ".join(f"{k:>14}" for k in cols)]
         for r in self.rows:
-            lines.append(f"{r['run']:<44} " + " ".join(f"{'-' if r[k] is None else format(r[k], '.4f'):>15}"
-                                                      for k in self.metrics))  # fmt: skip
+            lines.append(f"{r['run']:<44} {r['state']:<10} " + " ".join(f"{_num(r[k]):>14}" for k in cols))
+        if self.unevaluated and self.metrics:
+            lines.append(f"not evaluated: {', '.join(self.unevaluated)} (jupyter-llm eval RUN evaluates one)")
+        if self.spec_diff:
+            lines.append("where the specs differ:")
+            lines += [
+                f"  {k}: " + " | ".join(json.dumps(v) for v in vals) for k, vals in self.spec_diff.items()
+            ]
         return "\n".join(lines)
 
-    def chart(self) -> Any:
-        """A bqplot bar chart per metric, runs side by side (a widget)."""
-        import bqplot as bq
-        import ipywidgets as w
 
-        figs = []
-        for k in self.metrics:
-            rows = [r for r in self.rows if r[k] is not None]
-            x = bq.OrdinalScale()
-            bars = bq.Bars(x=[r["name"] + "·" + r["run"][-4:] for r in rows], y=[r[k] for r in rows],
-                           scales={"x": x, "y": bq.LinearScale(min=0)})  # fmt: skip
-            figs.append(bq.Figure(marks=[bars], title=k, axes=[bq.Axis(scale=x), bq.Axis(scale=bars.scales["y"], side="left")],
-                                  layout=w.Layout(width="320px", height="260px")))  # fmt: skip
-        return w.HBox(figs, layout=w.Layout(flex_flow="row wrap"))
+def _num(v: Any) -> str:
+    return "-" if v is None else format(v, ".4f")
 
-    def _ipython_display_(self) -> None:
-        from IPython.display import HTML, display
 
-        display(HTML(self._repr_html_()))
-        if self.metrics:
-            display(self.chart())
+def _comparison_row(run: RunFolder) -> dict[str, Any]:
+    from .summary import duration_s
+
+    res = read_json(run.path / "eval.json") or {}
+    p, m = res.get("perplexity") or {}, res.get("masked") or {}
+    st = run.status()
+    lines = run.metrics()
+    train = [x["loss"] for x in lines if x.get("loss") is not None]
+    val = [x["val_loss"] for x in lines if x.get("val_loss") is not None]
+    return {"run": run.id, "name": st.get("name") or run.id, "state": st["state"],
+            "steps": max((int(x.get("step", 0)) for x in lines), default=0), "duration_s": duration_s(st),
+            "final_loss": train[-1] if train else None, "best_val_loss": min(val) if val else None,
+            "checkpoint": res.get("checkpoint"), "ppl": p.get("ppl"), "loss": p.get("loss"),
+            "masked_accuracy": m.get("accuracy"), **{k: res.get(k) for k in ("bleu", "rouge1", "rouge2", "rougeL")}}  # fmt: skip
+
+
+def _flat_spec(run: RunFolder) -> dict[str, Any]:
+    try:
+        data = run.spec.to_dict()
+    except Exception:  # a damaged folder: nothing to compare
+        return {}
+    out: dict[str, Any] = {}
+
+    def walk(node: Mapping[str, Any], prefix: str) -> None:
+        for k, v in node.items():
+            if isinstance(v, Mapping) and v:
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = v
+
+    walk(data, "")
+    return out
 
 
 def compare(runs: Iterable[RunFolder | str]) -> Comparison:
-    """The latest evaluation result (RUN/eval.json) of each run, side by side."""
+    """Runs side by side: latest evaluation (RUN/eval.json), final and best losses, spec diff."""
     return Comparison(runs)
 
 

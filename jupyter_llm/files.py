@@ -13,6 +13,23 @@ from pathlib import Path
 from typing import Any
 
 
+def size_text(n_bytes: float | None) -> str:
+    """A size a person reads at a glance: 512 B, 14.3 MiB, 2.05 GiB (binary units)."""
+    if n_bytes is None:
+        return "?"
+    n = float(n_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}" if n < 100 else f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:,.1f} TiB"
+
+
+def gib_text(gib: float) -> str:
+    """`size_text` of a size given in GiB (the estimators' unit)."""
+    return size_text(gib * 1024**3)
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 

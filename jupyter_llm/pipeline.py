@@ -186,6 +186,7 @@ def run(
     against the `parameters` cells: a value of another type than a cell's default is a
     SpecError naming the notebook; a name no stage declares is one too, unless `allow_extra`."""
     import papermill as pm
+    from traitlets.config import Config
 
     spec, path = load(pipeline)
     given = parse_params(params)
@@ -237,8 +238,11 @@ def run(
                 log(f"stage {stage.name}: {stage.notebook} -> {executed}")
             try:
                 os.environ["JUPYTER_LLM_PIPELINE_STAGE"] = stage.name  # the stage's runs link back here
+                # the kernel talks to us over local sockets (IPC), not TCP on localhost: nothing to
+                # eavesdrop on, and no "running over TCP without encryption" warning per stage
                 pm.execute_notebook(str(path.parent / stage.notebook), str(executed), parameters=stage_params,
-                                    cwd=str(path.parent), kernel_name=spec.kernel, progress_bar=False)  # fmt: skip
+                                    cwd=str(path.parent), kernel_name=spec.kernel, progress_bar=False,
+                                    config=Config({"KernelManager": {"transport": "ipc"}}))  # fmt: skip
             except Exception as e:
                 error = _describe(stage.name, e, executed)
                 entry.update(state="failed", ended_at=now_iso(), error=error)

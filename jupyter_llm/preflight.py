@@ -20,6 +20,7 @@ from typing import Any
 
 from . import fit
 from .devices import gpu_count
+from .files import gib_text, size_text
 from .folder import SPEC_FILE
 from .launcher.local import free_port, port_free
 from .spec import Spec, deepspeed_config, resolve_auto
@@ -65,9 +66,11 @@ class DryRun:
             derived = ", ".join(f"{k}={v:,}" for k, v in self.memory["zero3_settings"].items())
             lines.append(f"ZeRO-3 settings from the model's shape (a value in deepspeed: wins): {derived}")
         if self.memory:
-            lines.append(f"memory per rank (GiB), {self.memory['params']:,} parameters:")
+            lines.append(f"memory per rank, {self.memory['params']:,} parameters:")
             for stage, m in self.memory["per_rank_gib"].items():
-                lines.append(f"  ZeRO {stage}: device {m['device']:.3f}, cpu {m['cpu']:.3f} ({m['source']})")
+                lines.append(
+                    f"  ZeRO {stage}: device {gib_text(m['device'])}, cpu {gib_text(m['cpu'])} ({m['source']})"
+                )
         elif self.memory_error:
             lines.append(f"memory estimate unavailable: {self.memory_error}")
         return "\n".join(lines)
@@ -88,8 +91,10 @@ def dry_run(spec: Spec, estimate_memory: bool = True, probe: bool = True) -> Dry
         checks.append(
             Check("master port", port_free(want), f"{want} {'free' if port_free(want) else 'in use'}")
         )
-    else:
-        checks.append(Check("master port", True, f"picked just before launch (now e.g. {free_port()})"))
+    else:  # the command below shows this same port
+        shown = free_port()
+        checks.append(Check("master port", True, f"{shown} is free now; the launch takes a free one again "
+                                                 "just before it starts (distributed.master_port fixes it)"))  # fmt: skip
     for mod in ("deepspeed", "torch", "transformers"):
         found = importlib.util.find_spec(mod) is not None
         checks.append(Check(f"{mod} importable", found, "found" if found else f"pip install {mod}"))
@@ -97,7 +102,9 @@ def dry_run(spec: Spec, estimate_memory: bool = True, probe: bool = True) -> Dry
         size = os.path.getsize(f) if os.path.isfile(f) else None
         checks.append(
             Check(
-                "data file", size is not None, f"{f} ({_size(size)})" if size is not None else f"{f} missing"
+                "data file",
+                size is not None,
+                f"{f} ({size_text(size)})" if size is not None else f"{f} missing",
             )
         )
     checks += _data_checks(spec)
@@ -110,7 +117,9 @@ def dry_run(spec: Spec, estimate_memory: bool = True, probe: bool = True) -> Dry
     from .launcher.backends import commands, local_node
 
     where = Path("<run folder>")
-    cmd = commands(spec, None, where, want or 29500, [local_node(where, ranks)], cpu=not gpus)[0]
+    cmd = commands(
+        spec, None, where, shown if want is None else want, [local_node(where, ranks)], cpu=not gpus
+    )[0]
     memory, err = memory_estimate(spec, ranks) if estimate_memory else (None, None)
     shown_env: dict[str, str] = {
         k: cmd.env[k] for k in ("OMP_NUM_THREADS", "GLOO_SOCKET_IFNAME") if k in cmd.env
@@ -316,13 +325,3 @@ def memory_estimate(spec: Spec, ranks: int) -> tuple[dict[str, Any] | None, str 
     if out.returncode != 0:
         return None, (out.stderr.strip().splitlines() or ["failed"])[-1]
     return json.loads(out.stdout.strip().splitlines()[-1]), None
-
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)

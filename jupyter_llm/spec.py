@@ -8,11 +8,16 @@ data paths are resolved against the spec file's folder (or the working directory
 
 from __future__ import annotations
 
+import ast
 import copy
+import functools
 import glob
+import inspect
+import io
 import json
 import os
 import re
+import tokenize
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -376,7 +381,7 @@ class Spec(_Section):
     eval: EvalSpec | None = None  # evaluate the final model when training completes
     # tensorboard, mlflow, wandb, csv (one or a list): the metrics, the spec and the evaluations
     report_to: list[ReportTarget] = []
-    report: ReportSpec = ReportSpec()
+    report: ReportSpec = ReportSpec()  # where and how report_to sends them (MLflow store, W&B mode)
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -586,6 +591,29 @@ class Spec(_Section):
         if self.tokenizer.train is not None:
             return None
         return self.tokenizer.path or self.model.pretrained
+
+
+@functools.cache
+def field_help(cls: type) -> dict[str, str]:
+    """The meaning of each field of a class: the comment beside it, after the comment lines just
+    above it. The source's comments are the one place the spec's fields are explained; the
+    reference pages and the form's help both read them from here."""
+    src = inspect.getsource(cls)
+    by_line: dict[int, str] = {}
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.COMMENT and "fmt:" not in tok.string and "noqa" not in tok.string:
+            by_line[tok.start[0]] = tok.string.lstrip("#").strip()
+    lines = src.splitlines()
+    out = {}
+    for node in ast.parse(src).body[0].body:  # type: ignore[attr-defined]
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            above: list[str] = []
+            n = node.lineno - 1
+            while n >= 1 and lines[n - 1].strip().startswith("#"):
+                above.insert(0, by_line.get(n, ""))
+                n -= 1
+            out[node.target.id] = " ".join([*above, by_line.get(node.lineno, "")]).strip()
+    return out
 
 
 def eval_problems(e: EvalSpec, task: str, prefix: str = "") -> list[Problem]:

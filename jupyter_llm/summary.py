@@ -3,11 +3,13 @@ The notebook's HTML (`display`) and the live widgets build on these."""
 
 from __future__ import annotations
 
+import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from .files import read_json
-from .folder import RunFolder, State
+from .folder import METRICS_FILE, RunFolder, State
 
 
 def progress(run: RunFolder) -> dict[str, Any]:
@@ -37,6 +39,67 @@ def progress(run: RunFolder) -> dict[str, Any]:
         "error": st.get("error"),
         "n_metrics": len(metrics),
     }
+
+
+SUPERVISOR_PHASES = {
+    "preflight": "checking the nodes",
+    "data": "preparing data",
+    "sync": "copying to the nodes",
+}
+DATA_PHASES = {"tokenizer": "the tokenizer", "tokenize": "tokenizing", "done": "packed"}
+
+
+def startup(run: RunFolder) -> dict[str, str] | None:
+    """What a run is doing before its first metric of this attempt: {"phase": "preparing data",
+    "detail": "tokenizing 45%"}; None once it logs metrics, and for a finished run. Read from
+    the status, the events and progress.json, as every view shows it (badge and line)."""
+    st = run.status()
+    state = st["state"]
+    if State(state).terminal or state in ("stopping", "damaged") or st.get("job") == "prepare":
+        return None
+    if state == "created":
+        return {"phase": "created", "detail": "waiting for its supervisor"}
+    events = run.events()
+    launched = max((i for i, e in enumerate(events) if e.get("event") == "launched"), default=None)
+    if launched is None or state in ("starting", "resuming"):
+        phase = SUPERVISOR_PHASES.get(st.get("phase") or "", "starting")
+        return {"phase": phase, "detail": f"restart {st['restarts']}" if st.get("restarts") else ""}
+    since = events[launched:]
+    t0 = datetime.fromisoformat(since[0]["time"]).timestamp() if since[0].get("time") else 0.0
+    try:  # a line written since this attempt's launch is its own (the earlier ranks are gone)
+        if (run.path / METRICS_FILE).stat().st_mtime >= t0:
+            return None
+    except FileNotFoundError:
+        pass
+    seen = {e.get("event") for e in since}
+    ranks = since[0].get("ranks") or st.get("world_size") or 1
+    if "model_ready" in seen:
+        ready = next(e for e in reversed(since) if e.get("event") == "model_ready")
+        first = (
+            "validating at step 0, then the first step" if ready.get("validation_first") else "the first step"
+        )
+        return {"phase": "first step", "detail": first}
+    if "data_ready" in seen:
+        return {"phase": "building the model", "detail": f"{ranks} rank(s): the model and DeepSpeed's engine"}
+    prog = read_json(run.path / "progress.json") or {}
+    if prog.get("time", 0) >= t0:
+        total, done = prog.get("bytes_total") or 0, prog.get("bytes_done") or 0
+        pct = f" {min(100, int(100 * done / total))}%" if total and prog.get("phase") == "tokenize" else ""
+        return {"phase": "preparing data", "detail": DATA_PHASES.get(prog.get("phase", ""), "") + pct}
+    return {"phase": "starting ranks", "detail": f"{ranks} rank(s) importing torch and DeepSpeed"}
+
+
+def startup_text(s: dict[str, str]) -> str:
+    return s["phase"] + (f": {s['detail']}" if s["detail"] else "")
+
+
+def duration_s(st: dict[str, Any]) -> float | None:
+    """Seconds from start to end (to now while it runs); None before it started."""
+    start, end = st.get("started_at"), st.get("ended_at")
+    if not start:
+        return None
+    t1 = datetime.fromisoformat(end).timestamp() if end else time.time()
+    return t1 - datetime.fromisoformat(start).timestamp()
 
 
 def fmt_duration(s: float | None) -> str:

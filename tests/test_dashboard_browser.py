@@ -81,6 +81,14 @@ def test_dashboard_and_form_in_jupyterlab(tmp_path: Path, corpus: Path) -> None:
         lr.press("Enter")
         form.locator(".jupyter-widget-Collapse-header", has_text=re.compile(r"^\s*train\s*$")).click()
         steps = form.locator(".jupyter-llm-field-train-max_steps input").first
+        steps.fill("-5")  # out of range: kept as typed, a problem beside it, Launch disabled
+        steps.press("Enter")
+        nb.wait_until(
+            lambda: form.locator("text=greater than or equal to 1").count() > 0, what="the -5 problem"
+        )
+        assert steps.input_value() == "-5"
+        assert form.locator("button:has-text('Launch')").is_disabled()
+        nb.screenshot("form-out-of-range")
         steps.fill("5000")  # long enough to be stopped while it trains
         steps.press("Enter")
         nb.wait_until(lambda: form.locator("text=✔ valid spec").count() > 0, what="a valid spec")

@@ -151,17 +151,38 @@ def test_cli_magic_sampling_and_comparison(trained: Run, ip: Any, monkeypatch: p
         ev.state == "failed" and f"{bad}:2" in ev.status()["error"] and "'reference'" in ev.status()["error"]
     )
     # comparison with another run's result, side by side
-    other = RunStore(root).create(Spec.from_dict(trained.spec.to_dict() | {"name": "other"}))
+    other = RunStore(root).create(Spec.from_dict(trained.spec.to_dict() | {"name": "other", "seed": 7}))
+    near = round(
+        read_json(trained.path / "eval.json")["perplexity"]["ppl"] * 1.02, 3
+    )  # bars from 0 hide this
     write_json_atomic(
-        other.path / "eval.json", {"checkpoint": "final", "perplexity": {"ppl": 99.0, "loss": 4.6}}
+        other.path / "eval.json", {"checkpoint": "final", "perplexity": {"ppl": near, "loss": 4.6}}
     )
-    c = compare([trained, other.id])
-    assert isinstance(c, Comparison) and [r["run"] for r in c.rows] == [trained.id, other.id]
-    assert c.rows[1]["ppl"] == 99.0 and c.metrics == ["ppl", "loss"]  # only metrics some run has
+    third = RunStore(root).create(Spec.from_dict(trained.spec.to_dict() | {"name": "third"}))
+    c = compare([trained, other.id, third.id])
+    assert isinstance(c, Comparison) and [r["run"] for r in c.rows] == [trained.id, other.id, third.id]
+    assert c.rows[1]["ppl"] == near and c.metrics == ["ppl", "loss"]  # only metrics some run has
     assert c.rows[0]["ppl"] == pytest.approx(read_json(trained.path / "eval.json")["perplexity"]["ppl"])
-    assert len(c.chart().children) == len(c.metrics)
+    # the training numbers from each run's metrics, and where the specs differ (names aside)
+    losses = [m["loss"] for m in trained.metrics() if "loss" in m]
+    assert c.rows[0]["final_loss"] == losses[-1] and c.rows[0]["steps"] == trained.spec.train.max_steps
+    assert c.rows[0]["best_val_loss"] == min(m["val_loss"] for m in trained.metrics() if "val_loss" in m)
+    assert c.rows[2]["final_loss"] is None and c.unevaluated == ["third"]
+    assert c.spec_diff == {"seed": [trained.spec.seed, 7, trained.spec.seed]}
+    from jupyter_llm.display import PALETTE, comparison_html
+    from jupyter_llm.widgets import CompareView
+
+    page = comparison_html(c)
+    assert "not evaluated" in page and "%llm_eval third --wait" in page and "<code>seed</code>" in page
+    view = CompareView(c)
+    ppl = view.bars["ppl"].marks[0]
+    assert list(ppl.y) == [c.rows[0]["ppl"], near] and ppl.label_display  # values on the bars
+    assert list(ppl.colors) == PALETTE[:2]  # the runs' own colours, as in the overlaid dashboard
+    assert 0 < ppl.scales["y"].min < c.rows[0]["ppl"]  # a baseline near the values, not 0
+    assert set(view.bars) == {"final_loss", "best_val_loss", "ppl", "loss"}
+    assert view.dashboard is not None and len(view.dashboard.views) == 3
     assert cli(["--root", root, "compare", trained.id, other.id, "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)[1]["ppl"] == 99.0
+    assert json.loads(capsys.readouterr().out)[1]["ppl"] == near
 
 
 @pytest.mark.deepspeed

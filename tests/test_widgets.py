@@ -68,7 +68,7 @@ def test_every_change_is_validated_at_once(corpus: Path) -> None:
     lr = form.fields["optim.lr"]
     slider = lr.view.children[0]
     assert isinstance(slider, w.FloatLogSlider) and (slider.min, slider.max) == (-6, 0)
-    assert isinstance(form.fields["train.micro_batch_size"].widget, w.BoundedIntText)
+    assert isinstance(form.fields["train.micro_batch_size"].widget, w.IntText)  # never clamps
     assert list(form.fields["distributed.zero_stage"].widget.options) == [0, 1, 2, 3, "auto"]
     assert list(form.fields["optim.scheduler"].widget.options) == ["cosine", "linear", "constant"]
     assert form.fields["distributed.offload"].widget.options[0] == "none"
@@ -96,6 +96,41 @@ def test_every_change_is_validated_at_once(corpus: Path) -> None:
     assert form.spec.optim.lr == 0.0005 and slider.value == pytest.approx(0.0005)
     slider.value = 10**-3.3  # the browser's echo of the slider snapped to its step
     assert form.spec.optim.lr == 0.0005
+
+
+def test_the_form_never_changes_a_value_silently_helps_and_shows_what_applies(corpus: Path) -> None:
+    form = form_for(corpus)
+    # out-of-range numbers stay as typed and are problems beside their fields
+    form.set("train.max_steps", -5)
+    assert form.fields["train.max_steps"].widget.value == -5
+    assert "greater than or equal to 1" in form.fields["train.max_steps"].error.value
+    assert form.spec is None and form.launch_button.disabled and "1 problem(s)" in form.summary.value
+    form.set("data.val_fraction", 1.5)
+    assert form.fields["data.val_fraction"].widget.value == 1.5
+    assert "less than or equal to 0.5" in form.fields["data.val_fraction"].error.value
+    form.set("train.max_steps", 10)
+    form.set("data.val_fraction", 0.2)
+    assert form.spec is not None and form.summary.value == "" and not form.launch_button.disabled
+    # every field carries its meaning from the spec's source, its bounds and its default
+    for key, f in form.fields.items():
+        assert f.widget.tooltip and not f.widget.tooltip.startswith("(no help"), key
+    assert form.fields["train.max_steps"].widget.tooltip == "Optimizer steps. Allowed: ≥ 1. Default: 2000."
+    assert "Allowed: > 0 and ≤ 10" in form.fields["optim.lr"].widget.tooltip
+    # only the fields that apply to the task, the data format and the optimizer are shown
+    assert form.shown("data.text_field") and not form.shown("data.messages_field")
+    assert not form.shown("data.mlm_probability") and not form.shown("optim.momentum")
+    form.set("data.format", "chat")
+    assert form.shown("data.messages_field") and form.shown("tokenizer.chat_template")
+    assert not form.shown("data.text_field")
+    form.set("model.task", "masked-lm")
+    assert form.shown("data.mlm_probability")
+    form.set("optim.name", "sgd")
+    assert form.shown("optim.momentum") and not form.shown("optim.betas")
+    # a hidden field still holds its value, and a field with a problem is shown whatever the rule
+    assert form.value["data"]["text_field"] == "text"
+    form.set("optim.name", "adamw")
+    form.set("optim.momentum", 2.0)
+    assert not form.shown("optim.momentum") or "less than 1" in form.fields["optim.momentum"].error.value
 
 
 def test_round_trip_form_spec_form(corpus: Path) -> None:

@@ -220,6 +220,9 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
             run_dir / EVENTS_FILE,
             {"time": now_iso(), "event": "no_checkpoint", "detail": "starting fresh"},
         )
+    if master:  # the views' start-up line moves on from "building the model"
+        append_jsonl(run_dir / EVENTS_FILE, {"time": now_iso(), "event": "model_ready", "step": start_step,
+                                             "ranks": world, "validation_first": start_step == 0 and has_val})  # fmt: skip
 
     # -- the loop -------------------------------------------------------------------------
     dev_name = torch.cuda.get_device_name(device) if cuda else None

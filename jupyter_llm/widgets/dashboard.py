@@ -18,7 +18,7 @@ import bqplot as bq
 import ipywidgets as w
 import numpy as np
 
-from ..display import COLORS, badge
+from ..display import COLORS, PALETTE, badge
 from ..errors import UserError
 from ..files import read_json
 from ..folder import State
@@ -26,7 +26,6 @@ from ..runs import Run, RunStore
 from ..summary import fmt_duration
 from .feed import RunFeed, Snapshot
 
-PALETTE = ["#1565c0", "#c62828", "#2e7d32", "#6a1b9a", "#ef6c00", "#00838f", "#5d4037", "#ad1457"]
 INTERVAL_S = 0.5  # at most two redraws a second
 # (metric key, figure title, y label)
 PANELS = [("lr", "learning rate", "lr"), ("grad_norm", "gradient norm", "norm"),

@@ -25,12 +25,29 @@ from pydantic import BaseModel
 
 from ..errors import SpecError, UserError
 from ..runs import Run, RunStore
-from ..spec import Spec
+from ..spec import Spec, field_help
 
 SECTIONS = ["model", "tokenizer", "data", "train", "optim", "distributed"]
 LOG_SLIDERS = {"optim.lr": (-6.0, 0.0)}  # exponent range of a log-scale slider
 NONE_LABEL = "(none)"
 ERROR_STYLE = "color:#c62828;font-size:85%"
+_FORMAT = "data.format"
+# fields that mean something only for some choices: shown when their rule holds for the form's
+# current values (and always while they hold a problem); hidden fields keep their values
+APPLIES: dict[str, Any] = {
+    "data.text_field": lambda v: v.get(_FORMAT) == "text",
+    "data.prompt_field": lambda v: v.get(_FORMAT) == "pairs",
+    "data.response_field": lambda v: v.get(_FORMAT) == "pairs",
+    "data.messages_field": lambda v: v.get(_FORMAT) == "chat",
+    "tokenizer.chat_template": lambda v: v.get(_FORMAT) == "chat",
+    "data.mlm_probability": lambda v: v.get("model.task") == "masked-lm",
+    "data.val_fraction": lambda v: not v.get("data.validation"),
+    "optim.momentum": lambda v: v.get("optim.name") == "sgd",
+    "optim.betas": lambda v: v.get("optim.name") != "sgd",
+    "optim.eps": lambda v: v.get("optim.name") != "sgd",
+    "optim.min_lr": lambda v: v.get("optim.scheduler") == "cosine",
+    "distributed.nvme_path": lambda v: v.get("distributed.offload") in ("nvme", "auto"),
+}
 
 
 @dataclass
@@ -42,6 +59,7 @@ class _Field:
     optional: bool
     empty: Any = None  # the value of an empty text field when the field is not optional
     view: Any = None  # what the form shows (the widget itself, or a group around it)
+    row: Any = None  # the view and its problem, one line of the form
 
     def get(self) -> Any:
         v = self.widget.value
@@ -79,18 +97,12 @@ def _yaml(value: Any) -> str:
     return yaml.safe_dump(value).strip().removesuffix("...").strip()
 
 
-def _bounds(info: Any) -> tuple[float | None, float | None]:
-    lo = hi = None
-    for m in info.metadata:
-        if getattr(m, "ge", None) is not None:
-            lo = m.ge
-        if getattr(m, "gt", None) is not None:
-            lo = m.gt
-        if getattr(m, "le", None) is not None:
-            hi = m.le
-        if getattr(m, "lt", None) is not None:
-            hi = m.lt
-    return lo, hi
+def _range_text(info: Any) -> str:
+    """'> 0 and ≤ 10' from a field's bounds, '' when it has none."""
+    marks = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<"}
+    found = [f"{sign} {getattr(m, k):g}" for m in info.metadata for k, sign in marks.items()
+             if isinstance(getattr(m, k, None), int | float)]  # fmt: skip
+    return " and ".join(found)
 
 
 def _unwrap_optional(ann: Any) -> tuple[Any, bool]:
@@ -105,11 +117,12 @@ def _is_section(ann: Any) -> bool:
     return isinstance(ann, type) and issubclass(ann, BaseModel)
 
 
-def _make_field(key: str, info: Any) -> _Field:
+def _make_field(key: str, info: Any, help_text: str) -> _Field:
     ann, optional = _unwrap_optional(info.annotation)
     label = key.rsplit(".", 1)[-1]
-    desc = {"description": label, "style": {"description_width": "150px"}, "layout": w.Layout(width="420px")}
-    lo, hi = _bounds(info)
+    tip = _tooltip(help_text, info)
+    desc = {"description": label, "tooltip": tip, "style": {"description_width": "150px"},
+            "layout": w.Layout(width="420px")}  # fmt: skip
     view = None
     error = w.HTML(layout=w.Layout(margin="0 0 0 8px"))
     if typing.get_origin(ann) is Literal:
@@ -120,20 +133,16 @@ def _make_field(key: str, info: Any) -> _Field:
         widget, kind = w.Checkbox(indent=True, **desc), "value"
     elif key in LOG_SLIDERS:  # a log slider to sweep decades, beside the exact value
         a, b = LOG_SLIDERS[key]
-        widget = w.BoundedFloatText(min=10**a, max=10**b, layout=w.Layout(width="110px"))
-        slider = w.FloatLogSlider(base=10, min=a, max=b, step=0.01, readout=False,
-                                  description=label, style=desc["style"], layout=w.Layout(width="310px"))  # fmt: skip
+        widget = w.FloatText(tooltip=tip, layout=w.Layout(width="110px"))
+        slider = w.FloatLogSlider(base=10, min=a, max=b, step=0.01, readout=False, description=label,
+                                  tooltip=tip, style=desc["style"], layout=w.Layout(width="310px"))  # fmt: skip
         _link_log_slider(slider, widget)
         view = w.HBox([slider, widget])
         kind = "value"
-    elif ann is int and not optional:
-        widget = w.BoundedIntText(min=int(lo if lo is not None else -(2**31)),
-                                  max=int(hi if hi is not None else 2**31 - 1), **desc)  # fmt: skip
-        kind = "value"
+    elif ann is int and not optional:  # not a Bounded box: it would clamp -5 to 1 without a word
+        widget, kind = w.IntText(**desc), "value"
     elif ann is float and not optional:
-        widget = w.BoundedFloatText(min=float(lo if lo is not None else -1e300),
-                                    max=float(hi if hi is not None else 1e300), **desc)  # fmt: skip
-        kind = "value"
+        widget, kind = w.FloatText(**desc), "value"
     elif typing.get_origin(ann) is list and typing.get_args(ann) == (str,):
         widget = w.Textarea(placeholder="one file or glob per line", rows=2, **desc)
         kind = "lines"
@@ -150,7 +159,19 @@ def _make_field(key: str, info: Any) -> _Field:
     return _Field(key, widget, error, kind, optional, empty, view or widget)
 
 
-def _link_log_slider(slider: w.FloatLogSlider, box: w.BoundedFloatText) -> None:
+def _tooltip(help_text: str, info: Any) -> str:
+    """The field's help: its meaning from the spec's source, its bounds, its default."""
+    parts = [help_text[:1].upper() + help_text[1:].rstrip(".") + "." if help_text else ""]
+    if bounds := _range_text(info):
+        parts.append(f"Allowed: {bounds}.")
+    if not info.is_required():
+        default = info.get_default(call_default_factory=True)
+        if not isinstance(default, BaseModel):
+            parts.append(f"Default: {'none' if default is None else _yaml(default)}.")
+    return " ".join(p for p in parts if p) or "(no help written for this field)"
+
+
+def _link_log_slider(slider: w.FloatLogSlider, box: w.FloatText) -> None:
     """Slider moves set a rounded value in the box; a typed value is kept exactly."""
     busy = [False]
 
@@ -184,7 +205,7 @@ def _walk(model: type[BaseModel], prefix: str) -> list[_Field]:
         if _is_section(ann) and not optional:  # nested section (data.clean): its own fields
             fields += _walk(ann, key + ".")
         else:
-            fields.append(_make_field(key, info))
+            fields.append(_make_field(key, info, field_help(model).get(name, "")))
     return fields
 
 
@@ -234,7 +255,8 @@ class SpecForm(w.VBox):
             if name in SECTIONS and _is_section(ann):
                 groups[name] = _walk(ann, name + ".")
             else:  # name, seed, and the raw deepspeed mapping
-                groups["distributed" if name == "deepspeed" else "run"].append(_make_field(name, info))
+                field = _make_field(name, info, field_help(Spec).get(name, ""))
+                groups["distributed" if name == "deepspeed" else "run"].append(field)
         for fs in groups.values():
             for f in fs:
                 self.fields[f.key] = f
@@ -244,9 +266,9 @@ class SpecForm(w.VBox):
         for key, f in self.fields.items():
             f.set(start.get(key))
 
-        accordion = w.Accordion(
-            children=[w.VBox([w.HBox([f.view, f.error]) for f in groups[g]]) for g in groups]
-        )
+        for f in self.fields.values():
+            f.row = w.HBox([f.view, f.error])
+        accordion = w.Accordion(children=[w.VBox([f.row for f in groups[g]]) for g in groups])
         for i, g in enumerate(groups):
             accordion.set_title(i, g)
         accordion.selected_index = list(groups).index("optim")
@@ -271,10 +293,15 @@ class SpecForm(w.VBox):
         self._memory_lock = threading.Lock()
         self.spec: Spec | None = None
         self.problems: list[tuple[str, str, str]] = []
-        right = w.VBox([self.status, side], layout=w.Layout(width="45%", margin="0 0 0 12px"))
+        # the fields scroll inside their column, so the problems and the side panel beside them
+        # and the buttons below stay in view however long a section is
+        right = w.VBox([self.status, side], layout=w.Layout(width="45%", margin="0 0 0 12px",
+                                                            max_height="70vh", overflow="hidden auto"))  # fmt: skip
+        left = w.VBox([accordion], layout=w.Layout(width="55%", max_height="70vh", overflow="hidden auto"))
+        self.summary = w.HTML()  # the problem count again, beside the buttons
         super().__init__([
-            w.HBox([w.VBox([accordion], layout=w.Layout(width="55%")), right]),
-            w.HBox([self.launch_button, self.dry_button, self.cell_button]),
+            w.HBox([left, right]),
+            w.HBox([self.launch_button, self.dry_button, self.cell_button, self.summary]),
             self.output,
         ])  # fmt: skip
         self.add_class("jupyter-llm-specform")
@@ -296,6 +323,19 @@ class SpecForm(w.VBox):
             if v is not None or f.optional:
                 flat[key] = v
         return _nest(flat)
+
+    def _current(self) -> dict[str, Any]:
+        out = {}
+        for key, f in self.fields.items():
+            try:
+                out[key] = f.get()
+            except ValueError:
+                out[key] = None
+        return out
+
+    def shown(self, key: str) -> bool:
+        """Whether the form shows a field now (fields that do not apply are hidden)."""
+        return self.fields[key].row.layout.display != "none"
 
     def set(self, key: str, value: Any) -> None:
         """Set a field by its dotted key (as if typed in), e.g. form.set("optim.lr", 3e-4)."""
@@ -323,18 +363,25 @@ class SpecForm(w.VBox):
             owner = next((k for k in sorted(self.fields, key=len, reverse=True)
                           if key == k or key.startswith(k + ".")), None)  # fmt: skip
             by_field.setdefault(owner or "", []).append(msg if owner == key else f"{key}: {msg}")
+        current = self._current()
         for key, f in self.fields.items():
             msgs = by_field.get(key, [])
             f.error.value = (
                 f'<span style="{ERROR_STYLE}">{html.escape("; ".join(msgs))}</span>' if msgs else ""
             )
+            rule = APPLIES.get(key)
+            f.row.layout.display = "none" if rule and not msgs and not rule(current) else None
         for b in (self.launch_button, self.dry_button, self.cell_button):
             b.disabled = spec is None
         if spec is None:
             rows = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(m)}</li>" for k, _, m in problems)
             self.status.value = f'<div style="color:#c62828">{len(problems)} problem(s)<ul>{rows}</ul></div>'
+            self.summary.value = (
+                f'<span style="{ERROR_STYLE}">{len(problems)} problem(s): fix them to launch</span>'
+            )
             return None
         self.status.value = '<div style="color:#2e7d32">✔ valid spec</div>'
+        self.summary.value = ""
         self._side_panel(spec)
         return spec
 
