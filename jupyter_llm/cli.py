@@ -149,7 +149,10 @@ def _prepare(args: argparse.Namespace, store: RunStore) -> int:
     sys.stdout.flush()
     if not args.wait:
         return 0
-    run.wait()
+    from .terminal import TerminalView
+
+    with _goes_on(run), TerminalView(run, sys.stderr):
+        run.wait()
     st = run.status()
     if st["state"] != State.COMPLETED.value:
         print(f"{run.id}: {st['state']}" + (f" ({st['error']})" if st.get("error") else ""), file=sys.stderr)
@@ -160,20 +163,15 @@ def _prepare(args: argparse.Namespace, store: RunStore) -> int:
 
 
 def _follow(run: Run) -> int:
-    """Print metrics lines as they come; exit code 0 only for a completed run."""
-    with _goes_on(run):
-        for m in run.follow():
-            print(_fmt_metrics(m), file=sys.stderr)
+    """The run's start-up phases and progress (a bar on a terminal, lines when piped) until it
+    ends; exit code 0 only for a completed run."""
+    from .terminal import TerminalView
+
+    with _goes_on(run), TerminalView(run, sys.stderr):
+        run.wait()
     st = run.status()
     print(f"{run.id}: {st['state']}" + (f" ({st['error']})" if st.get("error") else ""), file=sys.stderr)
     return 0 if st["state"] == State.COMPLETED.value else 1
-
-
-def _fmt_metrics(m: dict[str, Any]) -> str:
-    keys = [
-        k for k in ("loss", "val_loss", "val_ppl", "lr", "grad_norm", "tokens_per_s") if m.get(k) is not None
-    ]
-    return f"step {m['step']}: " + " ".join(f"{k}={m[k]:.4g}" for k in keys)
 
 
 def _row(run: Run) -> dict[str, Any]:
@@ -228,9 +226,17 @@ def _status(args: argparse.Namespace, store: RunStore) -> int:
 
 def _logs(args: argparse.Namespace, store: RunStore) -> int:
     run = store.get(args.run)
-    with _goes_on(run):
-        for line in run.logs(args.n, args.rank, follow=args.follow):
+    if not args.follow:
+        for line in run.logs(args.n, args.rank):
             print(line, flush=True)
+        return 0
+    from .terminal import TerminalView
+
+    # the bar shares the screen only when both streams are the terminal; piped, the lines stay clean
+    view = TerminalView(run, sys.stderr, tty=sys.stderr.isatty() and sys.stdout.isatty(), metrics=False)
+    with _goes_on(run), view:
+        for line in run.logs(args.n, args.rank, follow=True):
+            view.write(line, sys.stdout)
     return 0
 
 

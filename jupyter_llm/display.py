@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from .files import gib_text
 from .folder import RunFolder
-from .summary import duration_s, fmt_duration, prepare_progress, progress, stats_rows
+from .summary import duration_s, fmt_duration, prepare_progress, progress, startup, startup_text, stats_rows
 
 if TYPE_CHECKING:
     from .errors import SpecError
@@ -74,10 +74,11 @@ def comparison_html(c: Any) -> str:
     return out
 
 
-def badge(state: str) -> str:
-    color = COLORS.get(state, "#616161")
+def badge(text: str, state: str | None = None) -> str:
+    """A state's badge; `text` may be a start-up phase shown in the colour of `state`."""
+    color = COLORS.get(state or text, "#616161")
     return (f'<span style="background:{color};color:white;padding:1px 7px;border-radius:8px;'
-            f'font-size:90%">{html.escape(state)}</span>')  # fmt: skip
+            f'font-size:90%;white-space:nowrap">{html.escape(text)}</span>')  # fmt: skip
 
 
 def histogram_html(hist: dict[str, int]) -> str:
@@ -124,10 +125,15 @@ def run_html(run: RunFolder) -> str:
         if m.get(key) is not None:
             cells.append(f"<td><b>{key}</b> {m[key]:.4g}</td>")
     err = f'<div style="color:#c62828">{html.escape(str(p["error"]))}</div>' if p["error"] else ""
+    start = startup(run)
+    where = f"step {p['step']}/{p['total'] or '?'} ({pct}%){eta}"
+    if start is not None:  # before the first metric: what it is doing
+        where = f"<span class='jupyter-llm-startup'>{html.escape(startup_text(start))}</span>"
+    shown = p["state"] if start is None else start["phase"]
     return (
-        f'<div class="jupyter-llm-run"><b>{html.escape(run.id)}</b> {badge(p["state"])}'
+        f'<div class="jupyter-llm-run"><b>{html.escape(run.id)}</b> {badge(shown, p["state"])}'
         f'<div style="margin:4px 0"><progress value="{pct}" max="100" style="width:60%"></progress> '
-        f"step {p['step']}/{p['total'] or '?'} ({pct}%){eta}</div>"
+        f"{where}</div>"
         f"<table><tr>{''.join(cells)}</tr></table>{err}"
         f'<div style="color:#757575;font-size:85%">{html.escape(str(run.path))}</div></div>'
     )

@@ -342,15 +342,33 @@ class RunFolder:
     def logs(
         self, n: int = 40, rank: int | None = None, follow: bool = False, poll: float = 0.5
     ) -> Iterator[str]:
-        """The last `n` log lines; with `follow`, then every new line until the run ends."""
-        seen = self.log_tail(1_000_000, rank)
-        yield from seen[-n:] if n else []
+        """The last `n` log lines; with `follow`, then every new line until the run ends (read
+        from where the last read ended: a long log is not read again at each poll)."""
+        f = self.path / "logs" / ("launcher.log" if rank is None else f"rank{rank}.log")
+        offset, partial = 0, b""
+
+        def new_lines() -> list[str]:
+            nonlocal offset, partial
+            try:
+                with open(f, "rb") as fh:
+                    if os.fstat(fh.fileno()).st_size < offset:  # replaced or truncated: from the start
+                        offset, partial = 0, b""
+                    fh.seek(offset)
+                    data = fh.read()
+            except FileNotFoundError:
+                return []
+            offset += len(data)
+            *whole, partial = (partial + data).split(b"\n")
+            return [line.decode("utf-8", "replace").rstrip("\r") for line in whole]
+
+        first = new_lines()
+        yield from first[-n:] if n else []
         while follow:
             done = self.done
-            now = self.log_tail(1_000_000, rank)
-            yield from now[len(seen) :]
-            seen = now
+            yield from new_lines()
             if done:
+                if partial:
+                    yield partial.decode("utf-8", "replace")
                 return
             time.sleep(poll)
 

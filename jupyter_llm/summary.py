@@ -61,26 +61,31 @@ def startup(run: RunFolder) -> dict[str, str] | None:
         return {"phase": "created", "detail": "waiting for its supervisor"}
     events = run.events()
     launched = max((i for i, e in enumerate(events) if e.get("event") == "launched"), default=None)
-    if launched is None or state in ("starting", "resuming"):
+    if state in ("starting", "resuming"):
         phase = SUPERVISOR_PHASES.get(st.get("phase") or "", "starting")
         return {"phase": phase, "detail": f"restart {st['restarts']}" if st.get("restarts") else ""}
-    since = events[launched:]
-    t0 = datetime.fromisoformat(since[0]["time"]).timestamp() if since[0].get("time") else 0.0
+    since = events[launched:] if launched is not None else []
+    t0 = datetime.fromisoformat(since[0]["time"]).timestamp() if since and since[0].get("time") else 0.0
     try:  # a line written since this attempt's launch is its own (the earlier ranks are gone)
         if (run.path / METRICS_FILE).stat().st_mtime >= t0:
             return None
     except FileNotFoundError:
         pass
+    if not since:
+        return {"phase": "starting", "detail": ""}
     seen = {e.get("event") for e in since}
     ranks = since[0].get("ranks") or st.get("world_size") or 1
     if "model_ready" in seen:
         ready = next(e for e in reversed(since) if e.get("event") == "model_ready")
-        first = (
-            "validating at step 0, then the first step" if ready.get("validation_first") else "the first step"
-        )
-        return {"phase": "first step", "detail": first}
+        return {
+            "phase": "first step",
+            "detail": "validating at step 0" if ready.get("validation_first") else "",
+        }
     if "data_ready" in seen:
-        return {"phase": "building the model", "detail": f"{ranks} rank(s): the model and DeepSpeed's engine"}
+        return {
+            "phase": "building the model",
+            "detail": f"the model and DeepSpeed's engine on {ranks} rank(s)",
+        }
     prog = read_json(run.path / "progress.json") or {}
     if prog.get("time", 0) >= t0:
         total, done = prog.get("bytes_total") or 0, prog.get("bytes_done") or 0
@@ -91,6 +96,15 @@ def startup(run: RunFolder) -> dict[str, str] | None:
 
 def startup_text(s: dict[str, str]) -> str:
     return s["phase"] + (f": {s['detail']}" if s["detail"] else "")
+
+
+METRIC_KEYS = [("loss", "loss"), ("val_loss", "val_loss"), ("val_ppl", "val_ppl"), ("lr", "lr"),
+               ("grad_norm", "grad_norm"), ("tokens_per_s", "tokens/s")]  # fmt: skip
+
+
+def metrics_text(m: dict[str, Any]) -> str:
+    """A metrics line in words: loss=2.31 lr=0.001 tokens/s=1.006e+04 (the keys it has)."""
+    return " ".join(f"{label}={m[k]:.4g}" for k, label in METRIC_KEYS if m.get(k) is not None)
 
 
 def duration_s(st: dict[str, Any]) -> float | None:

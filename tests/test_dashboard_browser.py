@@ -31,8 +31,8 @@ def points(nb: Notebook, dashboard: str) -> int:
 
 
 def state(nb: Notebook, dashboard: str) -> str:
-    loc = nb.page.locator(f"{dashboard} >> .jupyter-llm-state >> nth=0")
-    return loc.inner_text(timeout=5000).strip() if loc.count() else ""
+    loc = nb.page.locator(f"{dashboard} >> .jupyter-llm-state >> nth=0")  # the badge shows start-up phases
+    return (loc.get_attribute("data-state", timeout=5000) or "") if loc.count() else ""
 
 
 def test_dashboard_and_form_in_jupyterlab(tmp_path: Path, corpus: Path) -> None:
@@ -50,10 +50,21 @@ def test_dashboard_and_form_in_jupyterlab(tmp_path: Path, corpus: Path) -> None:
     nbformat.write(notebook, nb_file)
     store = RunStore(home / "runs")
 
-    with JupyterLab(tmp_path, {"JUPYTER_LLM_HOME": str(home)}) as lab, lab.open_notebook(nb_file) as nb:
+    # the ranks hold 6 s after building the model: the "first step" phase is on screen for sure
+    env = {"JUPYTER_LLM_HOME": str(home), "JUPYTER_LLM_FAULT": "startup_delay_ms:6000"}
+    with JupyterLab(tmp_path, env) as lab, lab.open_notebook(nb_file) as nb:
         nb.run_cell(0, timeout=120)
         nb.run_cell(1, timeout=120)
         nb.wait_for(FIRST, timeout=60)
+        # before the first metric: the start-up phase as the badge and a line, not empty charts
+        badge = nb.page.locator(f"{FIRST} >> .jupyter-llm-state >> nth=0")
+        nb.wait_until(lambda: badge.inner_text(timeout=5000).strip() == "first step", timeout=300,
+                      what="the badge to show the first-step phase", interval=0.3)  # fmt: skip
+        assert (
+            nb.page.locator(f"{FIRST} >> .jupyter-llm-startup", has_text="validating at step 0").count() == 1
+        )
+        assert points(nb, FIRST) == 0
+        nb.screenshot("dashboard-start-up")
         # the curve gains points while the job trains, and the badge reaches "completed"
         seen: list[int] = []
 

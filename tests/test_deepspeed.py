@@ -51,11 +51,52 @@ def test_causal_char_lm_learns_via_cli(corpus: Path, tmp_path: Path) -> None:
     prep = subprocess.run([sys.executable, "-m", "jupyter_llm.cli", "prepare", str(f), "--wait"],
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert prep.returncode == 0, prep.stderr[-3000:]
+    assert ": preparing data: " in prep.stderr  # piped: a plain line per phase
     t0 = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "jupyter_llm.cli", "train", str(f), "--wait"],
-                         capture_output=True, text=True, timeout=900)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    run = Run(Path(os.environ["JUPYTER_LLM_HOME"]) / "runs" / out.stdout.strip())
+    # on a terminal (stderr is a pty), `train --wait` draws a bar: the start-up phase first, then
+    # step/total, loss, tokens/s; and `logs -f` piped meanwhile prints the worker's own step lines
+    import pty
+
+    master, slave = pty.openpty()
+    import fcntl
+    import struct
+    import termios
+
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a 160-column terminal
+    train = subprocess.Popen([sys.executable, "-m", "jupyter_llm.cli", "train", str(f), "--wait"],
+                             stdout=subprocess.PIPE, stderr=slave, text=True)  # fmt: skip
+    os.close(slave)
+    assert train.stdout is not None
+    run_id = train.stdout.readline().strip()
+    follow = subprocess.Popen([sys.executable, "-m", "jupyter_llm.cli", "logs", "-f", run_id, "--rank", "0",
+                               "-n", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the child closed its end
+            break
+        if not chunk:
+            break
+        screen += chunk
+    assert train.wait(timeout=900) == 0, screen.decode(errors="replace")[-3000:]
+    os.close(master)
+    frames = [fr for fr in re.split(r"[\r\n]+", screen.decode(errors="replace")) if fr.strip()]
+    phases = ("created", "starting", "starting ranks", "preparing data", "building the model", "first step")
+    assert any(p in frames[0] for p in phases), frames[:3]  # the first frame: before any step
+    assert any("%|" in fr and "120/120" in fr and "loss" in fr and "tok/s" in fr for fr in frames), frames[
+        -5:
+    ]
+    assert frames[-1].strip() == f"{run_id}: completed"
+    logs_out, logs_err = follow.communicate(timeout=120)
+    assert (
+        "[jupyter-llm] step 120/120:" in logs_out
+        and "[jupyter-llm] training completed: 120 steps" in logs_out
+    )
+    assert "[jupyter-llm] step 40/120 validation: val_loss=" in logs_out
+    assert any(f"{run_id}: {p}" in logs_err for p in phases), logs_err[-2000:]  # piped: a line per phase
+    run = Run(Path(os.environ["JUPYTER_LLM_HOME"]) / "runs" / run_id)
     assert run.state == "completed", time.monotonic() - t0
     val = [m for m in run.metrics() if "val_loss" in m]
     assert val[0]["step"] == 0 and val[-1]["step"] == 120

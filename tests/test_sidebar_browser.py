@@ -38,15 +38,21 @@ def test_sidebar_follows_and_stops_a_cli_run(tmp_path: Path, corpus: Path) -> No
                                              train={"max_steps": 1_000_000, "log_every": 5, "eval_every": 0, "save_every": 0})))  # fmt: skip
     nb_file = tmp_path / "empty.ipynb"
     nbformat.write(nbformat.v4.new_notebook(), nb_file)
-    env = {**os.environ, "JUPYTER_LLM_RUNS": str(root)}
-    out = subprocess.run([sys.executable, "-m", "jupyter_llm.cli", "train", str(spec)], env=env, check=True,
-                         capture_output=True, text=True)  # fmt: skip
-    run = RunStore(root).get(out.stdout.strip())
+    # the ranks hold 6 s after building the model: the sidebar shows the "first step" phase for sure
+    env = {**os.environ, "JUPYTER_LLM_RUNS": str(root), "JUPYTER_LLM_FAULT": "startup_delay_ms:6000"}
     with JupyterLab(tmp_path, {"JUPYTER_LLM_RUNS": str(root)}) as lab, lab.open_notebook(nb_file) as nb:
         page = nb.page
         page.evaluate("window.jupyterapp.commands.execute('jupyter-llm:open-sidebar')")
+        nb.wait_for(".jp-llm-sidebar", timeout=60)
+        out = subprocess.run([sys.executable, "-m", "jupyter_llm.cli", "train", str(spec)], env=env, check=True,
+                             capture_output=True, text=True)  # fmt: skip
+        run = RunStore(root).get(out.stdout.strip())
         row = f'.jp-llm-run[data-run-id="{run.id}"]'
         nb.wait_for(row, timeout=60)
+        # before its first metric the row says what the run is doing, not "running · step 0"
+        nb.wait_until(lambda: "first step" in page.locator(f"{row} .jp-llm-meta").first.inner_text(),
+                      timeout=300, what="the row to show the first-step phase", interval=0.3)  # fmt: skip
+        nb.screenshot("sidebar-start-up")
         steps: set[int] = set()
 
         def advancing() -> bool:

@@ -98,14 +98,14 @@ def _handled(method: Any) -> Any:
 
 
 def _row(run: Run) -> dict[str, Any]:
-    from ..summary import progress
+    from ..summary import progress, startup
 
     p, st = progress(run), run.status()
     return {"run_id": run.id, "name": st.get("name"), "job": st.get("job", "train"), "state": p["state"],
             "step": p["step"], "total": p["total"], "loss": p["last"].get("loss"),
             "val_loss": p["last_val"].get("val_loss"), "eta_s": p["eta_s"], "created_at": st.get("created_at"),
             "started_at": st.get("started_at"), "ended_at": st.get("ended_at"), "error": st.get("error"),
-            "restarts": st.get("restarts") or 0, "last_restart": st.get("last_restart"),
+            "restarts": st.get("restarts") or 0, "last_restart": st.get("last_restart"), "startup": startup(run),
             "sweep": read_json(run.path / "sweep.json"), "pipeline": read_json(run.path / "pipeline.json")}  # fmt: skip
 
 

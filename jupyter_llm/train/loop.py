@@ -20,6 +20,7 @@ from typing import Any
 
 from ..files import append_jsonl, now_iso, write_json_atomic
 from ..folder import DS_CONFIG_FILE, EVENTS_FILE, FINAL_DIR, GRADS_FILE, METRICS_FILE, PARENT_ENV, SPEC_FILE
+from ..summary import metrics_text
 
 
 def main(run_dir: Path) -> None:
@@ -223,6 +224,8 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
     if master:  # the views' start-up line moves on from "building the model"
         append_jsonl(run_dir / EVENTS_FILE, {"time": now_iso(), "event": "model_ready", "step": start_step,
                                              "ranks": world, "validation_first": start_step == 0 and has_val})  # fmt: skip
+        # fault injection: hold the start-up here, so a test sees the "first step" phase for sure
+        time.sleep((_fault("startup_delay_ms") or 0) / 1000)
 
     # -- the loop -------------------------------------------------------------------------
     dev_name = torch.cuda.get_device_name(device) if cuda else None
@@ -294,6 +297,7 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
             }
             if master:
                 append_jsonl(run_dir / METRICS_FILE, rec)
+                print(f"[jupyter-llm] step {step}/{t.max_steps}: {metrics_text(rec)}", flush=True)
             loss_sum.zero_()
             window_steps, window_start = 0, time.perf_counter()
             if red[1].item() > 0 and not last:
@@ -304,6 +308,7 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
                 append_jsonl(
                     run_dir / METRICS_FILE, {"step": step, "time": time.time(), "attempt": attempt, **ev}
                 )
+                print(f"[jupyter-llm] step {step}/{t.max_steps} validation: {metrics_text(ev)}", flush=True)
             window_start = time.perf_counter()  # eval time is not training time
         if stopped_at or (t.save_every and step % t.save_every == 0 and not last):
             client = {"attempt": attempt, "samples": samples_at(step), "tensor_parallel": tp}
@@ -312,6 +317,7 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
         if stopped_at:
             if master:
                 append_jsonl(run_dir / EVENTS_FILE, {"time": now_iso(), "event": "stopped_at", "step": step})
+                print(f"[jupyter-llm] stopped at step {step}/{t.max_steps}; checkpoint saved", flush=True)
             return
 
     # -- final export ---------------------------------------------------------------------
@@ -353,6 +359,8 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
         append_jsonl(
             run_dir / EVENTS_FILE, {"time": now_iso(), "event": "exported", "path": str(run_dir / FINAL_DIR)}
         )
+        print(f"[jupyter-llm] training completed: {t.max_steps} steps; the model is in {run_dir / FINAL_DIR}",
+              flush=True)  # fmt: skip
     dist.barrier()
 
 
@@ -641,7 +649,7 @@ def _watch_parent(run_dir: Path, stop_file: Path, poll_s: float = 1.0) -> None:
 
 def _fault(name: str) -> int | None:
     """Fault injection for tests: JUPYTER_LLM_FAULT=hang_at_step:N, raise_at_step:N (an
-    exception in the loss, on rank 0) or step_delay_ms:N."""
+    exception in the loss, on rank 0), step_delay_ms:N or startup_delay_ms:N."""
     kind, _, arg = os.environ.get("JUPYTER_LLM_FAULT", "").partition(":")
     return int(arg) if kind == name and arg.isdigit() else None
 

@@ -23,7 +23,7 @@ from ..errors import UserError
 from ..files import read_json
 from ..folder import State
 from ..runs import Run, RunStore
-from ..summary import fmt_duration
+from ..summary import fmt_duration, startup_text
 from .feed import RunFeed, Snapshot
 
 INTERVAL_S = 0.5  # at most two redraws a second
@@ -101,10 +101,16 @@ class _RunView:
             )
         pct = int(100 * step / total) if total else 0
         eta = feed.eta_s(total) if not State(st["state"]).terminal else None
-        self.bar_label.value = (f"step {step}/{total or '?'} ({pct}%)"
-                                + (f" · ETA {fmt_duration(eta)}" if eta is not None else ""))  # fmt: skip
+        if snap.startup is not None:  # until the first metric: what it is doing instead of empty charts
+            self.bar_label.value = (f'<span class="jupyter-llm-startup">{html.escape(startup_text(snap.startup))}'
+                                    "</span>")  # fmt: skip
+        else:
+            self.bar_label.value = (f"step {step}/{total or '?'} ({pct}%)"
+                                    + (f" · ETA {fmt_duration(eta)}" if eta is not None else ""))  # fmt: skip
+        shown = st["state"] if snap.startup is None else snap.startup["phase"]
         self.title.value = (f'<span style="color:{self.color}">■</span> <b>{html.escape(self.run.id)}</b> '
-                            f'<span class="jupyter-llm-state">{badge(st["state"])}</span>')  # fmt: skip
+                            f'<span class="jupyter-llm-state" data-state="{html.escape(st["state"])}">'
+                            f'{badge(shown, st["state"])}</span>')  # fmt: skip
         terminal = State(st["state"]).terminal
         self.stop.disabled = terminal
         self.resume.disabled = not terminal or st["state"] == State.COMPLETED.value

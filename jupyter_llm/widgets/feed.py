@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..files import Tail
+from ..folder import State
 from ..runs import Run
+from ..summary import startup
 
 LOG_LINES = 12
 
@@ -41,6 +43,7 @@ class Snapshot:
     last_val: dict[str, Any]  # newest validation line
     grads: dict[str, Any] | None  # newest per-layer gradient norms line
     log: list[str] | None  # the log tail when the log grew, else None
+    startup: dict[str, str] | None = None  # the start-up phase until this attempt's first metric
 
 
 class RunFeed:
@@ -56,6 +59,7 @@ class RunFeed:
         self.last_val: dict[str, Any] = {}
         self.grads: dict[str, Any] | None = None
         self._recent: deque[tuple[int, float]] = deque(maxlen=5)  # (step, time) for the ETA
+        self._startup: dict[str, str] | None = None
 
     def _read(self, name: str) -> list[dict[str, Any]]:
         return self._tails[name].read()
@@ -92,7 +96,10 @@ class RunFeed:
         if size != self._log_size:
             self._log_size, changed = size, True
             log = self.run.log_tail(LOG_LINES, rank)
-        return Snapshot(changed, self._status, self.last, self.last_val, self.grads, log)
+        start = None if State(self._status["state"]).terminal else startup(self.run)
+        if start != self._startup:
+            self._startup, changed = start, True
+        return Snapshot(changed, self._status, self.last, self.last_val, self.grads, log, start)
 
     def eta_s(self, total: int | None) -> float | None:
         """Seconds to `total` steps at the pace of the last few logged steps."""

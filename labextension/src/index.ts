@@ -28,6 +28,11 @@ const icon = new LabIcon({
     'fill="none" stroke="#616161" stroke-width="2" points="2,20 7,12 12,15 17,6 22,9"/></svg>'
 });
 
+/** "preparing data: tokenizing 45%" */
+function startupText(s: { phase: string; detail: string }): string {
+  return s.detail ? `${s.phase}: ${s.detail}` : s.phase;
+}
+
 /** A run as GET /jupyter-llm/api/runs lists it. */
 interface IRunRow {
   run_id: string;
@@ -41,6 +46,7 @@ interface IRunRow {
   error: string | null;
   restarts: number;
   last_restart: { reason?: string; class?: string } | null;
+  startup: { phase: string; detail: string } | null;
   sweep: { sweep_id?: string; trial?: number } | null;
   pipeline: { pipeline?: string } | null;
 }
@@ -288,9 +294,11 @@ class RunsSidebar extends Widget {
     bar.appendChild(fill);
     row.appendChild(bar);
     const loss = r.loss === null ? '' : ` · loss ${r.loss.toFixed(4)}`;
-    row.appendChild(
-      el('span', 'jp-llm-meta', `${r.state} · step ${r.step}/${r.total ?? '?'}${loss}`)
-    );
+    // until the first metric, what the run is doing instead of "running · step 0/…"
+    const meta = r.startup
+      ? startupText(r.startup)
+      : `${r.state} · step ${r.step}/${r.total ?? '?'}${loss}`;
+    row.appendChild(el('span', 'jp-llm-meta', meta));
     row.onclick = () => this.openRun(r.run_id);
     return row;
   }
@@ -426,13 +434,17 @@ class RunPanel extends Widget {
   private render(run: IRunRow, metrics: IMetric[], logs: string[]): void {
     this.body.textContent = '';
     const head = el('h2', '', `${run.name ?? ''} `);
-    const badge = el('span', 'jp-llm-state', run.state);
+    const badge = el('span', 'jp-llm-state', run.startup ? run.startup.phase : run.state);
+    badge.dataset.state = run.state;
     badge.style.color = STATE_COLORS[run.state] ?? '#616161';
     head.appendChild(badge);
     this.body.appendChild(head);
     this.body.appendChild(
       el('div', 'jp-llm-meta', `${run.run_id} · step ${run.step}/${run.total ?? '?'}`)
     );
+    if (run.startup) {
+      this.body.appendChild(el('div', 'jp-llm-startup', startupText(run.startup)));
+    }
     if (run.error) {
       this.body.appendChild(el('div', 'jp-llm-error', run.error));
     }
