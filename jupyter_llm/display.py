@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .preflight import DryRun
 
 COLORS = {"completed": "#2e7d32", "failed": "#c62828", "stopped": "#6d4c41", "running": "#1565c0",
-          "starting": "#6a1b9a", "resuming": "#6a1b9a", "stopping": "#ef6c00", "created": "#616161",
+          "starting": "#6a1b9a", "resuming": "#6a1b9a", "stopping": "#c2410c", "created": "#616161",
           "damaged": "#ad1457"}  # fmt: skip
 
 
@@ -30,6 +30,17 @@ PALETTE = ["#3d7fd9", "#e0453a", "#2e9e44", "#9b5fd6", "#d9730d", "#0f9ba8", "#a
 METRIC_TITLES = {"final_loss": "final loss", "best_val_loss": "best val loss", "ppl": "perplexity",
                  "loss": "eval loss", "masked_accuracy": "masked accuracy", "bleu": "BLEU", "rouge1": "ROUGE-1",
                  "rouge2": "ROUGE-2", "rougeL": "ROUGE-L"}  # fmt: skip
+
+
+# text in a colour that reads in both themes: JupyterLab's own variables (error-color1 and
+# success-color0 are 4.5:1 on its light and dark backgrounds), and a fallback elsewhere
+TEXT = {"error": "var(--jp-error-color1, #c62828)", "ok": "var(--jp-success-color0, #2e7d32)",
+        "muted": "var(--jp-ui-font-color2, #616161)"}  # fmt: skip
+
+
+def swatch(color: str) -> str:
+    """A run's colour square beside its name (a graphic: 3:1 is its contrast rule, not text's)."""
+    return f'<span class="jupyter-llm-swatch" style="color:{color}">■</span>'
 
 
 def run_color(i: int) -> str:
@@ -50,7 +61,7 @@ def comparison_html(c: Any) -> str:
             else f"<td>{'–' if r[k] is None else format(r[k], '.4f')}</td>"
             for k in cols
         )  # fmt: skip
-        body += (f"<tr><td><span style='color:{run_color(i)}'>■</span> <b>{html.escape(label)}</b> "
+        body += (f"<tr><td>{swatch(run_color(i))} <b>{html.escape(label)}</b> "
                  f"<span style='opacity:.7'>{html.escape(r['run'])}</span></td><td>{badge(r['state'])}</td>"
                  f"<td>{r['steps']}</td><td>{fmt_duration(r['duration_s'])}</td>"
                  f"<td>{html.escape(str(r['checkpoint'] or '–'))}</td>{cells}</tr>")  # fmt: skip
@@ -61,7 +72,7 @@ def comparison_html(c: Any) -> str:
                 "(or an <code>eval:</code> section in the spec) adds them here</p>")  # fmt: skip
     if c.spec_diff:
         labels = "".join(
-            f"<th style='color:{run_color(i)}'>{html.escape(n)}</th>" for i, n in enumerate(c.labels())
+            f"<th>{swatch(run_color(i))} {html.escape(n)}</th>" for i, n in enumerate(c.labels())
         )
         rows = "".join(
             f"<tr><td><code>{html.escape(k)}</code></td>"
@@ -106,10 +117,10 @@ def _prepare_html(run: RunFolder) -> str:
                        isinstance(v, bool) else f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>"
                        for k, v in stats_rows(p["ready"]))  # fmt: skip
         body = f"<table>{rows}</table>" + histogram_html((p["index"] or {}).get("length_histogram", {}))
-    err = f'<div style="color:#c62828">{html.escape(str(p["error"]))}</div>' if p["error"] else ""
+    err = f'<div style="color:{TEXT["error"]}">{html.escape(str(p["error"]))}</div>' if p["error"] else ""
     return (
         f'<div class="jupyter-llm-run"><b>{html.escape(run.id)}</b> (prepare) {badge(p["state"])}'
-        f'{body}{err}<div style="color:#757575;font-size:85%">{html.escape(str(run.path))}</div></div>'
+        f'{body}{err}<div style="color:{TEXT["muted"]};font-size:85%">{html.escape(str(run.path))}</div></div>'
     )
 
 
@@ -124,7 +135,7 @@ def run_html(run: RunFolder) -> str:
                    ("val_loss", p["last_val"]), ("val_ppl", p["last_val"])):  # fmt: skip
         if m.get(key) is not None:
             cells.append(f"<td><b>{key}</b> {m[key]:.4g}</td>")
-    err = f'<div style="color:#c62828">{html.escape(str(p["error"]))}</div>' if p["error"] else ""
+    err = f'<div style="color:{TEXT["error"]}">{html.escape(str(p["error"]))}</div>' if p["error"] else ""
     start = startup(run)
     where = f"step {p['step']}/{p['total'] or '?'} ({pct}%){eta}"
     if start is not None:  # before the first metric: what it is doing
@@ -135,7 +146,7 @@ def run_html(run: RunFolder) -> str:
         f'<div style="margin:4px 0"><progress value="{pct}" max="100" style="width:60%"></progress> '
         f"{where}</div>"
         f"<table><tr>{''.join(cells)}</tr></table>{err}"
-        f'<div style="color:#757575;font-size:85%">{html.escape(str(run.path))}</div></div>'
+        f'<div style="color:{TEXT["muted"]};font-size:85%">{html.escape(str(run.path))}</div></div>'
     )
 
 

@@ -96,7 +96,11 @@ class Evaluation(DetachedJob):
         )
         if samples:
             samples = f"<h4>samples</h4><table><tr><th>prompt</th><th>output</th><th>reference</th></tr>{samples}</table>"
-        err = f'<div style="color:#c62828">{html.escape(str(st["error"]))}</div>' if st.get("error") else ""
+        err = (
+            f'<div style="color:var(--jp-error-color1, #c62828)">{html.escape(str(st["error"]))}</div>'
+            if st.get("error")
+            else ""
+        )
         return (f"<div><b>{html.escape(self.run.id)}</b> evaluation {html.escape(self.id)}: "
                 f"<b>{html.escape(st['state'])}</b>{err}<table>{rows}</table>{samples}</div>")  # fmt: skip
 

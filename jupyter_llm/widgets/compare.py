@@ -38,8 +38,9 @@ def _bars(c: Comparison, key: str) -> bq.Figure:
     title = METRIC_TITLES.get(key, key)
     return bq.Figure(
         marks=[bars], title=title, axes=[bq.Axis(scale=x, label="run", tick_rotate=-20 if len(idx) > 3 else 0),
-                                         bq.Axis(scale=y, side="left", label=title, tick_format=".4g")],
-        fig_margin={"top": 40, "bottom": 60, "left": 70, "right": 10},
+                                         bq.Axis(scale=y, side="left", label=title, tick_format=".4~g",
+                                                 label_offset="58px")],
+        fig_margin={"top": 40, "bottom": 60, "left": 80, "right": 10},
         layout=w.Layout(width="300px", height="260px"),
     )  # fmt: skip
 

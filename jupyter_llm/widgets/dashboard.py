@@ -18,31 +18,34 @@ import bqplot as bq
 import ipywidgets as w
 import numpy as np
 
-from ..display import COLORS, PALETTE, badge
+from ..display import PALETTE, TEXT, badge, swatch
 from ..errors import UserError
 from ..files import read_json
 from ..folder import State
 from ..runs import Run, RunStore
-from ..summary import fmt_duration, startup_text
+from ..summary import duration_s, fmt_duration, startup_text
 from .feed import RunFeed, Snapshot
 
 INTERVAL_S = 0.5  # at most two redraws a second
 # (metric key, figure title, y label)
 PANELS = [("lr", "learning rate", "lr"), ("grad_norm", "gradient norm", "norm"),
           ("tokens_per_s", "throughput", "tokens/s"), ("mem_mb", "memory", "MB")]  # fmt: skip
+# one format per axis, so ticks never mix 0.001 and 9e-4; SI prefixes for counts (12k tokens/s)
+TICK_FORMATS = {"loss": ".3~f", "lr": ".1e", "grad_norm": ".3~g", "tokens_per_s": ".3~s", "mem_mb": ".3~s"}
 
 
 def _resolve(run: Run | str) -> Run:
     return run if isinstance(run, Run) else RunStore().get(run)
 
 
-def _figure(title: str, ylabel: str, height: str = "220px") -> tuple[Any, tuple[Any, Any]]:
+def _figure(key: str, title: str, ylabel: str, height: str = "220px") -> tuple[Any, tuple[Any, Any]]:
     x, y = bq.LinearScale(), bq.LinearScale()
     fig = bq.Figure(
-        marks=[], title=title, axes=[bq.Axis(scale=x, label="step"),
-                                     bq.Axis(scale=y, side="left", label=ylabel)],
-        fig_margin={"top": 40, "bottom": 40, "left": 60, "right": 20},
-        layout=w.Layout(width="100%", height=height), legend_location="top-right",
+        marks=[], title=title, axes=[bq.Axis(scale=x, label="step", tick_format="~s"),
+                                     bq.Axis(scale=y, side="left", label=ylabel, tick_format=TICK_FORMATS.get(key),
+                                             label_offset="58px")],  # the label clear of the tick numbers
+        fig_margin={"top": 40, "bottom": 40, "left": 80, "right": 20},
+        layout=w.Layout(width="auto", height=height), legend_location="top-right",
     )  # fmt: skip
     return fig, (x, y)
 
@@ -57,14 +60,19 @@ class _RunView:
     def __init__(self, run: Run, color: str, dash: Dashboard):
         self.run, self.color, self.feed = run, color, RunFeed(run)
         self.title = w.HTML()
-        self.bar = w.IntProgress(min=0, max=1, layout=w.Layout(width="35%"))
+        self.bar = w.IntProgress(min=0, max=1)
         self.bar_label = w.HTML()
         self.stop = w.Button(description="Stop", icon="stop", layout=w.Layout(width="90px"))
         self.resume = w.Button(description="Resume", icon="play", layout=w.Layout(width="100px"))
         self.stop.on_click(lambda _: dash._act(self, "stop"))
         self.resume.on_click(lambda _: dash._act(self, "resume"))
+        # pieces that keep their own line and wrap as wholes at narrow widths (never the badge
+        # under the run id, or "ETA" apart from its time)
+        self.title.layout = w.Layout(flex="0 0 auto")
+        self.bar.layout = w.Layout(flex="1 1 120px", min_width="80px", max_width="420px")
+        self.bar_label.layout = w.Layout(flex="0 1 auto")
         self.header = w.HBox([self.title, self.bar, self.bar_label, self.stop, self.resume],
-                             layout=w.Layout(align_items="center"))  # fmt: skip
+                             layout=w.Layout(align_items="center", flex_flow="row wrap"))  # fmt: skip
         name = run.name
         self.loss = bq.Lines(x=np.zeros(0), y=np.zeros(0), colors=[color], labels=[f"{name} train"],
                              scales={"x": dash._scales["loss"][0], "y": dash._scales["loss"][1]},
@@ -73,7 +81,8 @@ class _RunView:
                             scales={"x": dash._scales["loss"][0], "y": dash._scales["loss"][1]},
                             display_legend=True, line_style="dashed", marker="circle", marker_size=24)  # fmt: skip
         self.panels = {key: bq.Lines(x=np.zeros(0), y=np.zeros(0), colors=[color], labels=[name],
-                                     scales={"x": dash._scales[key][0], "y": dash._scales[key][1]})
+                                     scales={"x": dash._scales[key][0], "y": dash._scales[key][1]},
+                                     display_legend=True)
                        for key, _, _ in PANELS}  # fmt: skip
         self.snap: Snapshot | None = None
         self.log_text = ""
@@ -102,15 +111,18 @@ class _RunView:
         pct = int(100 * step / total) if total else 0
         eta = feed.eta_s(total) if not State(st["state"]).terminal else None
         if snap.startup is not None:  # until the first metric: what it is doing instead of empty charts
-            self.bar_label.value = (f'<span class="jupyter-llm-startup">{html.escape(startup_text(snap.startup))}'
-                                    "</span>")  # fmt: skip
+            text = f'<span class="jupyter-llm-startup">{html.escape(startup_text(snap.startup))}</span>'
         else:
-            self.bar_label.value = (f"step {step}/{total or '?'} ({pct}%)"
-                                    + (f" · ETA {fmt_duration(eta)}" if eta is not None else ""))  # fmt: skip
+            text = f"step {step}/{total or '?'} ({pct}%)"
+            if eta is not None:
+                text += f" · ETA {fmt_duration(eta)}"
+            elif State(st["state"]).terminal and (took := duration_s(st)) is not None:
+                text += f" · took {fmt_duration(took)}"
+        self.bar_label.value = f'<span style="white-space:nowrap">{text}</span>'
         shown = st["state"] if snap.startup is None else snap.startup["phase"]
-        self.title.value = (f'<span style="color:{self.color}">■</span> <b>{html.escape(self.run.id)}</b> '
-                            f'<span class="jupyter-llm-state" data-state="{html.escape(st["state"])}">'
-                            f'{badge(shown, st["state"])}</span>')  # fmt: skip
+        self.title.value = (f'<span style="white-space:nowrap">{swatch(self.color)} '
+                            f'<b>{html.escape(self.run.id)}</b> <span class="jupyter-llm-state" '
+                            f'data-state="{html.escape(st["state"])}">{badge(shown, st["state"])}</span></span>')  # fmt: skip
         terminal = State(st["state"]).terminal
         self.stop.disabled = terminal
         self.resume.disabled = not terminal or st["state"] == State.COMPLETED.value
@@ -139,7 +151,8 @@ class _RunView:
         if m.get("mfu") is not None:
             mfu = f"{100 * m['mfu']:.1f}% of {m['peak_flops'] / 1e12:.0f} TFLOP/s"
         else:
-            mfu = "n/a (no peak FLOP/s known for this device)" if m else "–"
+            # short in the cell; why, on hover
+            mfu = '<span title="no peak FLOP/s is known for this device">n/a</span>' if m else "–"
         mem = "–" if m.get("mem_mb") is None else f"{m['mem_mb']:,.0f} MB " + (
             "device peak" if m.get("mem_kind") == "device_peak" else "RSS")  # fmt: skip
         if m.get("mem_peak_mb") is not None:
@@ -152,7 +165,7 @@ class _RunView:
         err = snap.status.get("error")
         row = "".join(f"<td>{c}</td>" for c in cells)
         if err:
-            row += f'<td style="color:{COLORS["failed"]}">{html.escape(str(err))}</td>'
+            row += f'<td style="color:{TEXT["error"]}">{html.escape(str(err))}</td>'
         if snap.status.get("restarts"):
             last = (snap.status.get("last_restart") or {}).get("reason", "")
             row += f'<td title="{html.escape(str(last))}">restarted {snap.status["restarts"]}×</td>'
@@ -170,7 +183,7 @@ class Dashboard(w.VBox):
             ("loss", "loss", "loss", "300px"),
             *[(*p, "220px") for p in PANELS],
         ]:
-            self.figures[key], self._scales[key] = _figure(title, ylabel, height)
+            self.figures[key], self._scales[key] = _figure(key, title, ylabel, height)
         self.loss_figure = self.figures["loss"]
         self.grad_bars = bq.Bars(x=[], y=[], scales={"x": bq.OrdinalScale(), "y": bq.LinearScale()},
                                  colors=[PALETTE[0]])  # fmt: skip
@@ -182,6 +195,7 @@ class Dashboard(w.VBox):
             layout=w.Layout(width="100%", height="280px"),
         )  # fmt: skip
         self.grad_note = w.HTML("<i>set train.grad_norms_every to log per-layer gradient norms</i>")
+        self.grad_figure.layout.display = "none"  # shown once a run logs gradient norms
         self.stats = w.HTML()
         self.logs = w.HTML()
         self.message = w.HTML()
@@ -189,7 +203,7 @@ class Dashboard(w.VBox):
         tabs = w.Tab(children=[w.VBox([self.figures[k] for k, _, _ in PANELS[:2]]),
                                w.VBox([self.figures[k] for k, _, _ in PANELS[2:]]),
                                w.VBox([self.grad_note, self.grad_figure]), self.logs])  # fmt: skip
-        for i, title in enumerate(["lr · grad norm", "throughput · memory", "gradients", "logs"]):
+        for i, title in enumerate(["lr · grad", "speed · memory", "gradients", "logs"]):
             tabs.set_title(i, title)
         super().__init__([self.headers, self.stats, self.loss_figure, tabs, self.message])
         self.add_class("jupyter-llm-dashboard")
@@ -247,6 +261,7 @@ class Dashboard(w.VBox):
                     np.asarray(list(norms.values()), dtype=float),
                 )
             self.grad_note.value = f"{html.escape(self.views[0].run.name)}, step {first.grads['step']}"
+            self.grad_figure.layout.display = None
         logs = []
         for v in self.views:
             if v.snap is not None and v.snap.log is not None:
@@ -267,7 +282,7 @@ class Dashboard(w.VBox):
             try:
                 self.refresh()
             except Exception as e:  # a vanished folder must not kill the kernel's thread noisily
-                self.message.value = f'<span style="color:{COLORS["failed"]}">{html.escape(str(e))}</span>'
+                self.message.value = f'<span style="color:{TEXT["error"]}">{html.escape(str(e))}</span>'
                 return
             if all(v.snap is not None and State(v.snap.status["state"]).terminal for v in self.views):
                 return  # the final state is drawn
@@ -286,7 +301,7 @@ class Dashboard(w.VBox):
                 view.run.resume()
                 self.message.value = f"{html.escape(view.run.id)}: resuming"
         except UserError as e:
-            self.message.value = f'<span style="color:{COLORS["failed"]}">{html.escape(str(e))}</span>'
+            self.message.value = f'<span style="color:{TEXT["error"]}">{html.escape(str(e))}</span>'
         self.refresh()
         self._start()
 

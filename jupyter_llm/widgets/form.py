@@ -23,6 +23,7 @@ import ipywidgets as w
 import yaml
 from pydantic import BaseModel
 
+from ..display import TEXT
 from ..errors import SpecError, UserError
 from ..runs import Run, RunStore
 from ..spec import Spec, field_help
@@ -30,7 +31,7 @@ from ..spec import Spec, field_help
 SECTIONS = ["model", "tokenizer", "data", "train", "optim", "distributed"]
 LOG_SLIDERS = {"optim.lr": (-6.0, 0.0)}  # exponent range of a log-scale slider
 NONE_LABEL = "(none)"
-ERROR_STYLE = "color:#c62828;font-size:85%"
+ERROR_STYLE = f"color:{TEXT['error']};font-size:85%"
 _FORMAT = "data.format"
 # fields that mean something only for some choices: shown when their rule holds for the form's
 # current values (and always while they hold a problem); hidden fields keep their values
@@ -122,7 +123,7 @@ def _make_field(key: str, info: Any, help_text: str) -> _Field:
     label = key.rsplit(".", 1)[-1]
     tip = _tooltip(help_text, info)
     desc = {"description": label, "tooltip": tip, "style": {"description_width": "150px"},
-            "layout": w.Layout(width="420px")}  # fmt: skip
+            "layout": w.Layout(width="100%", max_width="420px")}  # fmt: skip
     view = None
     error = w.HTML(layout=w.Layout(margin="0 0 0 8px"))
     if typing.get_origin(ann) is Literal:
@@ -133,11 +134,11 @@ def _make_field(key: str, info: Any, help_text: str) -> _Field:
         widget, kind = w.Checkbox(indent=True, **desc), "value"
     elif key in LOG_SLIDERS:  # a log slider to sweep decades, beside the exact value
         a, b = LOG_SLIDERS[key]
-        widget = w.FloatText(tooltip=tip, layout=w.Layout(width="110px"))
+        widget = w.FloatText(tooltip=tip, layout=w.Layout(width="110px", flex="0 0 auto"))
         slider = w.FloatLogSlider(base=10, min=a, max=b, step=0.01, readout=False, description=label,
-                                  tooltip=tip, style=desc["style"], layout=w.Layout(width="310px"))  # fmt: skip
+                                  tooltip=tip, style=desc["style"], layout=w.Layout(flex="1 1 auto", min_width="0"))  # fmt: skip
         _link_log_slider(slider, widget)
-        view = w.HBox([slider, widget])
+        view = w.HBox([slider, widget], layout=w.Layout(width="100%", max_width="420px"))
         kind = "value"
     elif ann is int and not optional:  # not a Bounded box: it would clamp -5 to 1 without a word
         widget, kind = w.IntText(**desc), "value"
@@ -267,7 +268,7 @@ class SpecForm(w.VBox):
             f.set(start.get(key))
 
         for f in self.fields.values():
-            f.row = w.HBox([f.view, f.error])
+            f.row = w.HBox([f.view, f.error], layout=w.Layout(flex_flow="row wrap", align_items="center"))
         accordion = w.Accordion(children=[w.VBox([f.row for f in groups[g]]) for g in groups])
         for i, g in enumerate(groups):
             accordion.set_title(i, g)
@@ -295,13 +296,16 @@ class SpecForm(w.VBox):
         self.problems: list[tuple[str, str, str]] = []
         # the fields scroll inside their column, so the problems and the side panel beside them
         # and the buttons below stay in view however long a section is
-        right = w.VBox([self.status, side], layout=w.Layout(width="45%", margin="0 0 0 12px",
+        # side by side where there is room, one above the other in a narrow notebook
+        right = w.VBox([self.status, side], layout=w.Layout(flex="1 1 300px", min_width="0", margin="0 0 0 12px",
                                                             max_height="70vh", overflow="hidden auto"))  # fmt: skip
-        left = w.VBox([accordion], layout=w.Layout(width="55%", max_height="70vh", overflow="hidden auto"))
+        left = w.VBox([accordion], layout=w.Layout(flex="1 1 380px", min_width="0", max_height="70vh",
+                                                   overflow="hidden auto"))  # fmt: skip
         self.summary = w.HTML()  # the problem count again, beside the buttons
         super().__init__([
-            w.HBox([left, right]),
-            w.HBox([self.launch_button, self.dry_button, self.cell_button, self.summary]),
+            w.HBox([left, right], layout=w.Layout(flex_flow="row wrap")),
+            w.HBox([self.launch_button, self.dry_button, self.cell_button, self.summary],
+                   layout=w.Layout(flex_flow="row wrap")),
             self.output,
         ])  # fmt: skip
         self.add_class("jupyter-llm-specform")
@@ -375,12 +379,14 @@ class SpecForm(w.VBox):
             b.disabled = spec is None
         if spec is None:
             rows = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(m)}</li>" for k, _, m in problems)
-            self.status.value = f'<div style="color:#c62828">{len(problems)} problem(s)<ul>{rows}</ul></div>'
+            self.status.value = (
+                f'<div style="color:{TEXT["error"]}">{len(problems)} problem(s)<ul>{rows}</ul></div>'
+            )
             self.summary.value = (
                 f'<span style="{ERROR_STYLE}">{len(problems)} problem(s): fix them to launch</span>'
             )
             return None
-        self.status.value = '<div style="color:#2e7d32">✔ valid spec</div>'
+        self.status.value = f'<div style="color:{TEXT["ok"]}">✔ valid spec</div>'
         self.summary.value = ""
         self._side_panel(spec)
         return spec

@@ -15,7 +15,7 @@ import bqplot as bq
 import ipywidgets as w
 import numpy as np
 
-from ..display import COLORS, badge
+from ..display import COLORS, TEXT, badge
 from ..errors import UserError
 from ..runs import Run
 from ..sweep import Sweep
@@ -71,7 +71,7 @@ class SweepView(w.VBox):
         self.header.value = (f"<b>sweep {html.escape(sw.id)}</b> {badge(st['state'])} "
                              + ", ".join(f"{k.lower()} {v}" for k, v in sorted(counts.items()))
                              + f" of {sw.spec.trials}"
-                             + (f'<div style="color:{COLORS["failed"]}">{html.escape(st["error"])}</div>'
+                             + (f'<div style="color:{TEXT["error"]}">{html.escape(st["error"])}</div>'
                                 if st.get("error") else ""))  # fmt: skip
         keys = list(sw.spec.space)
         head = "".join(
@@ -130,7 +130,7 @@ class SweepView(w.VBox):
             self.run = self.sweep.launch_best()
         except UserError as e:
             self.output.children = [
-                w.HTML(f'<span style="color:{COLORS["failed"]}">{html.escape(str(e))}</span>')
+                w.HTML(f'<span style="color:{TEXT["error"]}">{html.escape(str(e))}</span>')
             ]
             return None
         self.output.children = [Dashboard(self.run)]

@@ -12,21 +12,28 @@ import ipywidgets as w
 
 from ..display import badge, runs_rows
 from ..runs import RunStore
+from ..summary import fmt_duration
 from .dashboard import Dashboard
 
 REFRESH_S = 2.0
-COLUMNS = "minmax(220px, 2fr) 110px minmax(120px, 1fr) 90px 80px 150px"
+# fits a 460-px notebook (the sidebar open in a 900-px window); long ids end in an ellipsis
+COLUMNS = "minmax(70px, 2fr) minmax(50px, 1fr) 80px minmax(50px, 1fr) 64px 56px 56px minmax(0, 1fr)"
 
 
 class _Row:
     def __init__(self, run_id: str, table: RunsTable):
         self.run_id = run_id
-        self.open = w.Button(description=run_id, tooltip=f"open the dashboard of {run_id}",
-                             layout=w.Layout(width="auto"))  # fmt: skip
+        self.open = w.Button(description=run_id, tooltip=f"open the dashboard of {run_id}", layout=_cell())
         self.open.on_click(lambda _: table.select(run_id))
-        self.state, self.progress, self.step = w.HTML(), w.FloatProgress(min=0, max=1), w.HTML()
-        self.loss, self.started = w.HTML(), w.HTML()
-        self.cells = [self.open, self.state, self.progress, self.step, self.loss, self.started]
+        self.name, self.state, self.step = (
+            w.HTML(layout=_cell()),
+            w.HTML(layout=_cell()),
+            w.HTML(layout=_cell()),
+        )
+        self.progress = w.FloatProgress(min=0, max=1, layout=_cell())
+        self.loss, self.duration, self.started = (w.HTML(layout=_cell()) for _ in range(3))
+        self.cells = [self.open, self.name, self.state, self.progress, self.step, self.loss, self.duration,
+                      self.started]  # fmt: skip
 
     def update(self, r: dict[str, Any]) -> None:
         self.state.value = badge(r["state"])
@@ -34,7 +41,20 @@ class _Row:
         self.progress.value = min(1.0, r["step"] / total) if total else 0.0
         self.step.value = f"{r['step']}/{total or '?'}"
         self.loss.value = "" if r["loss"] is None else f"{r['loss']:.4f}"
-        self.started.value = html.escape(r["started"].replace("T", " "))
+        self.name.value = _clip(r["name"] or "")
+        self.duration.value = fmt_duration(r["duration_s"])
+        self.started.value = _clip(r["started"].replace("T", " "))
+
+
+def _cell() -> w.Layout:
+    """A grid cell that may shrink below its content's width (its text then ends in '…')."""
+    return w.Layout(width="auto", min_width="0", overflow="hidden")
+
+
+def _clip(text: str) -> str:
+    """Text that ends in an ellipsis where its column is narrower (the whole of it on hover)."""
+    t = html.escape(text)
+    return f'<div style="overflow:hidden;text-overflow:ellipsis;white-space:nowrap" title="{t}">{t}</div>'
 
 
 class RunsTable(w.VBox):
@@ -42,9 +62,10 @@ class RunsTable(w.VBox):
 
     def __init__(self, root: str | None = None, refresh_s: float = REFRESH_S, limit: int = 50):
         self.store, self.refresh_s, self.limit = RunStore(root), refresh_s, limit
-        head = [w.HTML(f"<b>{h}</b>") for h in ("run", "state", "progress", "step", "loss", "started")]
+        head = [w.HTML(f"<b>{h}</b>", layout=_cell()) for h in
+                ("run", "name", "state", "progress", "step", "loss", "took", "started")]  # fmt: skip
         self._head = head
-        self.grid = w.GridBox(head, layout=w.Layout(grid_template_columns=COLUMNS, grid_gap="2px 8px"))
+        self.grid = w.GridBox(head, layout=w.Layout(grid_template_columns=COLUMNS, grid_gap="2px 4px"))
         self.rows: dict[str, _Row] = {}
         self.dashboard: Dashboard | None = None
         self.detail = w.VBox()

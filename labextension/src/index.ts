@@ -14,7 +14,7 @@ const STATE_COLORS: Record<string, string> = {
   running: '#1565c0',
   starting: '#6a1b9a',
   resuming: '#6a1b9a',
-  stopping: '#ef6c00',
+  stopping: '#c2410c',
   created: '#616161',
   damaged: '#ad1457'
 };
@@ -436,7 +436,7 @@ class RunPanel extends Widget {
     const head = el('h2', '', `${run.name ?? ''} `);
     const badge = el('span', 'jp-llm-state', run.startup ? run.startup.phase : run.state);
     badge.dataset.state = run.state;
-    badge.style.color = STATE_COLORS[run.state] ?? '#616161';
+    badge.style.background = STATE_COLORS[run.state] ?? '#616161';
     head.appendChild(badge);
     this.body.appendChild(head);
     this.body.appendChild(
