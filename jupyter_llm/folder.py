@@ -47,6 +47,7 @@ STATUS_FILE = "status.json"  # RunStatus; written by the supervisor alone once t
 EVENTS_FILE = "events.jsonl"  # {"time", "event", ...}: appended by supervisor and ranks
 METRICS_FILE = "metrics.jsonl"  # one line per log step (train) or evaluation (val_loss)
 GRADS_FILE = "grads.jsonl"  # per-layer gradient norms (train.grad_norms_every)
+SAMPLES_FILE = "samples.jsonl"  # text generated during training (train.sample_every): step, prompt, output
 SPEC_FILE = "spec.yaml"
 DS_CONFIG_FILE = "ds_config.json"
 MANIFEST_FILE = "manifest.json"  # what reproduces the run: versions, git sha, data hashes, attempts
@@ -315,6 +316,10 @@ class RunFolder:
         for line in lines:
             keep[(int(line.get("step", -1)), "val_loss" in line)] = line
         return sorted(keep.values(), key=lambda m: (m.get("step", -1), "val_loss" in m))
+
+    def samples(self) -> list[dict[str, Any]]:
+        """Text generated while training (`train.sample_every`): {step, time, prompt, output}."""
+        return read_jsonl(self.path / SAMPLES_FILE)[0]
 
     def grad_norms(self) -> list[dict[str, Any]]:
         """Per-layer gradient norms ({step, time, norms}) when `train.grad_norms_every` is set."""

@@ -204,6 +204,13 @@ class TrainSpec(_Section):
     max_restarts: int | None = Field(None, ge=0, le=100)
     restart_backoff_s: float = Field(10, ge=0, le=3600)  # before the first restart; doubles each time
     grad_norms_every: int = Field(0, ge=0)  # steps between per-layer gradient norms (grads.jsonl); 0 = off
+    # steps between samples generated from sample_prompts during training (greedy, samples.jsonl,
+    # shown as a table by step); 0 = off. Taken at the first step and at these steps
+    sample_every: int = Field(0, ge=0)
+    # prompts of the samples; empty: the first sample_prompt_chars characters of the validation text
+    sample_prompts: list[str] = []
+    sample_prompt_chars: int = Field(24, ge=1, le=4096)  # the default prompt's length
+    sample_tokens: int = Field(32, ge=1, le=1024)  # new tokens per sample
     # compute precision (DeepSpeed's bf16/fp16 modes keep fp32 master weights in the optimizer);
     # auto: the weights' dtype (model.dtype)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -537,6 +544,10 @@ class Spec(_Section):
                                    "a trained tokenizer has no chat template: give one for data.format chat"))  # fmt: skip
         if self.eval is not None:
             out += eval_problems(self.eval, m.task, "eval.")
+        if t.sample_every and m.task != "causal-lm":
+            out.append(
+                Problem("train.sample_every", t.sample_every, "samples are generated: a causal-lm only")
+            )
         if self.data.validation is None and self.data.val_fraction == 0 and t.eval_every > 0:
             out.append(
                 Problem(

@@ -3,6 +3,7 @@ The notebook's HTML (`display`) and the live widgets build on these."""
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import datetime
 from pathlib import Path
@@ -105,6 +106,56 @@ METRIC_KEYS = [("loss", "loss"), ("val_loss", "val_loss"), ("val_ppl", "val_ppl"
 def metrics_text(m: dict[str, Any]) -> str:
     """A metrics line in words: loss=2.31 lr=0.001 tokens/s=1.006e+04 (the keys it has)."""
     return " ".join(f"{label}={m[k]:.4g}" for k, label in METRIC_KEYS if m.get(k) is not None)
+
+
+def overview(run: RunFolder) -> list[tuple[str, str]]:
+    """The run page's overview, as (label, value) rows: what ran, where, on what, how long, and
+    how its spec differs from the defaults. From the status, the manifest and the spec."""
+    st, man = run.status(), run.manifest() or {}
+    rows = [("name", str(st.get("name") or run.id)), ("run id", run.id), ("state", st["state"])]
+    for key, label in (("started_at", "started"), ("ended_at", "ended")):
+        if st.get(key):
+            rows.append((label, str(st[key])[:19].replace("T", " ")))
+    if (took := duration_s(st)) is not None:
+        rows.append(("duration", fmt_duration(took)))
+    try:
+        spec = run.spec
+    except Exception:  # a damaged spec.yaml: the rest still shows
+        spec = None
+    world = st.get("world_size")
+    if spec is not None:
+        d = spec.distributed
+        nodes = d.nodes if isinstance(d.nodes, str | int) else f"{len(d.nodes)} node(s)"
+        rows.append(("hosts", str(man.get("host") or "?") if nodes == 1 else str(nodes)))
+        tp = d.tensor_parallel
+        layout = f"{world or '?'} rank(s)"
+        if tp > 1 and world:
+            layout += f" = {world // tp} data-parallel × {tp} tensor-parallel"
+        rows.append(("layout", f"{layout}, ZeRO {d.zero_stage}, offload {d.offload}"))
+    if st.get("restarts"):
+        rows.append(
+            ("restarts", f"{st['restarts']} (last: {(st.get('last_restart') or {}).get('reason', '?')})")
+        )
+    if man.get("git_sha"):
+        rows.append(("git", str(man["git_sha"])[:12]))
+    if man.get("versions"):
+        rows.append(("versions", ", ".join(f"{k} {v}" for k, v in man["versions"].items())))
+    for path, sha in (man.get("data_files") or {}).items():
+        rows.append(("data", f"{Path(path).name} (sha256 {str(sha)[:12]})"))
+    if spec is not None:
+        changed = spec.model_dump(mode="json", exclude_defaults=True)
+        flat: list[str] = []
+
+        def walk(node: Any, prefix: str) -> None:
+            for k, v in node.items():
+                if isinstance(v, dict) and v and prefix + k not in ("model.config", "deepspeed"):
+                    walk(v, f"{prefix}{k}.")
+                elif prefix + k not in ("name", "data.train"):
+                    flat.append(f"{prefix}{k}={json.dumps(v)}")
+
+        walk(changed, "")
+        rows.append(("spec (not default)", ", ".join(flat) or "all defaults"))
+    return rows
 
 
 def duration_s(st: dict[str, Any]) -> float | None:

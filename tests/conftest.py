@@ -81,8 +81,8 @@ def tiny_spec(corpus: Path, **sections: Any) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def evaluated_run(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """One real 2-rank run shared by the tests that only read it (evaluations, reports, the
-    model card): a 30-step char GPT with checkpoints at 15 and 30, an `eval:` section, and
-    report_to every target."""
+    model card, the screens): a 30-step char GPT with checkpoints at 15 and 30, samples at
+    steps 1, 15 and 30, an `eval:` section, and report_to every target."""
     from jupyter_llm import launch
 
     home = tmp_path_factory.mktemp("eval-home")
@@ -90,7 +90,7 @@ def evaluated_run(tmp_path_factory: pytest.TempPathFactory) -> Any:
     corpus.write_text(CORPUS.read_text(encoding="utf-8")[:200_000], encoding="utf-8")
     spec = tiny_spec(corpus, name="evaluated",
                      train={"max_steps": 30, "log_every": 5, "eval_every": 15, "save_every": 15,
-                            "keep_checkpoints": 2, "eval_batches": 2},
+                            "keep_checkpoints": 2, "eval_batches": 2, "sample_every": 15, "sample_tokens": 8},
                      eval={"prompts": ["ROMEO:"], "max_new_tokens": 16},
                      report_to=["tensorboard", "mlflow", "wandb", "csv"])  # fmt: skip
     run = launch(spec, root=home / "runs")

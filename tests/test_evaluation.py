@@ -186,6 +186,26 @@ def test_cli_magic_sampling_and_comparison(trained: Run, ip: Any, monkeypatch: p
 
 
 @pytest.mark.deepspeed
+def test_samples_taken_while_training_are_the_models_own_greedy_text(trained: Run) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    samples = trained.samples()
+    assert [s["step"] for s in samples] == [1, 15, 30]  # the first step, every 15, the last
+    tok = AutoTokenizer.from_pretrained(trained.final_model)
+    prompt = samples[0]["prompt"]  # the start of the validation text: 24 characters of the corpus
+    assert len(prompt) == 24 and prompt in Path(trained.spec.data.train[0]).read_text(encoding="utf-8")
+    assert all(s["prompt"] == prompt for s in samples)
+    assert samples[0]["output"] != samples[-1]["output"]  # the model changed meanwhile
+    # the last sample is what the exported model generates greedily (ranks and export agree)
+    model = AutoModelForCausalLM.from_pretrained(trained.final_model).eval()
+    ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id or 0)
+    assert tok.decode(out[0, ids.shape[1] :].tolist()) == samples[-1]["output"]
+
+
+@pytest.mark.deepspeed
 def test_killed_evaluation_is_reported_lost(trained: Run) -> None:
     ev = trained.evaluate(prompts=["x"] * 200, max_new_tokens=200)
     wait_for(lambda: ev.state == "running", 120, "the evaluation to run")

@@ -281,6 +281,30 @@ def test_dashboard_buttons_act_on_the_run(corpus: Path) -> None:
 # -- the runs table -----------------------------------------------------------------------
 
 
+def test_dashboard_samples_searchable_log_and_overview(corpus: Path) -> None:
+    run = fake_run(corpus, name="pages")
+    append_jsonl(run.path / "metrics.jsonl", metric(10, 2.5))
+    append_jsonl(
+        run.path / "samples.jsonl", {"step": 10, "time": 1.0, "prompt": "ROMEO:", "output": " <b>art</b>"}
+    )
+    (run.path / "logs").mkdir(exist_ok=True)
+    (run.path / "logs" / "rank0.log").write_text("[jupyter-llm] step 10/100: loss=2.5\nsome warning\n")
+    dash = Dashboard(run, interval=0.05)
+    until(lambda: "ROMEO:" in dash.samples.value)
+    assert "&lt;b&gt;art&lt;/b&gt;" in dash.samples.value  # escaped: generated text is never markup
+    until(lambda: "some warning" in dash.logs.value)
+    dash.log_search.value = "STEP 10"  # case-insensitive: only the matching lines
+    assert "step 10/100" in dash.logs.value and "some warning" not in dash.logs.value
+    assert "1 of 2 lines" in dash.logs.value
+    assert (
+        "run id" in dash.overview.value
+        and run.id in dash.overview.value
+        and "spec (not default)" in dash.overview.value
+    )
+    set_state(run, "completed")
+    until(lambda: not dash.live)
+
+
 def test_runs_table_lists_runs_and_opens_a_dashboard(corpus: Path) -> None:
     old, new = fake_run(corpus, name="old"), fake_run(corpus, name="new", max_steps=40)
     append_jsonl(new.path / "metrics.jsonl", metric(10, 2.25))

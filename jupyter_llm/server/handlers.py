@@ -141,11 +141,12 @@ class RunHandler(_Base):
     @authorized
     @_handled
     async def get(self, run_id: str) -> None:
-        """One run: its row, status, spec and manifest."""
+        """One run: its row, status, spec, manifest, overview and the newest training samples."""
+        from ..summary import overview
+
         run = self.run_or_404(run_id)
-        self.reply(
-            {**_row(run), "status": run.status(), "spec": run.spec.to_dict(), "manifest": run.manifest()}
-        )
+        self.reply({**_row(run), "status": run.status(), "spec": run.spec.to_dict(), "manifest": run.manifest(),
+                    "overview": overview(run), "samples": run.samples()[-100:]})  # fmt: skip
 
 
 class MetricsHandler(_Base):

@@ -19,7 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from ..files import append_jsonl, now_iso, write_json_atomic
-from ..folder import DS_CONFIG_FILE, EVENTS_FILE, FINAL_DIR, GRADS_FILE, METRICS_FILE, PARENT_ENV, SPEC_FILE
+from ..folder import (
+    DS_CONFIG_FILE,
+    EVENTS_FILE,
+    FINAL_DIR,
+    GRADS_FILE,
+    METRICS_FILE,
+    PARENT_ENV,
+    SAMPLES_FILE,
+    SPEC_FILE,
+)
 from ..summary import metrics_text
 
 
@@ -227,6 +236,13 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
         # fault injection: hold the start-up here, so a test sees the "first step" phase for sure
         time.sleep((_fault("startup_delay_ms") or 0) / 1000)
 
+    # prompts of the samples taken while training: given, or the start of the validation text
+    prompts = list(t.sample_prompts)
+    if t.sample_every and not prompts:
+        src = val_blocks if has_val else train_blocks
+        head = np.asarray(src.tokens[: t.sample_prompt_chars * 2], dtype=np.int64).tolist()
+        prompts = [tok.decode(head)[: t.sample_prompt_chars]]
+
     # -- the loop -------------------------------------------------------------------------
     dev_name = torch.cuda.get_device_name(device) if cuda else None
     peak = peak_flops(dev_name)
@@ -310,6 +326,13 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
                 )
                 print(f"[jupyter-llm] step {step}/{t.max_steps} validation: {metrics_text(ev)}", flush=True)
             window_start = time.perf_counter()  # eval time is not training time
+        if t.sample_every and (step % t.sample_every == 0 or step == 1 or last):
+            texts = _samples(engine, tok, prompts, t.sample_tokens, d.block_size, device)  # every rank
+            if master:
+                for prompt, text in zip(prompts, texts, strict=True):
+                    append_jsonl(run_dir / SAMPLES_FILE, {"step": step, "time": time.time(), "attempt": attempt,
+                                                          "prompt": prompt, "output": text})  # fmt: skip
+            window_start = time.perf_counter()  # nor is sampling
         if stopped_at or (t.save_every and step % t.save_every == 0 and not last):
             client = {"attempt": attempt, "samples": samples_at(step), "tensor_parallel": tp}
             checkpoint.save(engine, run_dir, step, rank, t.keep_checkpoints, client)
@@ -645,6 +668,26 @@ def _watch_parent(run_dir: Path, stop_file: Path, poll_s: float = 1.0) -> None:
         stop_file.touch()
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _samples(engine: Any, tok: Any, prompts: list[str], n_new: int, block: int, device: Any) -> list[str]:
+    """Greedy continuations of `prompts` by the model being trained. Every rank runs the same
+    forward passes (ZeRO-3 and tensor parallelism gather weights collectively), with the context
+    cut to the last `block` tokens; the model's own cache is off while training."""
+    import torch
+
+    engine.eval()
+    outs = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tok(prompt, add_special_tokens=False)["input_ids"] or [tok.eos_token_id or 0]
+            x = torch.tensor([ids], dtype=torch.long, device=device)
+            for _ in range(n_new):
+                nxt = engine(input_ids=x[:, -block:]).logits[:, -1].argmax(-1, keepdim=True)
+                x = torch.cat([x, nxt], dim=1)
+            outs.append(tok.decode(x[0, len(ids) :].tolist()))
+    engine.train()
+    return outs
 
 
 def _fault(name: str) -> int | None:

@@ -23,7 +23,7 @@ from ..errors import UserError
 from ..files import read_json
 from ..folder import State
 from ..runs import Run, RunStore
-from ..summary import duration_s, fmt_duration, startup_text
+from ..summary import duration_s, fmt_duration, overview, startup_text
 from .feed import RunFeed, Snapshot
 
 INTERVAL_S = 0.5  # at most two redraws a second
@@ -198,12 +198,22 @@ class Dashboard(w.VBox):
         self.grad_figure.layout.display = "none"  # shown once a run logs gradient norms
         self.stats = w.HTML()
         self.logs = w.HTML()
+        self.log_search = w.Text(
+            placeholder="search the log (case-insensitive)", layout=w.Layout(width="100%")
+        )
+        self.log_search.observe(lambda _: self._draw_logs(), names="value")
+        self.samples = w.HTML("<i>set train.sample_every to generate samples while training</i>")
+        self.overview = w.HTML()
+        self._overview_key: tuple[Any, ...] = ()
         self.message = w.HTML()
         self.headers = w.VBox()
         tabs = w.Tab(children=[w.VBox([self.figures[k] for k, _, _ in PANELS[:2]]),
                                w.VBox([self.figures[k] for k, _, _ in PANELS[2:]]),
-                               w.VBox([self.grad_note, self.grad_figure]), self.logs])  # fmt: skip
-        for i, title in enumerate(["lr · grad", "speed · memory", "gradients", "logs"]):
+                               w.VBox([self.grad_note, self.grad_figure]), self.samples,
+                               w.VBox([self.log_search, self.logs]), self.overview])  # fmt: skip
+        for i, title in enumerate(
+            ["lr · grad", "speed · memory", "gradients", "samples", "logs", "overview"]
+        ):
             tabs.set_title(i, title)
         super().__init__([self.headers, self.stats, self.loss_figure, tabs, self.message])
         self.add_class("jupyter-llm-dashboard")
@@ -262,13 +272,49 @@ class Dashboard(w.VBox):
                 )
             self.grad_note.value = f"{html.escape(self.views[0].run.name)}, step {first.grads['step']}"
             self.grad_figure.layout.display = None
-        logs = []
         for v in self.views:
             if v.snap is not None and v.snap.log is not None:
                 v.log_text = "\n".join(v.snap.log)
-            logs.append(f"<b>{html.escape(v.run.id)}</b><pre style='font-size:85%;line-height:1.2'>"
-                        f"{html.escape(v.log_text)}</pre>")  # fmt: skip
-        self.logs.value = "".join(logs)
+        self._draw_logs()
+        self._draw_samples()
+        key = tuple((v.run.id, v.snap.status.get("state") if v.snap else None) for v in self.views)
+        if key != self._overview_key:  # again when a run changes state, not at every metrics line
+            self._overview_key = key
+            self._draw_overview()
+
+    def _draw_overview(self) -> None:
+        self.overview.value = "".join(
+            f"<h4>{swatch(v.color)} {html.escape(v.run.name)}</h4><table class='jupyter-llm-overview'>"
+            + "".join(f"<tr><th style='text-align:left;vertical-align:top'>{html.escape(k)}</th>"
+                      f"<td style='word-break:break-word'>{html.escape(val)}</td></tr>" for k, val in overview(v.run))
+            + "</table>"
+            for v in self.views
+        )  # fmt: skip
+
+    def _draw_logs(self) -> None:
+        """Rank 0's newest log lines of each run (the worker's step lines among them), wrapped;
+        only the lines holding the search text when there is one."""
+        needle = self.log_search.value.strip().lower()
+        out = []
+        for v in self.views:
+            lines = v.log_text.splitlines()
+            shown = [ln for ln in lines if needle in ln.lower()] if needle else lines
+            note = f" · {len(shown)} of {len(lines)} lines hold “{html.escape(needle)}”" if needle else ""
+            out.append(f"<b>{html.escape(v.run.id)}</b>{note}<pre style='font-size:85%;line-height:1.2;"
+                       f"white-space:pre-wrap;word-break:break-word'>{html.escape(chr(10).join(shown))}</pre>")  # fmt: skip
+        self.logs.value = "".join(out)
+
+    def _draw_samples(self) -> None:
+        rows = [(v, s) for v in self.views if v.snap is not None for s in v.snap.samples]
+        if not rows:
+            return
+        body = "".join(
+            f"<tr><td>{swatch(v.color)} {html.escape(v.run.name)}</td><td>{s['step']}</td>"
+            f"<td>{html.escape(s['prompt'])}</td><td style='white-space:pre-wrap'>{html.escape(s['output'])}</td></tr>"
+            for v, s in sorted(rows, key=lambda r: (-int(r[1]["step"]), r[0].run.id))
+        )  # fmt: skip
+        self.samples.value = (f"<table class='jupyter-llm-samples'><tr><th>run</th><th>step</th><th>prompt</th>"
+                              f"<th>generated (greedy)</th></tr>{body}</table>")  # fmt: skip
 
     def _start(self) -> None:
         if self._thread is not None and self._thread.is_alive():

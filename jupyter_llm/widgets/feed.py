@@ -15,7 +15,7 @@ from ..folder import State
 from ..runs import Run
 from ..summary import startup
 
-LOG_LINES = 12
+LOG_LINES = 400  # the logs tab: the newest lines of rank 0's log, searchable
 
 
 @dataclass
@@ -44,6 +44,7 @@ class Snapshot:
     grads: dict[str, Any] | None  # newest per-layer gradient norms line
     log: list[str] | None  # the log tail when the log grew, else None
     startup: dict[str, str] | None = None  # the start-up phase until this attempt's first metric
+    samples: list[dict[str, Any]] = field(default_factory=list)  # every sample so far (train.sample_every)
 
 
 class RunFeed:
@@ -52,7 +53,10 @@ class RunFeed:
     def __init__(self, run: Run):
         self.run = run
         self.series: dict[str, Series] = {k: Series() for k in (*self.KEYS, "val_loss")}
-        self._tails = {name: Tail(run.path / name) for name in ("metrics.jsonl", "grads.jsonl")}
+        self._tails = {
+            name: Tail(run.path / name) for name in ("metrics.jsonl", "grads.jsonl", "samples.jsonl")
+        }
+        self.samples: list[dict[str, Any]] = []
         self._log_size = -1
         self._status: dict[str, Any] = {}
         self.last: dict[str, Any] = {}
@@ -81,6 +85,9 @@ class RunFeed:
                     self.series[k].add(step, m.get(k))
                 self.last = m
                 self._recent.append((step, float(m.get("time", 0.0))))
+        if new := self._read("samples.jsonl"):
+            changed = True
+            self.samples.extend(new)
         grads = self._read("grads.jsonl")
         if grads:
             changed, self.grads = True, grads[-1]
@@ -99,7 +106,7 @@ class RunFeed:
         start = None if State(self._status["state"]).terminal else startup(self.run)
         if start != self._startup:
             self._startup, changed = start, True
-        return Snapshot(changed, self._status, self.last, self.last_val, self.grads, log, start)
+        return Snapshot(changed, self._status, self.last, self.last_val, self.grads, log, start, self.samples)
 
     def eta_s(self, total: int | None) -> float | None:
         """Seconds to `total` steps at the pace of the last few logged steps."""
