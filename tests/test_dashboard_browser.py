@@ -50,8 +50,9 @@ def test_dashboard_and_form_in_jupyterlab(tmp_path: Path, corpus: Path) -> None:
     nbformat.write(notebook, nb_file)
     store = RunStore(home / "runs")
 
-    # the ranks hold 6 s after building the model: the "first step" phase is on screen for sure
-    env = {"JUPYTER_LLM_HOME": str(home), "JUPYTER_LLM_FAULT": "startup_delay_ms:6000"}
+    # the ranks hold 6 s after building the model (the "first step" phase is on screen for sure)
+    # and take >= 0.1 s a step (the curve grows over >= 6 s of polls, however fast the machine)
+    env = {"JUPYTER_LLM_HOME": str(home), "JUPYTER_LLM_FAULT": "startup_delay_ms:6000,step_delay_ms:100"}
     with JupyterLab(tmp_path, env) as lab, lab.open_notebook(nb_file) as nb:
         nb.run_cell(0, timeout=120)
         nb.run_cell(1, timeout=120)

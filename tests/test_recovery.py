@@ -284,8 +284,12 @@ def test_a_killed_rank_is_restarted_automatically_and_a_bug_is_not(corpus: Path,
 
     kw: dict[str, Any] = {"max_steps": 120, "save_every": 20, "log_every": 5, "eval_every": 0,
                           "max_restarts": 2, "restart_backoff_s": 1}  # fmt: skip
+    # each step takes >= 0.1 s and the kill comes at a log step 5 or 10 steps past a checkpoint:
+    # it lands >= 1 s before the next checkpoint, so some steps are always run twice
+    monkeypatch.setenv("JUPYTER_LLM_FAULT", "step_delay_ms:100")
     run = launch(tiny_spec(corpus, name="restarts", train=kw))
-    kill_at = random.randint(25, 70)
+    monkeypatch.delenv("JUPYTER_LLM_FAULT")
+    kill_at = random.choice([25, 30, 45, 50, 65, 70])
     print("killing rank 1 at step", kill_at)
     wait_for(lambda: any(m.get("step", 0) >= kill_at for m in run.metrics()), what=f"step {kill_at}")
     rank1 = json.loads((run.path / "ranks" / "rank1.json").read_text())

@@ -70,9 +70,32 @@ def test_sidebar_follows_and_stops_a_cli_run(tmp_path: Path, corpus: Path) -> No
         page.locator(row).first.click()
         panel = f'.jp-llm-panel[data-run-id="{run.id}"]'
         nb.wait_for(panel, timeout=60)
-        nb.wait_until(lambda: spark_points(page, f"{panel} svg.jp-llm-curve polyline") > 2, timeout=60,
+        nb.wait_until(lambda: spark_points(page, f"{panel} polyline.jp-llm-curve") > 2, timeout=60,
                       what="the panel's loss curve")  # fmt: skip
+        # titled charts with axis labels and a legend; the tab is titled by the run's name
+        for title in ("loss", "learning rate", "gradient norm", "throughput", "memory"):
+            chart = page.locator(
+                f"{panel} svg.jp-llm-chart", has=page.locator(f"text.jp-llm-chart-title >> text='{title}'")
+            )
+            assert chart.count() == 1, title
+            assert (
+                chart.locator("text.jp-llm-axis-label").count() == 2
+                and chart.locator("text.jp-llm-legend").count() >= 1
+            )
+        assert (
+            page.locator(
+                ".lm-DockPanel-tabBar .lm-TabBar-tab.lm-mod-current .lm-TabBar-tabLabel"
+            ).first.inner_text()
+            == "sidebar"
+        )
+        assert page.locator(f"{panel} .jp-llm-overview", has_text="layout").count() == 1
         nb.screenshot("sidebar-run-panel")
+        # the panel comes back after a reload (the layout restorer), still following the run
+        nb.wait_until(lambda: f"jupyter-llm-run:{run.id}" in str(lab.api("GET", "/lab/api/workspaces/default")),
+                      timeout=60, what="JupyterLab to save the layout with the panel")  # fmt: skip
+        page.goto(f"{lab.base_url}/lab?token={lab.token}")
+        nb.wait_until(lambda: page.locator(f"{panel} polyline.jp-llm-curve").count() > 0, timeout=120,
+                      what="the run panel restored after a reload")  # fmt: skip
         page.locator(f"{panel} .jp-llm-stop").first.click()
         assert run.wait(300) == "stopped"
         nb.wait_until(lambda: page.locator(f'{row}[data-state="stopped"]').count() > 0, timeout=60,

@@ -692,9 +692,13 @@ def _samples(engine: Any, tok: Any, prompts: list[str], n_new: int, block: int, 
 
 def _fault(name: str) -> int | None:
     """Fault injection for tests: JUPYTER_LLM_FAULT=hang_at_step:N, raise_at_step:N (an
-    exception in the loss, on rank 0), step_delay_ms:N or startup_delay_ms:N."""
-    kind, _, arg = os.environ.get("JUPYTER_LLM_FAULT", "").partition(":")
-    return int(arg) if kind == name and arg.isdigit() else None
+    exception in the loss, on rank 0), step_delay_ms:N or startup_delay_ms:N; several with
+    commas (startup_delay_ms:6000,step_delay_ms:100)."""
+    for item in os.environ.get("JUPYTER_LLM_FAULT", "").split(","):
+        kind, _, arg = item.strip().partition(":")
+        if kind == name and arg.isdigit():
+            return int(arg)
+    return None
 
 
 def _seed(*parts: int) -> int:

@@ -212,7 +212,7 @@ class Dashboard(w.VBox):
                                w.VBox([self.grad_note, self.grad_figure]), self.samples,
                                w.VBox([self.log_search, self.logs]), self.overview])  # fmt: skip
         for i, title in enumerate(
-            ["lr · grad", "speed · memory", "gradients", "samples", "logs", "overview"]
+            ["lr · grad", "speed", "gradients", "samples", "logs", "overview"]
         ):
             tabs.set_title(i, title)
         super().__init__([self.headers, self.stats, self.loss_figure, tabs, self.message])

@@ -1,5 +1,10 @@
-import { ILabShell, JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
-import { ICommandPalette, MainAreaWidget } from '@jupyterlab/apputils';
+import {
+  ILabShell,
+  ILayoutRestorer,
+  JupyterFrontEnd,
+  JupyterFrontEndPlugin
+} from '@jupyterlab/application';
+import { ICommandPalette, MainAreaWidget, WidgetTracker } from '@jupyterlab/apputils';
 import { URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
 import { ISettingRegistry } from '@jupyterlab/settingregistry';
@@ -18,6 +23,8 @@ const STATE_COLORS: Record<string, string> = {
   created: '#616161',
   damaged: '#ad1457'
 };
+// the runs' colours of the notebook widgets (jupyter_llm.display.PALETTE): 3:1 in both themes
+const CHART_COLORS = ['#3d7fd9', '#e0453a', '#2e9e44', '#9b5fd6'];
 const TERMINAL = ['completed', 'failed', 'stopped', 'damaged'];
 const MAX_BACKOFF = 8;
 
@@ -49,6 +56,12 @@ interface IRunRow {
   startup: { phase: string; detail: string } | null;
   sweep: { sweep_id?: string; trial?: number } | null;
   pipeline: { pipeline?: string } | null;
+}
+
+/** GET runs/{id}: the row, with the overview and the newest samples. */
+interface IRunDetail extends IRunRow {
+  overview?: [string, string][];
+  samples?: { step: number; prompt: string; output: string }[];
 }
 
 interface IMetric {
@@ -192,6 +205,99 @@ function svgLine(
   return `<svg class="${cls}" width="${w}" height="${h}" viewBox="0 0 ${w} ${h}"><polyline fill="none" stroke="${color}" stroke-width="1.5" points="${points(values, w, h)}"/></svg>`;
 }
 
+interface ISeries {
+  label: string;
+  color: string;
+  values: [number, number][];
+  dashed?: boolean;
+  cls?: string;
+}
+
+/** A number on an axis: 3 significant digits, SI-style thousands (12.3k). */
+function tick(v: number): string {
+  const a = Math.abs(v);
+  if (a >= 1e6) {
+    return `${+(v / 1e6).toPrecision(3)}M`;
+  }
+  if (a >= 1e4) {
+    return `${+(v / 1e3).toPrecision(3)}k`;
+  }
+  if (a !== 0 && a < 1e-2) {
+    return v.toExponential(1);
+  }
+  return String(+v.toPrecision(3));
+}
+
+/** A titled line chart with both axes (ticks and labels) and a legend, as SVG text. Colours
+ * and text take the theme's variables; each series keeps its own colour. */
+function svgChart(
+  all: ISeries[],
+  opts: {
+    title: string;
+    xlabel: string;
+    ylabel: string;
+    width: number;
+    height: number;
+    cls: string;
+  }
+): string {
+  const { width: w, height: h } = opts;
+  const m = { left: 56, right: 12, top: 22, bottom: 34 };
+  const shown = all.filter((s) => s.values.length > 0);
+  const xs = shown.flatMap((s) => s.values.map((p) => p[0]));
+  const ys = shown.flatMap((s) => s.values.map((p) => p[1]));
+  const esc = (t: string): string =>
+    t.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;');
+  const text = 'fill="var(--jp-ui-font-color1)" font-size="11"';
+  let out = `<svg class="jp-llm-chart ${opts.cls}" width="${w}" height="${h}" viewBox="0 0 ${w} ${h}" role="img" aria-label="${esc(opts.title)}">`;
+  out += `<text class="jp-llm-chart-title" x="${w / 2}" y="14" text-anchor="middle" ${text} font-weight="600">${esc(opts.title)}</text>`;
+  if (xs.length === 0) {
+    return (
+      out +
+      `<text x="${w / 2}" y="${h / 2}" text-anchor="middle" ${text}>no points yet</text></svg>`
+    );
+  }
+  const [x0, x1] = [Math.min(...xs), Math.max(...xs)];
+  let [y0, y1] = [Math.min(...ys), Math.max(...ys)];
+  if (y1 === y0) {
+    [y0, y1] = [y0 - (Math.abs(y0) || 1) * 0.05, y1 + (Math.abs(y1) || 1) * 0.05];
+  }
+  const px = (x: number): number => m.left + ((x - x0) / (x1 - x0 || 1)) * (w - m.left - m.right);
+  const py = (y: number): number => h - m.bottom - ((y - y0) / (y1 - y0)) * (h - m.top - m.bottom);
+  const axis = 'stroke="var(--jp-ui-font-color2)" stroke-width="1"';
+  out += `<line ${axis} x1="${m.left}" y1="${h - m.bottom}" x2="${w - m.right}" y2="${h - m.bottom}"/>`;
+  out += `<line ${axis} x1="${m.left}" y1="${m.top}" x2="${m.left}" y2="${h - m.bottom}"/>`;
+  for (let i = 0; i <= 3; i++) {
+    const yv = y0 + ((y1 - y0) * i) / 3;
+    const xv = x0 + ((x1 - x0) * i) / 3;
+    out += `<text class="jp-llm-tick" x="${m.left - 4}" y="${py(yv) + 4}" text-anchor="end" ${text}>${tick(yv)}</text>`;
+    out += `<text class="jp-llm-tick" x="${px(xv)}" y="${h - m.bottom + 14}" text-anchor="middle" ${text}>${tick(Math.round(xv))}</text>`;
+  }
+  out += `<text class="jp-llm-axis-label" x="${(m.left + w - m.right) / 2}" y="${h - 4}" text-anchor="middle" ${text}>${esc(opts.xlabel)}</text>`;
+  out += `<text class="jp-llm-axis-label" transform="translate(12 ${(m.top + h - m.bottom) / 2}) rotate(-90)" text-anchor="middle" ${text}>${esc(opts.ylabel)}</text>`;
+  let lx = m.left + 8;
+  for (const s of shown) {
+    const pts = s.values.map(([x, y]) => `${px(x).toFixed(1)},${py(y).toFixed(1)}`).join(' ');
+    const dash = s.dashed ? ' stroke-dasharray="5 3"' : '';
+    out += `<polyline class="${s.cls ?? ''}" fill="none" stroke="${s.color}" stroke-width="1.8"${dash} points="${pts}"/>`;
+    out += `<line x1="${lx}" y1="${m.top + 6}" x2="${lx + 16}" y2="${m.top + 6}" stroke="${s.color}" stroke-width="2"${dash}/>`;
+    out += `<text class="jp-llm-legend" x="${lx + 20}" y="${m.top + 10}" ${text}>${esc(s.label)}</text>`;
+    lx += 28 + 7 * s.label.length;
+  }
+  return out + '</svg>';
+}
+
+const METRIC_NAMES: Record<string, string> = {
+  step: 'step',
+  loss: 'loss',
+  val_loss: 'val loss',
+  lr: 'learning rate',
+  grad_norm: 'grad norm',
+  tokens_per_s: 'tokens/s',
+  mfu: 'MFU',
+  mem_mb: 'memory (MB)'
+};
+
 /** The left sidebar: every run, grouped by sweep and pipeline, polled with back-off. */
 class RunsSidebar extends Widget {
   intervalMs = 2000;
@@ -227,8 +333,11 @@ class RunsSidebar extends Widget {
         await this.metrics.update(r.run_id); // a finished run's curve, once
       }
     }
-    const signature = JSON.stringify(this.rows.map((r) => [r.run_id, r.state, r.step, r.loss]));
-    const changed = signature !== this.lastSignature;
+    const signature = JSON.stringify(
+      this.rows.map((r) => [r.run_id, r.state, r.step, r.loss, r.startup?.phase])
+    );
+    // a live run keeps the polling at its interval (its start-up phases change without a step)
+    const changed = signature !== this.lastSignature || live.length > 0;
     this.lastSignature = signature;
     this.render();
     return changed;
@@ -255,7 +364,14 @@ class RunsSidebar extends Widget {
     const list = this.node.querySelector('.jp-llm-list') as HTMLElement;
     list.textContent = '';
     if (this.rows.length === 0) {
-      list.appendChild(el('div', 'jp-llm-meta', 'no runs yet'));
+      list.appendChild(
+        el(
+          'div',
+          'jp-llm-meta jp-llm-empty',
+          'No runs yet. Start one from a notebook with %%llm_train (or SpecForm()), ' +
+            'or in a terminal with `jupyter-llm train spec.yaml`; it appears here at once.'
+        )
+      );
       return;
     }
     const groups = new Map<string, IRunRow[]>();
@@ -344,7 +460,7 @@ class RunPanel extends Widget {
     window.clearTimeout(this.timer);
     let state = '';
     try {
-      const run = await api<IRunRow>(`runs/${encodeURIComponent(this.runId)}`);
+      const run = await api<IRunDetail>(`runs/${encodeURIComponent(this.runId)}`);
       const metrics = await this.sidebar.metrics.update(this.runId);
       const logs = await api<{ lines: string[] }>(
         `runs/${encodeURIComponent(this.runId)}/logs?rank=0&n=20`
@@ -431,7 +547,9 @@ class RunPanel extends Widget {
     return box;
   }
 
-  private render(run: IRunRow, metrics: IMetric[], logs: string[]): void {
+  private render(run: IRunDetail, metrics: IMetric[], logs: string[]): void {
+    this.title.label = run.name ?? run.run_id; // the tab: the run's name; its id on hover
+    this.title.caption = run.run_id;
     this.body.textContent = '';
     const head = el('h2', '', `${run.name ?? ''} `);
     const badge = el('span', 'jp-llm-state', run.startup ? run.startup.phase : run.state);
@@ -467,26 +585,101 @@ class RunPanel extends Widget {
     const buttons = el('div', '');
     buttons.append(stop, resume);
     this.body.appendChild(buttons);
-    const curve = el('div', '');
-    curve.innerHTML =
-      svgLine(series(metrics, 'loss'), 480, 160, 'jp-llm-curve', '#1565c0') +
-      svgLine(series(metrics, 'val_loss'), 480, 160, 'jp-llm-curve-val', '#c62828');
-    this.body.appendChild(curve);
+    const charts = el('div', 'jp-llm-charts');
+    const size = { width: 460, height: 200 };
+    charts.innerHTML =
+      svgChart(
+        [
+          {
+            label: 'train',
+            color: CHART_COLORS[0],
+            values: series(metrics, 'loss'),
+            cls: 'jp-llm-curve'
+          },
+          {
+            label: 'validation',
+            color: CHART_COLORS[1],
+            values: series(metrics, 'val_loss'),
+            dashed: true,
+            cls: 'jp-llm-curve-val'
+          }
+        ],
+        { title: 'loss', xlabel: 'step', ylabel: 'loss', cls: 'jp-llm-chart-loss', ...size }
+      ) +
+      (
+        [
+          ['lr', 'learning rate', 'lr'],
+          ['grad_norm', 'gradient norm', 'norm'],
+          ['tokens_per_s', 'throughput', 'tokens/s'],
+          ['mem_mb', 'memory', 'MB']
+        ] as const
+      )
+        .map(([key, title, ylabel]) =>
+          svgChart(
+            [{ label: run.name ?? 'run', color: CHART_COLORS[0], values: series(metrics, key) }],
+            {
+              title,
+              xlabel: 'step',
+              ylabel,
+              cls: `jp-llm-chart-${key}`,
+              ...size
+            }
+          )
+        )
+        .join('');
+    this.body.appendChild(charts);
     const last = [...metrics].reverse().find((m) => typeof m.loss === 'number');
+    const lastVal = [...metrics].reverse().find((m) => typeof m.val_loss === 'number');
     if (last) {
       const table = el('table', 'jp-llm-metrics');
-      for (const key of ['step', 'loss', 'lr', 'grad_norm', 'tokens_per_s', 'mem_mb']) {
+      for (const key of Object.keys(METRIC_NAMES)) {
+        const v = key === 'val_loss' ? lastVal?.val_loss : last[key];
         const tr = el('tr', '');
-        const v = last[key];
         tr.append(
-          el('th', '', key),
-          el('td', '', v === undefined ? '–' : String(+v.toPrecision(5)))
+          el('th', '', METRIC_NAMES[key]),
+          el(
+            'td',
+            '',
+            typeof v !== 'number'
+              ? '–'
+              : key === 'mfu'
+                ? `${(100 * v).toFixed(1)}%`
+                : String(+v.toPrecision(5))
+          )
         );
         table.appendChild(tr);
       }
       this.body.appendChild(table);
     }
+    if (run.samples && run.samples.length > 0) {
+      this.body.appendChild(el('h3', '', 'Samples while training'));
+      const table = el('table', 'jp-llm-samples');
+      const head = el('tr', '');
+      head.append(el('th', '', 'step'), el('th', '', 'prompt'), el('th', '', 'generated (greedy)'));
+      table.appendChild(head);
+      for (const s of [...run.samples].reverse()) {
+        const tr = el('tr', '');
+        tr.append(
+          el('td', '', String(s.step)),
+          el('td', '', s.prompt),
+          el('td', 'jp-llm-sample', s.output)
+        );
+        table.appendChild(tr);
+      }
+      this.body.appendChild(table);
+    }
+    this.body.appendChild(el('h3', '', 'Log (rank 0)'));
     this.body.appendChild(el('pre', 'jp-llm-logs', logs.join('\n')));
+    if (run.overview) {
+      this.body.appendChild(el('h3', '', 'Overview'));
+      const table = el('table', 'jp-llm-overview');
+      for (const [k, v] of run.overview) {
+        const tr = el('tr', '');
+        tr.append(el('th', '', k), el('td', '', v));
+        table.appendChild(tr);
+      }
+      this.body.appendChild(table);
+    }
   }
 }
 
@@ -495,27 +688,39 @@ const plugin: JupyterFrontEndPlugin<void> = {
   description: 'A sidebar of jupyter-llm training runs',
   autoStart: true,
   requires: [ILabShell],
-  optional: [ICommandPalette, ISettingRegistry],
+  optional: [ICommandPalette, ISettingRegistry, ILayoutRestorer],
   activate: (
     app: JupyterFrontEnd,
     shell: ILabShell,
     palette: ICommandPalette | null,
-    settings: ISettingRegistry | null
+    settings: ISettingRegistry | null,
+    restorer: ILayoutRestorer | null
   ) => {
     const panels = new Map<string, MainAreaWidget<RunPanel>>();
+    // the open run panels come back after a reload (JupyterLab's layout restorer)
+    const tracker = new WidgetTracker<MainAreaWidget<RunPanel>>({ namespace: 'jupyter-llm-run' });
     const openRun = (runId: string): void => {
       let panel = panels.get(runId);
       if (!panel || panel.isDisposed) {
         panel = new MainAreaWidget({ content: new RunPanel(runId, sidebar) });
-        panel.title.label = runId;
+        panel.id = `jupyter-llm-run-panel-${runId}`;
         panel.title.icon = icon;
         panels.set(runId, panel);
+        void tracker.add(panel);
         shell.add(panel, 'main');
       }
       shell.activateById(panel.id);
     };
     const sidebar = new RunsSidebar(openRun);
     shell.add(sidebar, 'left', { rank: 850 });
+    if (restorer) {
+      void restorer.restore(tracker, {
+        command: 'jupyter-llm:open-run',
+        args: (panel) => ({ runId: panel.content.runId }),
+        name: (panel) => panel.content.runId
+      });
+      restorer.add(sidebar, sidebar.id);
+    }
 
     app.commands.addCommand('jupyter-llm:open-sidebar', {
       label: 'Show LLM runs',
