@@ -58,8 +58,6 @@ def startup(run: RunFolder) -> dict[str, str] | None:
     state = st["state"]
     if State(state).terminal or state in ("stopping", "damaged") or st.get("job") == "prepare":
         return None
-    if state == "created":
-        return {"phase": "created", "detail": "waiting for its supervisor"}
     events = run.events()
     launched = max((i for i, e in enumerate(events) if e.get("event") == "launched"), default=None)
     if state in ("starting", "resuming"):
@@ -72,6 +70,8 @@ def startup(run: RunFolder) -> dict[str, str] | None:
             return None
     except FileNotFoundError:
         pass
+    if state == "created":
+        return {"phase": "created", "detail": "waiting for its supervisor"}
     if not since:
         return {"phase": "starting", "detail": ""}
     seen = {e.get("event") for e in since}

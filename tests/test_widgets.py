@@ -281,6 +281,42 @@ def test_dashboard_buttons_act_on_the_run(corpus: Path) -> None:
 # -- the runs table -----------------------------------------------------------------------
 
 
+def test_dashboard_smoothing_log_scale_and_time_axes(corpus: Path) -> None:
+    import bqplot as bq
+    import numpy as np
+
+    from jupyter_llm.widgets.dashboard import smooth
+
+    run = fake_run(corpus, name="axes")
+    t0 = 1_700_000_000.0
+    for i, loss in enumerate([4.0, 2.0, 3.0, 1.0]):
+        append_jsonl(run.path / "metrics.jsonl", metric(10 * (i + 1), loss, t=t0 + 60 * i))
+    dash = Dashboard(run, interval=0.05)
+    view = dash.views[0]
+    until(lambda: len(view.loss.x) == 4)
+    assert list(view.loss.y) == [4.0, 2.0, 3.0, 1.0]
+    dash.smooth_slider.value = 0.5  # TensorBoard's debiased moving average
+    assert list(view.loss.y) == pytest.approx(smooth([4.0, 2.0, 3.0, 1.0], 0.5))
+    assert view.loss.y[1] == pytest.approx((0.5 * 0.5 * 4 + 0.5 * 2) / (1 - 0.25))
+    dash.x_choice.value = "relative"
+    assert list(view.loss.x) == [0.0, 1.0, 2.0, 3.0]  # minutes since the first point
+    assert dash.loss_figure.axes[0].label == "minutes since the first point"
+    dash.x_choice.value = "wall"
+    assert view.loss.x[0] == np.datetime64(int(t0 * 1000), "ms")
+    assert (
+        isinstance(dash.loss_figure.axes[0].scale, bq.DateScale)
+        and view.loss.scales["x"] is dash.loss_figure.axes[0].scale
+    )
+    dash.log_loss.value = True
+    assert isinstance(view.loss.scales["y"], bq.LogScale) and isinstance(
+        dash.loss_figure.axes[1].scale, bq.LogScale
+    )
+    dash.x_choice.value, dash.log_loss.value = "step", False
+    assert list(view.loss.x) == [10.0, 20.0, 30.0, 40.0] and isinstance(view.loss.scales["y"], bq.LinearScale)
+    set_state(run, "completed")
+    until(lambda: not dash.live)
+
+
 def test_dashboard_samples_searchable_log_and_overview(corpus: Path) -> None:
     run = fake_run(corpus, name="pages")
     append_jsonl(run.path / "metrics.jsonl", metric(10, 2.5))

@@ -50,6 +50,20 @@ def _figure(key: str, title: str, ylabel: str, height: str = "220px") -> tuple[A
     return fig, (x, y)
 
 
+def smooth(ys: list[float], weight: float) -> list[float]:
+    """TensorBoard's smoothing: an exponential moving average, debiased at the start (0 = off)."""
+    if weight <= 0 or not ys:
+        return ys
+    out, avg = [], 0.0
+    for i, y in enumerate(ys, 1):
+        avg = avg * weight + (1 - weight) * y
+        out.append(avg / (1 - weight**i))
+    return out
+
+
+X_AXES = {"step": "step", "relative": "minutes since the first point", "wall": "time of day"}
+
+
 def _fmt(v: Any, spec: str = ".4g") -> str:
     return "–" if v is None else format(v, spec)
 
@@ -58,7 +72,7 @@ class _RunView:
     """The widgets of one run in a dashboard: its header row and its marks in each figure."""
 
     def __init__(self, run: Run, color: str, dash: Dashboard):
-        self.run, self.color, self.feed = run, color, RunFeed(run)
+        self.run, self.color, self.feed, self.dash = run, color, RunFeed(run), dash
         self.title = w.HTML()
         self.bar = w.IntProgress(min=0, max=1)
         self.bar_label = w.HTML()
@@ -99,7 +113,10 @@ class _RunView:
                 self.drawn[key] = series.version
                 xs, ys = series.xy()
                 with line.hold_sync():
-                    line.x, line.y = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+                    line.x = self.dash.x_values(feed, xs)
+                    line.y = np.asarray(
+                        ys if key == "val_loss" else smooth(ys, self.dash.smoothing), dtype=float
+                    )
         total = self._total()
         step = int(snap.last.get("step", 0))
         with self.bar.hold_sync():
@@ -207,15 +224,30 @@ class Dashboard(w.VBox):
         self._overview_key: tuple[Any, ...] = ()
         self.message = w.HTML()
         self.headers = w.VBox()
+        # TensorBoard's controls: smoothing, a log-scale loss, and x as step, relative or wall time
+        self.smoothing = 0.0
+        self.x_axis = "step"
+        self.smooth_slider = w.FloatSlider(value=0.0, min=0.0, max=0.99, step=0.01, description="smoothing",
+                                           tooltip="an exponential moving average of the training curves",
+                                           layout=w.Layout(width="260px"))  # fmt: skip
+        self.x_choice = w.Dropdown(options=[("step", "step"), ("relative time", "relative"), ("wall time", "wall")],
+                                   value="step", description="x axis", layout=w.Layout(width="220px"))  # fmt: skip
+        self.log_loss = w.Checkbox(value=False, description="log-scale loss", indent=False,
+                                   layout=w.Layout(width="140px"))  # fmt: skip
+        for control in (self.smooth_slider, self.x_choice, self.log_loss):
+            control.observe(lambda _: self._controls_changed(), names="value")
+        self.controls = w.HBox([self.x_choice, self.smooth_slider, self.log_loss],
+                               layout=w.Layout(flex_flow="row wrap", align_items="center"))  # fmt: skip
+        self._x_scales = {key: {"step": self._scales[key][0], "relative": bq.LinearScale(), "wall": bq.DateScale()}
+                          for key in self.figures}  # fmt: skip
+        self._y_scales = {"linear": self._scales["loss"][1], "log": bq.LogScale()}
         tabs = w.Tab(children=[w.VBox([self.figures[k] for k, _, _ in PANELS[:2]]),
                                w.VBox([self.figures[k] for k, _, _ in PANELS[2:]]),
                                w.VBox([self.grad_note, self.grad_figure]), self.samples,
                                w.VBox([self.log_search, self.logs]), self.overview])  # fmt: skip
-        for i, title in enumerate(
-            ["lr · grad", "speed", "gradients", "samples", "logs", "overview"]
-        ):
+        for i, title in enumerate(["lr · grad", "speed", "gradients", "samples", "logs", "overview"]):
             tabs.set_title(i, title)
-        super().__init__([self.headers, self.stats, self.loss_figure, tabs, self.message])
+        super().__init__([self.headers, self.stats, self.controls, self.loss_figure, tabs, self.message])
         self.add_class("jupyter-llm-dashboard")
         self.views: list[_RunView] = []
         self._lock = threading.Lock()
@@ -236,6 +268,8 @@ class Dashboard(w.VBox):
                 self.figures[key].marks = [v.panels[key] for v in self.views]
             self.headers.children = [v.header for v in self.views]
         self.refresh()
+        if self.x_axis != "step" or self.log_loss.value:  # the new run's marks on the chosen axes
+            self._controls_changed()
         self._start()
         return self
 
@@ -244,6 +278,37 @@ class Dashboard(w.VBox):
         return [v.run for v in self.views]
 
     # -- updates --------------------------------------------------------------------------
+
+    def x_values(self, feed: RunFeed, steps: list[int]) -> Any:
+        """The x of each point in the chosen axis: its step, minutes since the run's first
+        point, or the wall-clock time it was logged."""
+        if self.x_axis == "step":
+            return np.asarray(steps, dtype=float)
+        times = [feed.times.get(s, np.nan) for s in steps]
+        if self.x_axis == "wall":
+            return np.array(
+                [np.datetime64(int(t * 1000), "ms") if t == t else np.datetime64("NaT") for t in times]
+            )
+        t0 = min(feed.times.values(), default=0.0)
+        return (np.asarray(times, dtype=float) - t0) / 60
+
+    def _controls_changed(self) -> None:
+        with self._lock:
+            self.smoothing, self.x_axis = float(self.smooth_slider.value), str(self.x_choice.value)
+            for key, fig in self.figures.items():
+                scale = self._x_scales[key][self.x_axis]
+                for mark in fig.marks:
+                    mark.scales = {**mark.scales, "x": scale}
+                fig.axes[0].scale, fig.axes[0].label = scale, X_AXES[self.x_axis]
+                fig.axes[0].tick_format = "%H:%M:%S" if self.x_axis == "wall" else "~s"
+            y = self._y_scales["log" if self.log_loss.value else "linear"]
+            for mark in self.loss_figure.marks:
+                mark.scales = {**mark.scales, "y": y}
+            self.loss_figure.axes[1].scale = y
+            for v in self.views:
+                v.drawn = {}
+                if v.snap is not None:
+                    v.draw(v.snap)
 
     def refresh(self) -> bool:
         """Read what is new in every run folder and redraw; True if anything changed."""

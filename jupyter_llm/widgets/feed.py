@@ -64,6 +64,7 @@ class RunFeed:
         self.grads: dict[str, Any] | None = None
         self._recent: deque[tuple[int, float]] = deque(maxlen=5)  # (step, time) for the ETA
         self._startup: dict[str, str] | None = None
+        self.times: dict[int, float] = {}  # step -> when it was logged (the time axes)
 
     def _read(self, name: str) -> list[dict[str, Any]]:
         return self._tails[name].read()
@@ -77,6 +78,8 @@ class RunFeed:
         for m in self._read("metrics.jsonl"):
             changed = True
             step = int(m.get("step", 0))
+            if "time" in m:
+                self.times[step] = float(m["time"])
             if "val_loss" in m:
                 self.series["val_loss"].add(step, m["val_loss"])
                 self.last_val = m
