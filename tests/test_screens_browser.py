@@ -98,11 +98,16 @@ def test_screens_hold_in_both_themes_and_at_narrow_width(evaluated_run: Run, tmp
             for sel, shot in [(".jupyter-llm-dashboard", "dashboard"), (".jupyter-llm-compare-view", "compare"),
                               (".jupyter-llm-specform", "form"), (".jupyter-llm-runs-table", "runs-table")]:  # fmt: skip
                 found[f"{tag} {shot}"] = measured(page, sel)
-                nb.screenshot(f"screens-{shot}-{tag}")
+                page.evaluate("s => document.querySelector(s).scrollIntoView({block: 'start'})", sel)
+                nb.screenshot(f"screens-{shot}-{tag}")  # its top, as one scrolls to it
             # the sidebar's run panel of the first run
             page.locator(f'.jp-llm-run[data-run-id="{first.name}"]').first.click()
             nb.wait_for(f'.jp-llm-panel[data-run-id="{first.name}"] svg', timeout=60)
             page.wait_for_timeout(500)
             nb.screenshot(f"screens-run-panel-{tag}")
             found[f"{tag} run panel"] = measured(page, ".jp-llm-panel")
+        # the comparison's bars in the runs' own colours, one per run, as in the overlaid curves
+        fills = page.evaluate("[...document.querySelector('.jupyter-llm-compare-view .bqplot.figure')"
+                              ".querySelectorAll('rect.bar')].map(r => getComputedStyle(r).fill)")  # fmt: skip
+        assert len(fills) == 2 and len(set(fills)) == 2, fills
         assert not any(found.values()), "\n".join(f"{k}: {p}" for k, ps in found.items() for p in ps)

@@ -32,7 +32,7 @@ def _bars(c: Comparison, key: str) -> bq.Figure:
     labels = c.labels()
     x = bq.OrdinalScale()
     y = bq.LinearScale(min=baseline(values), max=max(values) + (max(values) - baseline(values)) * 0.15)
-    bars = bq.Bars(x=[labels[i] for i in idx], y=values, scales={"x": x, "y": y}, color_mode="element",
+    bars = bq.Bars(x=[labels[i] for i in idx], y=values, scales={"x": x, "y": y}, color_mode="no_group",
                    colors=[run_color(i) for i in idx], label_display=True, label_display_format=".4g",
                    label_font_style={"font-size": "12px"}, base=baseline(values))  # fmt: skip
     title = METRIC_TITLES.get(key, key)

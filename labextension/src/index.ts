@@ -213,19 +213,24 @@ interface ISeries {
   cls?: string;
 }
 
-/** A number on an axis: 3 significant digits, SI-style thousands (12.3k). */
-function tick(v: number): string {
+/** A number on an axis, with the digits its axis' span needs (550.2 and 550.8 stay apart),
+ * SI-style thousands (12.3k) and exponents for small values. */
+function tick(v: number, span = 0): string {
   const a = Math.abs(v);
+  const digits = Math.min(
+    8,
+    Math.max(3, span > 0 && a > 0 ? Math.ceil(Math.log10(a / span)) + 2 : 3)
+  );
   if (a >= 1e6) {
-    return `${+(v / 1e6).toPrecision(3)}M`;
+    return `${+(v / 1e6).toPrecision(digits)}M`;
   }
   if (a >= 1e4) {
-    return `${+(v / 1e3).toPrecision(3)}k`;
+    return `${+(v / 1e3).toPrecision(digits)}k`;
   }
   if (a !== 0 && a < 1e-2) {
-    return v.toExponential(1);
+    return v.toExponential(Math.max(1, digits - 2));
   }
-  return String(+v.toPrecision(3));
+  return String(+v.toPrecision(digits));
 }
 
 /** A titled line chart with both axes (ticks and labels) and a legend, as SVG text. Colours
@@ -270,7 +275,7 @@ function svgChart(
   for (let i = 0; i <= 3; i++) {
     const yv = y0 + ((y1 - y0) * i) / 3;
     const xv = x0 + ((x1 - x0) * i) / 3;
-    out += `<text class="jp-llm-tick" x="${m.left - 4}" y="${py(yv) + 4}" text-anchor="end" ${text}>${tick(yv)}</text>`;
+    out += `<text class="jp-llm-tick" x="${m.left - 4}" y="${py(yv) + 4}" text-anchor="end" ${text}>${tick(yv, y1 - y0)}</text>`;
     out += `<text class="jp-llm-tick" x="${px(xv)}" y="${h - m.bottom + 14}" text-anchor="middle" ${text}>${tick(Math.round(xv))}</text>`;
   }
   out += `<text class="jp-llm-axis-label" x="${(m.left + w - m.right) / 2}" y="${h - 4}" text-anchor="middle" ${text}>${esc(opts.xlabel)}</text>`;
