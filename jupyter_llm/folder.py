@@ -47,6 +47,7 @@ STATUS_FILE = "status.json"  # RunStatus; written by the supervisor alone once t
 EVENTS_FILE = "events.jsonl"  # {"time", "event", ...}: appended by supervisor and ranks
 METRICS_FILE = "metrics.jsonl"  # one line per log step (train) or evaluation (val_loss)
 GRADS_FILE = "grads.jsonl"  # per-layer gradient norms (train.grad_norms_every)
+SYSTEM_FILE = "system.jsonl"  # every few seconds per node: host CPU and memory, the ranks', GPUs
 SAMPLES_FILE = "samples.jsonl"  # text generated during training (train.sample_every): step, prompt, output
 SPEC_FILE = "spec.yaml"
 DS_CONFIG_FILE = "ds_config.json"
@@ -316,6 +317,11 @@ class RunFolder:
         for line in lines:
             keep[(int(line.get("step", -1)), "val_loss" in line)] = line
         return sorted(keep.values(), key=lambda m: (m.get("step", -1), "val_loss" in m))
+
+    def system(self) -> list[dict[str, Any]]:
+        """System utilisation while it ran: {time, node, cpu_pct, mem_used_mb, ranks_cpu_pct,
+        ranks_rss_mb, gpus: [{index, util_pct, mem_used_mb, mem_total_mb}], ...} per sample."""
+        return read_jsonl(self.path / SYSTEM_FILE)[0]
 
     def samples(self) -> list[dict[str, Any]]:
         """Text generated while training (`train.sample_every`): {step, time, prompt, output}."""

@@ -132,6 +132,14 @@ def overview(run: RunFolder) -> list[tuple[str, str]]:
         if tp > 1 and world:
             layout += f" = {world // tp} data-parallel × {tp} tensor-parallel"
         rows.append(("layout", f"{layout}, ZeRO {d.zero_stage}, offload {d.offload}"))
+    latest: dict[str, dict[str, Any]] = {}
+    for ln in run.system():  # the newest sample of each node
+        latest[str(ln.get("node"))] = ln
+    for node, ln in latest.items():
+        gpu = "".join(f"; GPU {g['index']}: {g['util_pct']:.0f} %, {g['mem_used_mb'] / 1024:.1f} of "
+                      f"{g['mem_total_mb'] / 1024:.1f} GiB" for g in ln.get("gpus") or [])  # fmt: skip
+        rows.append((f"system ({node})", f"CPU {ln['cpu_pct']:.0f} %, memory {ln['mem_used_mb'] / 1024:.1f} of "
+                     f"{ln['mem_total_mb'] / 1024:.1f} GiB, the ranks {ln['ranks_rss_mb'] / 1024:.2f} GiB{gpu}"))  # fmt: skip
     if st.get("restarts"):
         rows.append(
             ("restarts", f"{st['restarts']} (last: {(st.get('last_restart') or {}).get('reason', '?')})")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +12,9 @@ T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO / "examples" / "tinyshakespeare.txt"
+# the supervisors of the tests' runs sample system utilisation every second (5 s by default),
+# so a run of a few seconds has its lines (set before any supervisor starts)
+os.environ.setdefault("JUPYTER_LLM_SYSTEM_EVERY_S", "1")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -206,6 +206,34 @@ def test_samples_taken_while_training_are_the_models_own_greedy_text(trained: Ru
 
 
 @pytest.mark.deepspeed
+def test_system_utilisation_sampled_while_it_trained(trained: Run) -> None:
+    import socket
+
+    import psutil
+
+    lines = trained.system()
+    assert len(lines) >= 3, lines  # one a second while it ran (JUPYTER_LLM_SYSTEM_EVERY_S=1 in tests)
+    assert all(ln["node"] == socket.gethostname() and 0 <= ln["cpu_pct"] <= 100 for ln in lines)
+    assert all(ln["mem_total_mb"] == pytest.approx(psutil.virtual_memory().total / 2**20) for ln in lines)
+    assert all(0 < ln["mem_used_mb"] < ln["mem_total_mb"] and ln["gpus"] == [] for ln in lines)  # no GPU here
+    # the two ranks (torch, DeepSpeed, the model) hold far more than 100 MB once they are up
+    assert max(ln["ranks_rss_mb"] for ln in lines) > 100
+    from jupyter_llm.widgets import Dashboard
+
+    dash = Dashboard(trained)
+    ranks, host = dash.views[0].system["memory"]
+    assert len(host.x) == len(lines) and max(ranks.y) == pytest.approx(
+        max(ln["ranks_rss_mb"] for ln in lines) / 1024
+    )
+    assert dash.system_figures["gpu"].layout.display == "none"
+    dash.close()
+    from jupyter_llm.summary import overview
+
+    row = dict(overview(trained))[f"system ({socket.gethostname()})"]  # the run page's newest sample
+    assert row.startswith("CPU ") and "GiB, the ranks " in row
+
+
+@pytest.mark.deepspeed
 def test_killed_evaluation_is_reported_lost(trained: Run) -> None:
     ev = trained.evaluate(prompts=["x"] * 200, max_new_tokens=200)
     wait_for(lambda: ev.state == "running", 120, "the evaluation to run")

@@ -39,6 +39,7 @@ from ..folder import (
 from ..hashing import content_sha256
 from ..provenance import git_sha, versions
 from .local import free_port, job_env, kill_group, parent_tag, port_free, signal_group
+from .system import Sampler
 from .watch import (
     SIGINT_WAIT_S,
     StopLadder,
@@ -326,9 +327,12 @@ class Supervisor:
         down its own interpreter (measured: 2-3 s more), with nothing left to do."""
         assert self.proc is not None
         ladder = StopLadder(self.grace_s)
+        system = Sampler(self.dir)
         while (rc := self.proc.poll()) is None:
             time.sleep(POLL_S)
             records = rank_records(self.dir, self.attempt)
+            if not self.prepare_only:
+                system.sample([int(r["pid"]) for r in records.values() if r.get("pid")])
             if ranks and ranks_done(records, ranks):
                 return 0
             self._track_ranks(records)

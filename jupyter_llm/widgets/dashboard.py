@@ -61,6 +61,9 @@ def smooth(ys: list[float], weight: float) -> list[float]:
     return out
 
 
+# (title, y label) of the system tab; "gpu": utilisation (ranks line) and memory used (host line)
+SYSTEM_PANELS = {"cpu": ("CPU (share of the host's cores)", "%"), "memory": ("host memory", "GiB"),
+                 "gpu": ("GPU utilisation (solid) and memory used (dashed)", "%")}  # fmt: skip
 X_AXES = {"step": "step", "relative": "minutes since the first point", "wall": "time of day"}
 
 
@@ -98,6 +101,13 @@ class _RunView:
                                      scales={"x": dash._scales[key][0], "y": dash._scales[key][1]},
                                      display_legend=True)
                        for key, _, _ in PANELS}  # fmt: skip
+        # system utilisation (system.jsonl): the ranks' share solid, the whole host dashed
+        self.system = {key: [bq.Lines(x=np.zeros(0), y=np.zeros(0), colors=[color], labels=[f"{name} {what}"],
+                                      scales={"x": dash._sys_scales[key][0], "y": dash._sys_scales[key][1]},
+                                      display_legend=True, line_style=style)
+                             for what, style in (("ranks", "solid"), ("host", "dashed"))]
+                       for key in SYSTEM_PANELS}  # fmt: skip
+        self.system_drawn = 0
         self.snap: Snapshot | None = None
         self.log_text = ""
         self.drawn: dict[str, int] = {}  # series version last drawn, per metric
@@ -117,6 +127,9 @@ class _RunView:
                     line.y = np.asarray(
                         ys if key == "val_loss" else smooth(ys, self.dash.smoothing), dtype=float
                     )
+        if len(feed.system) != self.system_drawn:
+            self.system_drawn = len(feed.system)
+            self._draw_system(list(feed.system))
         total = self._total()
         step = int(snap.last.get("step", 0))
         with self.bar.hold_sync():
@@ -143,6 +156,23 @@ class _RunView:
         terminal = State(st["state"]).terminal
         self.stop.disabled = terminal
         self.resume.disabled = not terminal or st["state"] == State.COMPLETED.value
+
+    def _draw_system(self, lines: list[dict[str, Any]]) -> None:
+        t0 = lines[0]["time"] if lines else 0.0
+        x = np.asarray([(ln["time"] - t0) / 60 for ln in lines], dtype=float)
+        cpus = [max(1, int(ln.get("cpus", 1))) for ln in lines]
+        values = {
+            "cpu": ([ln["ranks_cpu_pct"] / n for ln, n in zip(lines, cpus, strict=True)], [ln["cpu_pct"] for ln in lines]),
+            "memory": ([ln["ranks_rss_mb"] / 1024 for ln in lines], [ln["mem_used_mb"] / 1024 for ln in lines]),
+            "gpu": ([sum(g["util_pct"] for g in ln["gpus"]) / max(1, len(ln["gpus"])) for ln in lines],
+                    [sum(g["mem_used_mb"] for g in ln["gpus"]) / max(1.0, sum(g["mem_total_mb"] for g in ln["gpus"])) * 100
+                     for ln in lines]),
+        }  # fmt: skip
+        for key, (ranks, host) in values.items():
+            for line, ys in zip(self.system[key], (ranks, host), strict=True):
+                with line.hold_sync():
+                    line.x, line.y = x, np.asarray(ys, dtype=float)
+        self.dash.show_gpu(any(ln["gpus"] for ln in lines))
 
     def _total(self) -> int | None:
         try:
@@ -202,6 +232,14 @@ class Dashboard(w.VBox):
         ]:
             self.figures[key], self._scales[key] = _figure(key, title, ylabel, height)
         self.loss_figure = self.figures["loss"]
+        self._sys_scales: dict[str, tuple[Any, Any]] = {}
+        self.system_figures: dict[str, Any] = {}
+        for key, (title, ylabel) in SYSTEM_PANELS.items():
+            fig, self._sys_scales[key] = _figure(key, title, ylabel, "220px")
+            fig.axes[0].label = "minutes since the first sample"
+            self.system_figures[key] = fig
+        self.system_figures["gpu"].layout.display = "none"  # shown where there are GPUs
+        self.system_note = w.HTML("<i>sampled every 5 s by the supervisor on this machine (system.jsonl)</i>")
         self.grad_bars = bq.Bars(x=[], y=[], scales={"x": bq.OrdinalScale(), "y": bq.LinearScale()},
                                  colors=[PALETTE[0]])  # fmt: skip
         self.grad_figure = bq.Figure(
@@ -241,11 +279,12 @@ class Dashboard(w.VBox):
         self._x_scales = {key: {"step": self._scales[key][0], "relative": bq.LinearScale(), "wall": bq.DateScale()}
                           for key in self.figures}  # fmt: skip
         self._y_scales = {"linear": self._scales["loss"][1], "log": bq.LogScale()}
-        tabs = w.Tab(children=[w.VBox([self.figures[k] for k, _, _ in PANELS[:2]]),
-                               w.VBox([self.figures[k] for k, _, _ in PANELS[2:]]),
-                               w.VBox([self.grad_note, self.grad_figure]), self.samples,
-                               w.VBox([self.log_search, self.logs]), self.overview])  # fmt: skip
-        for i, title in enumerate(["lr · grad", "speed", "gradients", "samples", "logs", "overview"]):
+        # six tabs: their titles fit a 460-px notebook (the per-layer norms sit under the global one)
+        tabs = w.Tab(children=[w.VBox([*(self.figures[k] for k, _, _ in PANELS[:2]), self.grad_note, self.grad_figure]),
+                               w.VBox([self.figures[k] for k, _, _ in PANELS[2:]]), self.samples,
+                               w.VBox([self.log_search, self.logs]),
+                               w.VBox([self.system_note, *self.system_figures.values()]), self.overview])  # fmt: skip
+        for i, title in enumerate(["lr · grad", "speed", "samples", "logs", "system", "overview"]):
             tabs.set_title(i, title)
         super().__init__([self.headers, self.stats, self.controls, self.loss_figure, tabs, self.message])
         self.add_class("jupyter-llm-dashboard")
@@ -266,6 +305,8 @@ class Dashboard(w.VBox):
             self.loss_figure.marks = [m for v in self.views for m in (v.loss, v.val)]
             for key, _, _ in PANELS:
                 self.figures[key].marks = [v.panels[key] for v in self.views]
+            for key, fig in self.system_figures.items():
+                fig.marks = [m for v in self.views for m in v.system[key]]
             self.headers.children = [v.header for v in self.views]
         self.refresh()
         if self.x_axis != "step" or self.log_loss.value:  # the new run's marks on the chosen axes
@@ -278,6 +319,9 @@ class Dashboard(w.VBox):
         return [v.run for v in self.views]
 
     # -- updates --------------------------------------------------------------------------
+
+    def show_gpu(self, shown: bool) -> None:
+        self.system_figures["gpu"].layout.display = None if shown else "none"
 
     def x_values(self, feed: RunFeed, steps: list[int]) -> Any:
         """The x of each point in the chosen axis: its step, minutes since the run's first

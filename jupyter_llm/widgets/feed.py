@@ -53,9 +53,9 @@ class RunFeed:
     def __init__(self, run: Run):
         self.run = run
         self.series: dict[str, Series] = {k: Series() for k in (*self.KEYS, "val_loss")}
-        self._tails = {
-            name: Tail(run.path / name) for name in ("metrics.jsonl", "grads.jsonl", "samples.jsonl")
-        }
+        self._tails = {name: Tail(run.path / name)
+                       for name in ("metrics.jsonl", "grads.jsonl", "samples.jsonl", "system.jsonl")}  # fmt: skip
+        self.system: deque[dict[str, Any]] = deque(maxlen=2000)  # system.jsonl: ~3 h at one line per 5 s
         self.samples: list[dict[str, Any]] = []
         self._log_size = -1
         self._status: dict[str, Any] = {}
@@ -91,6 +91,9 @@ class RunFeed:
         if new := self._read("samples.jsonl"):
             changed = True
             self.samples.extend(new)
+        if new := self._read("system.jsonl"):
+            changed = True
+            self.system.extend(new)
         grads = self._read("grads.jsonl")
         if grads:
             changed, self.grads = True, grads[-1]
