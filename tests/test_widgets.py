@@ -290,10 +290,15 @@ def test_dashboard_smoothing_log_scale_and_time_axes(corpus: Path) -> None:
     run = fake_run(corpus, name="axes")
     t0 = 1_700_000_000.0
     for i, loss in enumerate([4.0, 2.0, 3.0, 1.0]):
-        append_jsonl(run.path / "metrics.jsonl", metric(10 * (i + 1), loss, t=t0 + 60 * i))
+        append_jsonl(run.path / "metrics.jsonl", {**metric(10 * (i + 1), loss, t=t0 + 60 * i),
+                                                  "mem_peak_mb_ranks": [100.0 + i, 200.0 + i]})  # fmt: skip
     dash = Dashboard(run, interval=0.05)
     view = dash.views[0]
     until(lambda: len(view.loss.x) == 4)
+    mem = view.panels["mem_mb"]  # one line per rank, from every rank's peak
+    assert np.asarray(mem.y).shape == (2, 4) and list(mem.labels) == ["axes rank 0", "axes rank 1"]
+    assert list(np.asarray(mem.y)[1]) == [200.0, 201.0, 202.0, 203.0]
+    assert dash.figures["mfu"].layout.display == "none"  # no MFU on CPU: no empty chart
     assert list(view.loss.y) == [4.0, 2.0, 3.0, 1.0]
     dash.smooth_slider.value = 0.5  # TensorBoard's debiased moving average
     assert list(view.loss.y) == pytest.approx(smooth([4.0, 2.0, 3.0, 1.0], 0.5))

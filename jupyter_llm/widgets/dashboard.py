@@ -29,9 +29,11 @@ from .feed import RunFeed, Snapshot
 INTERVAL_S = 0.5  # at most two redraws a second
 # (metric key, figure title, y label)
 PANELS = [("lr", "learning rate", "lr"), ("grad_norm", "gradient norm", "norm"),
-          ("tokens_per_s", "throughput", "tokens/s"), ("mem_mb", "memory", "MB")]  # fmt: skip
+          ("tokens_per_s", "throughput", "tokens/s"), ("mfu", "model FLOPs utilisation", "% of peak"),
+          ("mem_mb", "memory per rank (peak so far)", "MB")]  # fmt: skip
 # one format per axis, so ticks never mix 0.001 and 9e-4; SI prefixes for counts (12k tokens/s)
-TICK_FORMATS = {"loss": ".3~f", "lr": ".1e", "grad_norm": ".3~g", "tokens_per_s": ".3~s", "mem_mb": ".3~s"}
+TICK_FORMATS = {"loss": ".3~f", "lr": ".1e", "grad_norm": ".3~g", "tokens_per_s": ".3~s", "mem_mb": ".3~s",
+                "mfu": ".3~g"}  # fmt: skip
 
 
 def _resolve(run: Run | str) -> Run:
@@ -122,11 +124,31 @@ class _RunView:
             if self.drawn.get(key) != series.version:
                 self.drawn[key] = series.version
                 xs, ys = series.xy()
+                if key == "mfu":
+                    ys = [100 * y for y in ys]
+                    if ys:
+                        self.dash.figures["mfu"].layout.display = None
+                if key == "mem_mb" and feed.rank_peaks:
+                    continue  # drawn per rank below
                 with line.hold_sync():
                     line.x = self.dash.x_values(feed, xs)
                     line.y = np.asarray(
                         ys if key == "val_loss" else smooth(ys, self.dash.smoothing), dtype=float
                     )
+        if feed.rank_peaks and self.drawn.get("rank_peaks") != feed.rank_peaks_version:
+            self.drawn["rank_peaks"] = feed.rank_peaks_version
+            steps = sorted(feed.rank_peaks)
+            n = max(len(v) for v in feed.rank_peaks.values())
+            rows = [
+                [feed.rank_peaks[s][r] if r < len(feed.rank_peaks[s]) else np.nan for s in steps]
+                for r in range(n)
+            ]
+            line = self.panels["mem_mb"]
+            with line.hold_sync():
+                line.x, line.y = self.dash.x_values(feed, steps), np.asarray(rows, dtype=float)
+                line.labels = [f"{self.run.name} rank {r}" for r in range(n)]
+                line.colors = [self.color] * n
+                line.opacities = [max(0.35, 1 - 0.2 * r) for r in range(n)]
         if len(feed.system) != self.system_drawn:
             self.system_drawn = len(feed.system)
             self._draw_system(list(feed.system))
@@ -239,6 +261,7 @@ class Dashboard(w.VBox):
             fig.axes[0].label = "minutes since the first sample"
             self.system_figures[key] = fig
         self.system_figures["gpu"].layout.display = "none"  # shown where there are GPUs
+        self.figures["mfu"].layout.display = "none"  # shown once a run logs MFU (a GPU with a known peak)
         self.system_note = w.HTML("<i>sampled every 5 s by the supervisor on this machine (system.jsonl)</i>")
         self.grad_bars = bq.Bars(x=[], y=[], scales={"x": bq.OrdinalScale(), "y": bq.LinearScale()},
                                  colors=[PALETTE[0]])  # fmt: skip

@@ -65,6 +65,8 @@ class RunFeed:
         self._recent: deque[tuple[int, float]] = deque(maxlen=5)  # (step, time) for the ETA
         self._startup: dict[str, str] | None = None
         self.times: dict[int, float] = {}  # step -> when it was logged (the time axes)
+        self.rank_peaks: dict[int, list[float]] = {}  # step -> every rank's memory peak (MB)
+        self.rank_peaks_version = 0
 
     def _read(self, name: str) -> list[dict[str, Any]]:
         return self._tails[name].read()
@@ -86,6 +88,9 @@ class RunFeed:
             else:
                 for k in self.KEYS:
                     self.series[k].add(step, m.get(k))
+                if m.get("mem_peak_mb_ranks"):
+                    self.rank_peaks[step] = [float(v) for v in m["mem_peak_mb_ranks"]]
+                    self.rank_peaks_version += 1
                 self.last = m
                 self._recent.append((step, float(m.get("time", 0.0))))
         if new := self._read("samples.jsonl"):
