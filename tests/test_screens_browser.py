@@ -106,6 +106,18 @@ def test_screens_hold_in_both_themes_and_at_narrow_width(evaluated_run: Run, tmp
             page.wait_for_timeout(500)
             nb.screenshot(f"screens-run-panel-{tag}")
             found[f"{tag} run panel"] = measured(page, ".jp-llm-panel")
+        # two runs ticked in the sidebar and compared: curves in two colours, a table, the spec diff
+        for name in (first.name, second.name):
+            page.locator(f'.jp-llm-run[data-run-id="{name}"] input.jp-llm-pick').first.check()
+        page.locator(".jp-llm-sidebar button.jp-llm-compare", has_text="Compare 2 runs").click()
+        nb.wait_for(".jp-llm-compare-panel polyline.jp-llm-curve", timeout=60)
+        strokes = page.evaluate("[...document.querySelectorAll('.jp-llm-compare-panel polyline.jp-llm-curve')]"
+                                ".map(p => p.getAttribute('stroke'))")  # fmt: skip
+        assert len(strokes) == 2 and len(set(strokes)) == 2, strokes
+        assert page.locator(".jp-llm-compare-panel .jp-llm-compare-table tr").count() == 3
+        assert page.locator(".jp-llm-compare-panel .jp-llm-spec-diff td", has_text="seed").count() == 1
+        nb.screenshot("screens-sidebar-compare")
+        found["light-900 sidebar compare"] = measured(page, ".jp-llm-compare-panel")
         # the comparison's bars in the runs' own colours, one per run, as in the overlaid curves
         fills = page.evaluate("[...document.querySelector('.jupyter-llm-compare-view .bqplot.figure')"
                               ".querySelectorAll('rect.bar')].map(r => getComputedStyle(r).fill)")  # fmt: skip

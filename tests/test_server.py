@@ -42,7 +42,7 @@ def made_run(store: RunStore, corpus: Path, name: str = "api") -> Run:
 
 ENDPOINTS = [("GET", "/runs"), ("POST", "/runs"), ("GET", "/runs/{id}"), ("GET", "/runs/{id}/metrics"),
              ("GET", "/runs/{id}/logs"), ("POST", "/runs/{id}/stop"), ("POST", "/runs/{id}/resume"),
-             ("POST", "/runs/{id}/evaluate"), ("POST", "/runs/{id}/generate")]  # fmt: skip
+             ("POST", "/runs/{id}/evaluate"), ("POST", "/runs/{id}/generate"), ("GET", "/compare")]  # fmt: skip
 
 
 def test_every_endpoint_needs_authentication(server: tuple[JupyterLab, RunStore], corpus: Path) -> None:

@@ -136,6 +136,22 @@ class RunsHandler(_Base):
         self.reply(_row(run), 201)
 
 
+class CompareHandler(_Base):
+    @web.authenticated
+    @authorized
+    @_handled
+    async def get(self) -> None:
+        """Runs side by side (?runs=A,B,...): what %llm_compare shows, as data."""
+        from ..evaluation import Comparison
+
+        ids = [i for i in (self.get_query_argument("runs", "") or "").split(",") if i]
+        if not 2 <= len(ids) <= 16:
+            raise _Reply(400, "give ?runs=A,B (2 to 16 run ids, names or prefixes)")
+        c = Comparison([self.run_or_404(i) for i in ids])
+        self.reply({"rows": c.rows, "labels": c.labels(), "metrics": c.metrics, "train_metrics": c.train_metrics,
+                    "unevaluated": c.unevaluated, "spec_diff": c.spec_diff})  # fmt: skip
+
+
 class RunHandler(_Base):
     @web.authenticated
     @authorized
@@ -267,6 +283,7 @@ class GenerateHandler(_Base):
 ID = r"(?P<run_id>[^/]+)"
 ROUTES: list[tuple[str, type[_Base]]] = [
     ("runs", RunsHandler),
+    ("compare", CompareHandler),
     (f"runs/{ID}", RunHandler),
     (f"runs/{ID}/metrics", MetricsHandler),
     (f"runs/{ID}/logs", LogsHandler),

@@ -311,16 +311,36 @@ class RunsSidebar extends Widget {
   private lastSignature = '';
   readonly metrics = new MetricsCache();
   rows: IRunRow[] = [];
+  readonly picked = new Set<string>(); // runs ticked for comparing
+  private readonly compareButton: HTMLButtonElement;
 
-  constructor(private readonly openRun: (runId: string) => void) {
+  constructor(
+    private readonly openRun: (runId: string) => void,
+    private readonly openCompare: (runIds: string[]) => void
+  ) {
     super();
     this.id = 'jupyter-llm-runs';
     this.addClass('jp-llm-sidebar');
     this.title.icon = icon;
     this.title.caption = 'LLM runs';
     this.node.appendChild(el('h3', '', 'LLM runs'));
+    this.compareButton = el(
+      'button',
+      'jp-mod-styled jp-llm-compare',
+      'Compare'
+    ) as HTMLButtonElement;
+    this.compareButton.title = 'tick two or more runs, then compare them';
+    this.compareButton.onclick = () => this.openCompare([...this.picked]);
+    this.node.appendChild(this.compareButton);
     this.node.appendChild(el('div', 'jp-llm-list'));
+    this.updateCompare();
     void this.poll();
+  }
+
+  private updateCompare(): void {
+    const n = this.picked.size;
+    this.compareButton.disabled = n < 2;
+    this.compareButton.textContent = n >= 2 ? `Compare ${n} runs` : 'Compare (tick 2+ runs)';
   }
 
   dispose(): void {
@@ -420,6 +440,20 @@ class RunsSidebar extends Widget {
       ? startupText(r.startup)
       : `${r.state} · step ${r.step}/${r.total ?? '?'}${loss}`;
     row.appendChild(el('span', 'jp-llm-meta', meta));
+    const pick = el('input', 'jp-llm-pick') as HTMLInputElement;
+    pick.type = 'checkbox';
+    pick.title = 'compare this run with others';
+    pick.checked = this.picked.has(r.run_id);
+    pick.onclick = (e) => {
+      e.stopPropagation(); // ticking is not opening
+      if (pick.checked) {
+        this.picked.add(r.run_id);
+      } else {
+        this.picked.delete(r.run_id);
+      }
+      this.updateCompare();
+    };
+    row.insertBefore(pick, row.firstChild);
     row.onclick = () => this.openRun(r.run_id);
     return row;
   }
@@ -688,6 +722,127 @@ class RunPanel extends Widget {
   }
 }
 
+interface IComparison {
+  rows: Record<string, number | string | null>[];
+  labels: string[];
+  metrics: string[];
+  train_metrics: string[];
+  unevaluated: string[];
+  spec_diff: Record<string, unknown[]>;
+}
+
+/** Runs side by side: their curves overlaid (one colour per run), a table of their final and
+ * best numbers and evaluations, and where their specs differ (GET compare). */
+class ComparePanel extends Widget {
+  constructor(
+    readonly runIds: string[],
+    private readonly sidebar: RunsSidebar
+  ) {
+    super();
+    this.addClass('jp-llm-panel');
+    this.addClass('jp-llm-compare-panel');
+    this.title.label = `compare ${runIds.length} runs`;
+    this.title.closable = true;
+    void this.render();
+  }
+
+  private async render(): Promise<void> {
+    this.node.textContent = '';
+    let c: IComparison;
+    try {
+      c = await api<IComparison>(`compare?runs=${this.runIds.map(encodeURIComponent).join(',')}`);
+    } catch (e) {
+      this.node.textContent = `could not compare: ${(e as Error).message}`;
+      return;
+    }
+    this.node.appendChild(el('h2', '', `${c.labels.join(' · ')}`));
+    const metrics = await Promise.all(this.runIds.map((id) => this.sidebar.metrics.update(id)));
+    const color = (i: number): string => CHART_COLORS[i % CHART_COLORS.length];
+    const charts = el('div', 'jp-llm-charts');
+    charts.innerHTML =
+      svgChart(
+        c.labels.flatMap((label, i) => [
+          {
+            label: `${label} train`,
+            color: color(i),
+            values: series(metrics[i], 'loss'),
+            cls: 'jp-llm-curve'
+          },
+          {
+            label: `${label} val`,
+            color: color(i),
+            values: series(metrics[i], 'val_loss'),
+            dashed: true,
+            cls: 'jp-llm-curve-val'
+          }
+        ]),
+        {
+          title: 'loss',
+          xlabel: 'step',
+          ylabel: 'loss',
+          cls: 'jp-llm-chart-loss',
+          width: 640,
+          height: 240
+        }
+      ) +
+      svgChart(
+        c.labels.map((label, i) => ({ label, color: color(i), values: series(metrics[i], 'lr') })),
+        {
+          title: 'learning rate',
+          xlabel: 'step',
+          ylabel: 'lr',
+          cls: 'jp-llm-chart-lr',
+          width: 460,
+          height: 200
+        }
+      );
+    this.node.appendChild(charts);
+    const cols = [...c.train_metrics, ...c.metrics];
+    const names: Record<string, string> = {
+      final_loss: 'final loss',
+      best_val_loss: 'best val loss',
+      ppl: 'perplexity',
+      loss: 'eval loss'
+    };
+    const table = el('table', 'jp-llm-compare-table');
+    const head = el('tr', '');
+    for (const h of ['run', 'state', 'steps', ...cols.map((k) => names[k] ?? k)]) {
+      head.appendChild(el('th', '', h));
+    }
+    table.appendChild(head);
+    c.rows.forEach((r, i) => {
+      const tr = el('tr', '');
+      const name = el('td', '');
+      const sw = el('span', 'jupyter-llm-swatch', '■ ');
+      sw.style.color = color(i);
+      name.append(sw, c.labels[i]);
+      tr.append(name, el('td', '', String(r.state)), el('td', '', String(r.steps)));
+      for (const k of cols) {
+        const v = r[k];
+        tr.appendChild(el('td', '', typeof v === 'number' ? v.toFixed(4) : '– not evaluated'));
+      }
+      table.appendChild(tr);
+    });
+    this.node.appendChild(table);
+    const keys = Object.keys(c.spec_diff);
+    this.node.appendChild(
+      el('h3', '', keys.length ? 'Where the specs differ' : 'The specs are the same')
+    );
+    if (keys.length) {
+      const diff = el('table', 'jp-llm-spec-diff');
+      const dh = el('tr', '');
+      dh.append(el('th', '', 'key'), ...c.labels.map((l) => el('th', '', l)));
+      diff.appendChild(dh);
+      for (const k of keys) {
+        const tr = el('tr', '');
+        tr.append(el('td', '', k), ...c.spec_diff[k].map((v) => el('td', '', JSON.stringify(v))));
+        diff.appendChild(tr);
+      }
+      this.node.appendChild(diff);
+    }
+  }
+}
+
 const plugin: JupyterFrontEndPlugin<void> = {
   id: PLUGIN_ID,
   description: 'A sidebar of jupyter-llm training runs',
@@ -716,7 +871,13 @@ const plugin: JupyterFrontEndPlugin<void> = {
       }
       shell.activateById(panel.id);
     };
-    const sidebar = new RunsSidebar(openRun);
+    const openCompare = (runIds: string[]): void => {
+      const panel = new MainAreaWidget({ content: new ComparePanel(runIds, sidebar) });
+      panel.title.icon = icon;
+      shell.add(panel, 'main');
+      shell.activateById(panel.id);
+    };
+    const sidebar = new RunsSidebar(openRun, openCompare);
     shell.add(sidebar, 'left', { rank: 850 });
     if (restorer) {
       void restorer.restore(tracker, {
