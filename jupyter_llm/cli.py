@@ -328,8 +328,9 @@ def _pipeline(args: argparse.Namespace, store: RunStore) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     try:
+        # on a terminal, papermill's own bar of each stage's cells (tqdm); piped, the stage lines
         folder = run(args.file, args.params, out=args.out, resume=args.resume, log=log,
-                     allow_extra=args.allow_extra)  # fmt: skip
+                     allow_extra=args.allow_extra, progress=sys.stderr.isatty())  # fmt: skip
     except PipelineError as e:
         print(f"jupyter-llm: {e}\n{summary_text(e.folder)}", file=sys.stderr)
         return 1

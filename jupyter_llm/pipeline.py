@@ -178,13 +178,15 @@ def run(
     resume: str | os.PathLike[str] | None = None,
     log: Any = None,
     allow_extra: bool = False,
+    progress: bool = False,
 ) -> Path:
     """Run every stage in order (or, with `resume=FOLDER`, from the first stage not completed);
     returns the pipeline folder. Raises PipelineError naming the failed stage and cell.
 
     Before anything runs, every parameter (the pipeline's, a stage's, `params`) is checked
     against the `parameters` cells: a value of another type than a cell's default is a
-    SpecError naming the notebook; a name no stage declares is one too, unless `allow_extra`."""
+    SpecError naming the notebook; a name no stage declares is one too, unless `allow_extra`.
+    `progress`: papermill's bar of each stage's cells (the CLI's, on a terminal)."""
     import papermill as pm
     from traitlets.config import Config
 
@@ -223,7 +225,9 @@ def run(
             out_json.unlink(missing_ok=True)
             # the shared parameters this notebook declares (papermill warns about the others)
             shared = {k: v for k, v in parameters.items() if k in declared[stage.name]}
-            stage_params = {**shared, **stage.parameters, "pipeline_outputs": str(out_json)}
+            stage_params = {**shared, **stage.parameters}
+            if "pipeline_outputs" in declared[stage.name]:  # a notebook that records outputs
+                stage_params["pipeline_outputs"] = str(out_json)
             for param, ref in stage.inputs.items():
                 src, _, key = ref.partition(".")
                 if key not in outputs.get(src, {}):
@@ -241,7 +245,7 @@ def run(
                 # the kernel talks to us over local sockets (IPC), not TCP on localhost: nothing to
                 # eavesdrop on, and no "running over TCP without encryption" warning per stage
                 pm.execute_notebook(str(path.parent / stage.notebook), str(executed), parameters=stage_params,
-                                    cwd=str(path.parent), kernel_name=spec.kernel, progress_bar=False,
+                                    cwd=str(path.parent), kernel_name=spec.kernel, progress_bar=progress,
                                     config=Config({"KernelManager": {"transport": "ipc"}}))  # fmt: skip
             except Exception as e:
                 error = _describe(stage.name, e, executed)

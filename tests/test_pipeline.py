@@ -119,3 +119,49 @@ def test_pipeline_magic_names_a_missing_file(ip: Any) -> None:
 
     with pytest.raises(UsageError, match="pipeline file not found"):
         ip.run_line_magic("llm_pipeline", "missing.yaml")
+
+
+def test_pipeline_run_on_a_terminal_shows_each_stages_progress_and_no_kernel_warning(tmp_path: Path) -> None:
+    """`jupyter-llm pipeline run` with stderr on a pty: papermill's bar of the stage's cells;
+    the kernel runs over IPC, so ipykernel's "running over TCP without encryption" never shows."""
+    import fcntl
+    import os
+    import pty
+    import re
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("n = 1", metadata={"tags": ["parameters"]}),
+                                         nbformat.v4.new_code_cell("total = n + 1"),
+                                         nbformat.v4.new_code_cell("print(total)")])  # fmt: skip
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "one.ipynb")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"stages": [{"name": "one", "notebook": "one.ipynb"}]}))
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "jupyter_llm.cli", "pipeline", "run", str(tmp_path / "p.yaml"),
+                             "-p", "n=41", "--out", str(tmp_path / "out")],
+                            stdout=subprocess.PIPE, stderr=slave, text=True)  # fmt: skip
+    os.close(slave)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        screen += chunk
+    summary, _ = proc.communicate(timeout=300)
+    os.close(master)
+    text = screen.decode(errors="replace")
+    assert proc.returncode == 0, text[-3000:]
+    assert "stage one: one.ipynb" in text and "one" in summary
+    assert re.search(r"Executing: +100%.*4/4", text), text[-2000:]  # papermill's own bar: every cell
+    assert "without encryption" not in text and "unknown parameter" not in text  # no warning not ours
+    executed = nbformat.read(tmp_path / "out" / "01_one.ipynb", 4)
+    assert executed.cells[-1].outputs[0]["text"] == "42\n"
