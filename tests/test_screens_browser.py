@@ -105,6 +105,11 @@ def test_screens_hold_in_both_themes_and_at_narrow_width(evaluated_run: Run, tmp
             nb.wait_for(f'.jp-llm-panel[data-run-id="{first.name}"] svg', timeout=60)
             page.wait_for_timeout(500)
             nb.screenshot(f"screens-run-panel-{tag}")
+            # the samples taken while training, newest first, and the overview with the system sample
+            panel = f'.jp-llm-panel[data-run-id="{first.name}"]'
+            assert [t.strip() for t in page.locator(f"{panel} .jp-llm-samples td:first-child").all_inner_texts()] == [
+                "30", "15", "1"]  # fmt: skip
+            assert page.locator(f"{panel} .jp-llm-overview th", has_text="system (").count() == 1
             found[f"{tag} run panel"] = measured(page, ".jp-llm-panel")
         # two runs ticked in the sidebar and compared: curves in two colours, a table, the spec diff
         for name in (first.name, second.name):
