@@ -89,6 +89,14 @@ def test_sidebar_follows_and_stops_a_cli_run(tmp_path: Path, corpus: Path) -> No
             == "sidebar"
         )
         assert page.locator(f"{panel} .jp-llm-overview", has_text="layout").count() == 1
+        # the log: the worker's own step lines, and a search that keeps only the matching lines
+        search = page.locator(f"{panel} input.jp-llm-log-search")
+        search.fill("[JUPYTER-LLM] step")
+        nb.wait_until(lambda: "lines hold" in page.locator(f"{panel} .jp-llm-logbox .jp-llm-meta").inner_text(),
+                      timeout=30, what="the log search")  # fmt: skip
+        shown = page.locator(f"{panel} pre.jp-llm-logs").inner_text().splitlines()
+        assert shown and all("[jupyter-llm] step" in line for line in shown), shown[:5]
+        search.fill("")
         nb.screenshot("sidebar-run-panel")
         # the panel comes back after a reload (the layout restorer), still following the run
         nb.wait_until(lambda: f"jupyter-llm-run:{run.id}" in str(lab.api("GET", "/lab/api/workspaces/default")),

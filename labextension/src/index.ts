@@ -465,6 +465,12 @@ class RunsSidebar extends Widget {
 class RunPanel extends Widget {
   private timer: number | undefined;
   private readonly body = el('div', 'jp-llm-panel-body');
+  // the log lives outside the body that each refresh rebuilds: its search box keeps its text and focus
+  private readonly logBox = el('div', 'jp-llm-logbox');
+  private readonly logSearch = el('input', 'jp-llm-log-search') as HTMLInputElement;
+  private readonly logNote = el('span', 'jp-llm-meta');
+  private readonly logPre = el('pre', 'jp-llm-logs');
+  private logLines: string[] = [];
   private tryIt: HTMLElement | null = null;
 
   constructor(
@@ -478,6 +484,11 @@ class RunPanel extends Widget {
     this.title.label = runId;
     this.title.closable = true;
     this.node.appendChild(this.body);
+    this.logSearch.type = 'search';
+    this.logSearch.placeholder = 'search the log (case-insensitive)';
+    this.logSearch.oninput = () => this.drawLog();
+    this.logBox.append(el('h3', '', 'Log (rank 0)'), this.logSearch, this.logNote, this.logPre);
+    this.node.appendChild(this.logBox);
     void this.update_();
   }
 
@@ -502,7 +513,7 @@ class RunPanel extends Widget {
       const run = await api<IRunDetail>(`runs/${encodeURIComponent(this.runId)}`);
       const metrics = await this.sidebar.metrics.update(this.runId);
       const logs = await api<{ lines: string[] }>(
-        `runs/${encodeURIComponent(this.runId)}/logs?rank=0&n=20`
+        `runs/${encodeURIComponent(this.runId)}/logs?rank=0&n=400`
       );
       state = run.state;
       this.render(run, metrics, logs.lines);
@@ -516,6 +527,18 @@ class RunPanel extends Widget {
     if (!TERMINAL.includes(state)) {
       this.timer = window.setTimeout(() => void this.update_(), this.sidebar.intervalMs);
     }
+  }
+
+  /** The log's newest lines, only those holding the search text when there is one. */
+  private drawLog(): void {
+    const needle = this.logSearch.value.trim().toLowerCase();
+    const shown = needle
+      ? this.logLines.filter((l) => l.toLowerCase().includes(needle))
+      : this.logLines.slice(-40);
+    this.logNote.textContent = needle
+      ? ` ${shown.length} of ${this.logLines.length} lines hold “${needle}”`
+      : ` the newest ${shown.length} of ${this.logLines.length} lines`;
+    this.logPre.textContent = shown.join('\n');
   }
 
   /** The "Try it" box: prompt, temperature, max new tokens, Generate and Stop. */
@@ -707,8 +730,8 @@ class RunPanel extends Widget {
       }
       this.body.appendChild(table);
     }
-    this.body.appendChild(el('h3', '', 'Log (rank 0)'));
-    this.body.appendChild(el('pre', 'jp-llm-logs', logs.join('\n')));
+    this.logLines = logs;
+    this.drawLog();
     if (run.overview) {
       this.body.appendChild(el('h3', '', 'Overview'));
       const table = el('table', 'jp-llm-overview');
