@@ -334,6 +334,8 @@ def test_two_nodes_zero2_via_cluster_file(sshd: Sshd, corpus: Path, tmp_path: Pa
     ).is_file()
     steps = [m["step"] for m in run.metrics() if "loss" in m]
     assert steps[-1] == 60
+    # each node's agent sampled its system and the supervisor wrote it here, per node
+    assert {ln["node"].split(" ")[0] for ln in run.system()} == {"node0", "node1"}
     remote_dirs = [Path(w) / run.id for w in work]
     assert (remote_dirs[0] / "metrics.jsonl").read_bytes() == (run.path / "metrics.jsonl").read_bytes()
     # the checkpoint came back whole: model states from rank 0, optimizer shards of both ranks' nodes

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from ..cluster import Cluster
 from ..files import now_iso, read_json
 from ..folder import CKPT_MARKER, State
-from . import remote, slurm
+from . import remote, slurm, system
 from .backends import commands
 from .local import job_env, rank_env
 from .watch import StopLadder, diagnose
@@ -150,8 +150,12 @@ class MultiNode:
         ladder = StopLadder(sup.grace_s)
         last_sync = time.monotonic()
         sup.launched_at = time.time()
+        offsets = {n.index: (self.dir / "logs" / f"node{n.index}.log").stat().st_size
+                   if (self.dir / "logs" / f"node{n.index}.log").exists() else 0 for n in nodes}  # fmt: skip
         while True:
             time.sleep(0.25)
+            for i in offsets:  # the agents' system samples, into system.jsonl
+                offsets[i] = system.collect(self.dir / "logs" / f"node{i}.log", offsets[i], self.dir)
             rcs = {i: p.poll() for i, p in self.procs.items()}
             if sup.handle_stop():
                 self._send("stop")

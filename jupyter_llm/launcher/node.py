@@ -163,12 +163,20 @@ class Agent:
         self.say(f"{STARTED} {json.dumps(record)}")
         threading.Thread(target=self._relay, daemon=True).start()
         threading.Thread(target=self._commands, daemon=True).start()
+        from .system import SYSTEM_MARK, Sampler
+        from .watch import rank_records
+
+        system = Sampler(self.run_dir, node=f"node{self.node} ({socket.gethostname()})",
+                         sink=lambda line: self.say(f"{SYSTEM_MARK} {json.dumps(line)}"))  # fmt: skip
         while (rc := self.proc.poll()) is None:
             time.sleep(0.25)
             if self.first_dead is None:
                 from .watch import first_dead_rank
 
                 self.first_dead = first_dead_rank(self.run_dir, a.attempt)
+            system.sample(
+                [int(r["pid"]) for r in rank_records(self.run_dir, a.attempt).values() if r.get("pid")]
+            )
         self._kill()
         result: dict[str, Any] = {"node_rank": self.node, "exit_code": rc, "hostname": socket.gethostname()}
         if swap := self._remove_swap():

@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import psutil
 from ..files import append_jsonl
 from ..folder import SYSTEM_FILE
 
+SYSTEM_MARK = "JUPYTER_LLM_NODE_SYSTEM"  # a node agent's line on its ssh output: one sample
 EVERY_S = float(os.environ.get("JUPYTER_LLM_SYSTEM_EVERY_S", "5"))  # tests sample every second
 NVIDIA_SMI_TIMEOUT_S = 5.0
 
@@ -47,9 +49,12 @@ class Sampler:
     """`sample(pids)` at most every EVERY_S seconds; CPU percentages are over the interval
     since the previous sample (psutil keeps each process's last reading)."""
 
-    def __init__(self, run_dir: Path, every_s: float = EVERY_S):
-        self.path, self.every_s = run_dir / SYSTEM_FILE, every_s
-        self.node = socket.gethostname()
+    def __init__(self, run_dir: Path, every_s: float = EVERY_S, node: str | None = None,
+                 sink: Callable[[dict[str, Any]], None] | None = None):  # fmt: skip
+        """`sink`: where each line goes instead of RUN/system.jsonl (a node's agent says it to
+        the supervisor, which writes it here)."""
+        self.path, self.every_s, self.sink = run_dir / SYSTEM_FILE, every_s, sink
+        self.node = node or socket.gethostname()
         self.procs: dict[int, psutil.Process] = {}
         self.last = 0.0
         psutil.cpu_percent(None)  # the first reading starts the interval
@@ -73,5 +78,29 @@ class Sampler:
         line = {"time": time.time(), "node": self.node, "cpu_pct": psutil.cpu_percent(None),
                 "cpus": psutil.cpu_count() or 1, "mem_used_mb": (mem.total - mem.available) / 2**20,
                 "mem_total_mb": mem.total / 2**20, "ranks_cpu_pct": cpu, "ranks_rss_mb": rss, "gpus": gpus()}  # fmt: skip
-        append_jsonl(self.path, line)
+        if self.sink is not None:
+            self.sink(line)
+        else:
+            append_jsonl(self.path, line)
         return line
+
+
+def collect(log: Path, offset: int, run_dir: Path) -> int:
+    """The agents' SYSTEM lines appended to a node's log since `offset`, copied into
+    RUN/system.jsonl; returns the new offset (a line cut short waits for the next call)."""
+    import json
+
+    try:
+        with open(log, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read()
+    except FileNotFoundError:
+        return offset
+    end = data.rfind(b"\n") + 1
+    for raw in data[:end].splitlines():
+        if raw.startswith(SYSTEM_MARK.encode() + b" "):
+            try:
+                append_jsonl(run_dir / SYSTEM_FILE, json.loads(raw.split(b" ", 1)[1]))
+            except ValueError:
+                continue
+    return offset + end

@@ -262,7 +262,9 @@ class Dashboard(w.VBox):
             self.system_figures[key] = fig
         self.system_figures["gpu"].layout.display = "none"  # shown where there are GPUs
         self.figures["mfu"].layout.display = "none"  # shown once a run logs MFU (a GPU with a known peak)
-        self.system_note = w.HTML("<i>sampled every 5 s by the supervisor on this machine (system.jsonl)</i>")
+        self.system_note = w.HTML(
+            "<i>sampled every 5 s per node by the supervisor and the nodes' agents (system.jsonl)</i>"
+        )
         self.grad_bars = bq.Bars(x=[], y=[], scales={"x": bq.OrdinalScale(), "y": bq.LinearScale()},
                                  colors=[PALETTE[0]])  # fmt: skip
         self.grad_figure = bq.Figure(
