@@ -48,35 +48,52 @@ def run_color(i: int) -> str:
 
 
 def comparison_html(c: Any) -> str:
-    """`%llm_compare`'s table (evaluations, final and best losses), the hint for runs without an
-    evaluation, and where the specs differ."""
-    cols = [*c.train_metrics, *c.metrics]
-    head = "".join(f"<th>{h}</th>" for h in ["run", "state", "steps", "duration", "checkpoint"])
-    head += "".join(f"<th>{html.escape(METRIC_TITLES.get(k, k))}</th>" for k in cols)
-    body = ""
-    for i, (r, label) in enumerate(zip(c.rows, c.labels(), strict=True)):
-        hint = html.escape(f"not evaluated: %llm_eval {r['name']} --wait", quote=True)
-        cells = "".join(
-            f"<td title='{hint}'>– <i>not evaluated</i></td>" if r[k] is None and k in c.metrics
-            else f"<td>{'–' if r[k] is None else format(r[k], '.4f')}</td>"
-            for k in cols
-        )  # fmt: skip
-        body += (f"<tr><td>{swatch(run_color(i))} <b>{html.escape(label)}</b> "
-                 f"<span style='opacity:.7'>{html.escape(r['run'])}</span></td><td>{badge(r['state'])}</td>"
-                 f"<td>{r['steps']}</td><td>{fmt_duration(r['duration_s'])}</td>"
-                 f"<td>{html.escape(str(r['checkpoint'] or '–'))}</td>{cells}</tr>")  # fmt: skip
+    """`%llm_compare`'s tables — training (state, steps, duration, final and best losses) and
+    evaluation (checkpoint and every metric some run has, a hint where a run has none) — and
+    where the specs differ. Two narrow tables rather than one wide one: they fit a 460-px notebook."""
+    wrap = "word-break:break-word"
+    names = [f"<td style='{wrap}'>{swatch(run_color(i))} <b>{html.escape(label)}</b>"
+             f"<div style='font-size:80%;opacity:.75;word-break:break-all'>{html.escape(r['run'])}</div></td>"
+             for i, (r, label) in enumerate(zip(c.rows, c.labels(), strict=True))]  # fmt: skip
+
+    def num(v: Any) -> str:
+        return "–" if v is None else format(v, ".4g")
+
+    head = "".join(f"<th>{h}</th>" for h in ["run", "state", "steps", "took"])
+    head += "".join(
+        f"<th style='{wrap}'>{html.escape(METRIC_TITLES.get(k, k))}</th>" for k in c.train_metrics
+    )
+    body = "".join(
+        f"<tr>{name}<td>{badge(r['state'])}</td><td>{r['steps']}</td><td>{fmt_duration(r['duration_s'])}</td>"
+        + "".join(f"<td>{num(r[k])}</td>" for k in c.train_metrics) + "</tr>"
+        for name, r in zip(names, c.rows, strict=True)
+    )  # fmt: skip
     out = f"<table class='jupyter-llm-compare'><tr>{head}</tr>{body}</table>"
+    if c.metrics:  # a metric per row, a run per column: as many columns as runs, not as metrics
+        labels = "".join(
+            f"<th>{swatch(run_color(i))} {html.escape(n)}</th>" for i, n in enumerate(c.labels())
+        )
+        rows = "<tr><td>checkpoint</td>" + "".join(
+            f"<td>{html.escape(str(r['checkpoint']))}</td>" if r["checkpoint"] is not None else
+            f"<td title='{html.escape('%llm_eval ' + str(r['name']) + ' --wait', quote=True)}'><i>not evaluated</i></td>"
+            for r in c.rows
+        ) + "</tr>"  # fmt: skip
+        rows += "".join(
+            f"<tr><td style='{wrap}'>{html.escape(METRIC_TITLES.get(k, k))}</td>"
+            + "".join(f"<td>{num(r[k])}</td>" for r in c.rows) + "</tr>"
+            for k in c.metrics
+        )  # fmt: skip
+        out += f"<h4>Evaluations</h4><table class='jupyter-llm-compare-evals'><tr><th></th>{labels}</tr>{rows}</table>"
     if c.unevaluated and c.metrics:
-        names = ", ".join(c.unevaluated)
-        out += (f"<p style='opacity:.8'>not evaluated: {html.escape(names)} — <code>%llm_eval NAME --wait</code> "
-                "(or an <code>eval:</code> section in the spec) adds them here</p>")  # fmt: skip
+        out += (f"<p style='opacity:.8'>not evaluated: {html.escape(', '.join(c.unevaluated))} — "
+                "<code>%llm_eval NAME --wait</code> (or an <code>eval:</code> section in the spec) adds them here</p>")  # fmt: skip
     if c.spec_diff:
         labels = "".join(
             f"<th>{swatch(run_color(i))} {html.escape(n)}</th>" for i, n in enumerate(c.labels())
         )
         rows = "".join(
-            f"<tr><td><code>{html.escape(k)}</code></td>"
-            + "".join(f"<td>{html.escape(json.dumps(v))}</td>" for v in vals) + "</tr>"
+            f"<tr><td style='{wrap}'><code>{html.escape(k)}</code></td>"
+            + "".join(f"<td style='word-break:break-all'>{html.escape(json.dumps(v))}</td>" for v in vals) + "</tr>"
             for k, vals in c.spec_diff.items()
         )  # fmt: skip
         out += f"<h4>Where the specs differ</h4><table class='jupyter-llm-spec-diff'><tr><th>key</th>{labels}</tr>{rows}</table>"

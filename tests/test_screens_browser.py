@@ -33,6 +33,10 @@ def two_runs(evaluated_run: Run, root: Path) -> tuple[Path, Path]:
     (second / "spec.yaml").write_text(yaml.safe_dump({**spec, "name": "other", "seed": 7}))
     st = read_json(second / "status.json") or {}
     write_json_atomic(second / "status.json", {**st, "name": "other", "run_id": second.name})
+    # every metric an evaluation can have, whichever evaluation the shared run had last: the
+    # comparison's widest case (it once overflowed a 460-px notebook with two of them)
+    write_json_atomic(second / "eval.json", {"checkpoint": "final", "perplexity": {"ppl": 27.03, "loss": 3.297},
+                                             "bleu": 1.234, "rouge1": 0.1234, "rouge2": 0.0123, "rougeL": 0.1111})  # fmt: skip
     return first, second
 
 
@@ -119,7 +123,11 @@ def test_screens_hold_in_both_themes_and_at_narrow_width(evaluated_run: Run, tmp
         strokes = page.evaluate("[...document.querySelectorAll('.jp-llm-compare-panel polyline.jp-llm-curve')]"
                                 ".map(p => p.getAttribute('stroke'))")  # fmt: skip
         assert len(strokes) == 2 and len(set(strokes)) == 2, strokes
-        assert page.locator(".jp-llm-compare-panel .jp-llm-compare-table tr").count() == 3
+        table = page.locator(
+            ".jp-llm-compare-panel .jp-llm-compare-table"
+        )  # a row per number, a column per run
+        assert table.locator("tr").first.locator("th").count() == 3
+        assert table.locator("tr", has_text="perplexity").locator("td").all_inner_texts()[1] == "27.03"
         assert page.locator(".jp-llm-compare-panel .jp-llm-spec-diff td", has_text="seed").count() == 1
         nb.screenshot("screens-sidebar-compare")
         found["light-900 sidebar compare"] = measured(page, ".jp-llm-compare-panel")

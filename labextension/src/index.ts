@@ -827,25 +827,35 @@ class ComparePanel extends Widget {
       ppl: 'perplexity',
       loss: 'eval loss'
     };
+    // a number per row and a run per column: as many columns as runs, however many metrics
     const table = el('table', 'jp-llm-compare-table');
     const head = el('tr', '');
-    for (const h of ['run', 'state', 'steps', ...cols.map((k) => names[k] ?? k)]) {
-      head.appendChild(el('th', '', h));
-    }
-    table.appendChild(head);
-    c.rows.forEach((r, i) => {
-      const tr = el('tr', '');
-      const name = el('td', '');
+    head.appendChild(el('th', '', ''));
+    c.labels.forEach((label, i) => {
+      const th = el('th', '');
       const sw = el('span', 'jupyter-llm-swatch', '■ ');
       sw.style.color = color(i);
-      name.append(sw, c.labels[i]);
-      tr.append(name, el('td', '', String(r.state)), el('td', '', String(r.steps)));
-      for (const k of cols) {
+      th.append(sw, label);
+      head.appendChild(th);
+    });
+    table.appendChild(head);
+    for (const k of ['state', 'steps', 'checkpoint', ...cols]) {
+      const tr = el('tr', '');
+      tr.appendChild(el('th', '', names[k] ?? k));
+      for (const r of c.rows) {
         const v = r[k];
-        tr.appendChild(el('td', '', typeof v === 'number' ? v.toFixed(4) : '– not evaluated'));
+        const text =
+          typeof v === 'number' && k !== 'steps'
+            ? String(+v.toPrecision(4))
+            : v === null || v === undefined
+              ? k === 'checkpoint' || c.metrics.includes(k)
+                ? '– not evaluated'
+                : '–'
+              : String(v);
+        tr.appendChild(el('td', '', text));
       }
       table.appendChild(tr);
-    });
+    }
     this.node.appendChild(table);
     const keys = Object.keys(c.spec_diff);
     this.node.appendChild(
