@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,8 @@ def progress(run: RunFolder) -> dict[str, Any]:
     except Exception:
         total = None
     step = train[-1]["step"] if train else 0
-    eta = None
-    if total and len(train) >= 2 and not State(st["state"]).terminal:
-        a, b = train[max(0, len(train) - 5)], train[-1]
-        if b["step"] > a["step"] and "time" in a and "time" in b:
-            eta = (b["time"] - a["time"]) / (b["step"] - a["step"]) * (total - step)
+    recent = [(m["step"], m["time"]) for m in train[-5:] if "time" in m]
+    eta = None if State(st["state"]).terminal else eta_s(recent, total)
     return {
         "state": st["state"],
         "step": step,
@@ -164,6 +162,15 @@ def overview(run: RunFolder) -> list[tuple[str, str]]:
         walk(changed, "")
         rows.append(("spec (not default)", ", ".join(flat) or "all defaults"))
     return rows
+
+
+def eta_s(recent: Sequence[tuple[int, float]], total: int | None) -> float | None:
+    """Seconds to `total` steps at the pace of `recent` (step, time) points, oldest first: the
+    one ETA of the text summary, the dashboard and the terminal."""
+    if not total or len(recent) < 2:
+        return None
+    (s0, t0), (s1, t1) = recent[0], recent[-1]
+    return (t1 - t0) / (s1 - s0) * max(0, total - s1) if s1 > s0 else None
 
 
 def duration_s(st: dict[str, Any]) -> float | None:

@@ -16,7 +16,7 @@ from typing import IO, Any
 
 from .files import Tail
 from .folder import METRICS_FILE, RunFolder, State
-from .summary import fmt_duration, metrics_text, prepare_progress, startup, startup_text
+from .summary import eta_s, fmt_duration, metrics_text, prepare_progress, startup, startup_text
 
 POLL_S = 0.5
 
@@ -126,10 +126,7 @@ class TerminalView:
         self.phase_key = p["phase"]
 
     def eta_s(self) -> float | None:
-        if self.total is None or len(self.times) < 2 or State(self.run.state).terminal:
-            return None
-        (s0, t0), (s1, t1) = self.times[0], self.times[-1]
-        return (t1 - t0) / (s1 - s0) * (self.total - s1) if s1 > s0 else None
+        return None if State(self.run.state).terminal else eta_s(self.times, self.total)
 
     def _line(self, m: dict[str, Any]) -> str:
         where = f"step {m['step']}/{self.total or '?'}"

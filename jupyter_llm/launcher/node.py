@@ -163,7 +163,7 @@ class Agent:
         self.say(f"{STARTED} {json.dumps(record)}")
         threading.Thread(target=self._relay, daemon=True).start()
         threading.Thread(target=self._commands, daemon=True).start()
-        from .system import SYSTEM_MARK, Sampler
+        from .system import SYSTEM_MARK, Sampler, rank_pids
         from .watch import rank_records
 
         system = Sampler(self.run_dir, node=f"node{self.node} ({socket.gethostname()})",
@@ -174,9 +174,7 @@ class Agent:
                 from .watch import first_dead_rank
 
                 self.first_dead = first_dead_rank(self.run_dir, a.attempt)
-            system.sample(
-                [int(r["pid"]) for r in rank_records(self.run_dir, a.attempt).values() if r.get("pid")]
-            )
+            system.sample(lambda: rank_pids(rank_records(self.run_dir, a.attempt)))
         self._kill()
         result: dict[str, Any] = {"node_rank": self.node, "exit_code": rc, "hostname": socket.gethostname()}
         if swap := self._remove_swap():

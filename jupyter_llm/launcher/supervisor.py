@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import os
 import platform
 import shutil
@@ -39,7 +40,7 @@ from ..folder import (
 from ..hashing import content_sha256
 from ..provenance import git_sha, versions
 from .local import free_port, job_env, kill_group, parent_tag, port_free, signal_group
-from .system import Sampler
+from .system import Sampler, rank_pids
 from .watch import (
     SIGINT_WAIT_S,
     StopLadder,
@@ -332,7 +333,7 @@ class Supervisor:
             time.sleep(POLL_S)
             records = rank_records(self.dir, self.attempt)
             if not self.prepare_only:
-                system.sample([int(r["pid"]) for r in records.values() if r.get("pid")])
+                system.sample(functools.partial(rank_pids, records))
             if ranks and ranks_done(records, ranks):
                 return 0
             self._track_ranks(records)

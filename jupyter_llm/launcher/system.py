@@ -45,6 +45,11 @@ def gpus() -> list[dict[str, float]]:
     return rows
 
 
+def rank_pids(records: dict[int, dict[str, Any]]) -> list[int]:
+    """The rank processes of `watch.rank_records(...)`."""
+    return [int(r["pid"]) for r in records.values() if r.get("pid")]
+
+
 class Sampler:
     """`sample(pids)` at most every EVERY_S seconds; CPU percentages are over the interval
     since the previous sample (psutil keeps each process's last reading)."""
@@ -59,13 +64,15 @@ class Sampler:
         self.last = 0.0
         psutil.cpu_percent(None)  # the first reading starts the interval
 
-    def sample(self, pids: list[int]) -> dict[str, Any] | None:
+    def sample(self, pids: Callable[[], list[int]]) -> dict[str, Any] | None:
+        """`pids()` (the ranks' processes) is asked only when a sample is due: a caller polling
+        four times a second reads the rank records once every EVERY_S."""
         now = time.monotonic()
         if now - self.last < self.every_s:
             return None
         self.last = now
         cpu, rss = 0.0, 0.0
-        for pid in pids:
+        for pid in pids():
             proc = self.procs.get(pid)
             try:
                 if proc is None:  # its CPU share counts from the next sample (psutil's interval)

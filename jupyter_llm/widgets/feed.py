@@ -13,7 +13,7 @@ from typing import Any
 from ..files import Tail
 from ..folder import State
 from ..runs import Run
-from ..summary import startup
+from ..summary import eta_s, startup
 
 LOG_LINES = 400  # the logs tab: the newest lines of rank 0's log, searchable
 
@@ -121,7 +121,4 @@ class RunFeed:
 
     def eta_s(self, total: int | None) -> float | None:
         """Seconds to `total` steps at the pace of the last few logged steps."""
-        if not total or len(self._recent) < 2:
-            return None
-        (s0, t0), (s1, t1) = self._recent[0], self._recent[-1]
-        return (t1 - t0) / (s1 - s0) * max(0, total - s1) if s1 > s0 else None
+        return eta_s(list(self._recent), total)
