@@ -125,6 +125,28 @@ def appended_lines(path: Path) -> list[dict[str, Any]]:
         return list(lines)
 
 
+def last_jsonl(path: Path, nbytes: int = 64 * 1024) -> list[dict[str, Any]]:
+    """The complete lines among the last `nbytes` of a JSONL file (the newest records, without
+    reading a long file whole); [] when it is missing."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            start = max(0, fh.tell() - nbytes)
+            fh.seek(start)
+            data = fh.read()
+    except FileNotFoundError:
+        return []
+    if start:  # the first line may be cut: it starts after the first newline
+        data = data[data.find(b"\n") + 1 :]
+    out = []
+    for raw in data.splitlines():
+        try:
+            out.append(json.loads(raw))
+        except ValueError:  # a line being written
+            continue
+    return out
+
+
 def tree_mb(path: Path) -> float:
     """The size (MB) of every file under `path`."""
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20

@@ -10,8 +10,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .files import read_json
-from .folder import METRICS_FILE, RunFolder, State
+from .files import last_jsonl, read_json
+from .folder import METRICS_FILE, SYSTEM_FILE, RunFolder, State
 
 
 def progress(run: RunFolder) -> dict[str, Any]:
@@ -131,7 +131,7 @@ def overview(run: RunFolder) -> list[tuple[str, str]]:
             layout += f" = {world // tp} data-parallel × {tp} tensor-parallel"
         rows.append(("layout", f"{layout}, ZeRO {d.zero_stage}, offload {d.offload}"))
     latest: dict[str, dict[str, Any]] = {}
-    for ln in run.system():  # the newest sample of each node
+    for ln in last_jsonl(run.path / SYSTEM_FILE):  # the newest sample of each node (the file's end)
         latest[str(ln.get("node"))] = ln
     for node, ln in latest.items():
         gpu = "".join(f"; GPU {g['index']}: {g['util_pct']:.0f} %, {g['mem_used_mb'] / 1024:.1f} of "

@@ -71,3 +71,15 @@ def test_piped_terminal_lines_name_the_phase_once_and_each_step_with_total_and_e
         "step 10/40: loss=2.9 lr=0.001 tokens/s=1234",
         "step 20/40: loss=2.8 lr=0.001 tokens/s=1234, ETA 0m20s",  # 1 s a step, 20 steps to go
     ]
+
+
+def test_last_jsonl_reads_only_the_newest_complete_lines(tmp_path: Path) -> None:
+    from jupyter_llm.files import last_jsonl
+
+    f = tmp_path / "system.jsonl"
+    for i in range(1000):
+        append_jsonl(f, {"i": i, "node": "n"})
+    tail = last_jsonl(f, nbytes=200)
+    assert tail and tail[-1]["i"] == 999 and [r["i"] for r in tail] == list(range(tail[0]["i"], 1000))
+    assert len(tail) < 20  # the end of the file, not all of it
+    assert last_jsonl(tmp_path / "missing.jsonl") == []
