@@ -15,7 +15,7 @@ Described once in `$JUPYTER_LLM_HOME/clusters.yaml` (or `~/.jupyter-llm/clusters
 
 or inline in the spec (`distributed.nodes: {hosts: [...], ...}`), or as a plain list of hosts
 (`distributed.nodes: [a, b]`, every other setting at its default). Parsing only: what a node
-really has is asked by the pre-flight (`jupyter_llm.launcher.remote.preflight`).
+really has is asked by the pre-flight (`jupyter_llm.launcher.probe.preflight`).
 """
 
 from __future__ import annotations

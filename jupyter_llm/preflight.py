@@ -225,6 +225,7 @@ def _cluster_resources(spec: Spec, cluster: Any) -> tuple[int, int, fit.Resource
     pre-flight, run now); Slurm's nodes are not known before the allocation."""
     from .errors import UserError
     from .launcher import remote
+    from .launcher.probe import preflight
 
     if cluster.launcher == "slurm":
         raise UserError(
@@ -233,7 +234,7 @@ def _cluster_resources(spec: Spec, cluster: Any) -> tuple[int, int, fit.Resource
         )
     pp = spec.distributed.procs_per_node
     nodes = remote.plan_nodes(cluster, "<run id>", Path("<run folder>"), pp if isinstance(pp, int) else 0)
-    pf = remote.preflight(cluster, nodes, spec.distributed.master_port, **_nvme_checks(spec))
+    pf = preflight(cluster, nodes, spec.distributed.master_port, **_nvme_checks(spec))
     if not pf.ok or not pf.resources:
         raise UserError("pre-flight failed: " + "; ".join(pf.problems or ["no node answered"]))
     slots = [n.slots or 1 for n in pf.nodes]
@@ -255,6 +256,7 @@ def _dry_run_cluster(spec: Spec, cluster: Any, estimate_memory: bool, probe: boo
     command each node would run (or the sbatch script)."""
     from .launcher import remote, slurm
     from .launcher.backends import commands
+    from .launcher.probe import preflight
 
     pp = spec.distributed.procs_per_node
     where = Path("<run folder>")
@@ -267,7 +269,7 @@ def _dry_run_cluster(spec: Spec, cluster: Any, estimate_memory: bool, probe: boo
         nodes = remote.plan_nodes(cluster, "<run id>", where, pp if isinstance(pp, int) else 0)
         checks = [Check("pre-flight", True, "not run yet (Dry run runs it)")]
         if probe:
-            pf = remote.preflight(cluster, nodes, spec.distributed.master_port, **_nvme_checks(spec))
+            pf = preflight(cluster, nodes, spec.distributed.master_port, **_nvme_checks(spec))
             checks = [Check(name, ok, detail) for name, ok, detail in pf.checks]
             nodes, port, cpu = pf.nodes, pf.master_port or port, pf.cpu
             resources = fit.tightest(pf.resources) if pf.resources else None

@@ -16,7 +16,8 @@ import pytest
 from conftest import CORPUS
 from jupyter_llm.spec import Spec
 from jupyter_llm.train import bpe
-from jupyter_llm.train.data import _batch_encoder, build_tokenizer
+from jupyter_llm.train.data import build_tokenizer
+from jupyter_llm.train.data.tokenizer import batch_encoder
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +131,7 @@ def test_preparation_encodes_through_tiktoken(
         assert fast is not None
         return lambda pieces: calls.append(len(pieces)) or fast(pieces)
 
-    monkeypatch.setattr("jupyter_llm.train.data.bpe.encoder", spying)
+    monkeypatch.setattr("jupyter_llm.train.data.tokenizer.bpe.encoder", spying)
     docs = _texts(7, 300)
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs if d.strip()))
@@ -152,7 +153,7 @@ def test_a_difference_falls_back_to_the_tokenizer(tok: Any, monkeypatch: pytest.
     texts = ["To be, or not to be", "that is the question"]
     wrong = lambda pieces: [np.zeros(1, np.uint32) for _ in pieces]  # noqa: E731
     monkeypatch.setenv("JUPYTER_LLM_TIKTOKEN", "0")
-    right = _batch_encoder(tok)  # `tokenizers` alone
+    right = batch_encoder(tok)  # `tokenizers` alone
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         checked = bpe.checked(wrong, right)

@@ -25,3 +25,12 @@ def test_reference_page_is_current(page: str) -> None:
 def test_every_spec_field_has_a_meaning() -> None:
     rows = [line for line in generate.spec_md().splitlines() if line.startswith("| `")]
     assert len(rows) > 80 and [r for r in rows if r.endswith("|  |")] == []
+
+
+@pytest.mark.parametrize("path", sorted(generate.GENERATED, key=str), ids=lambda p: p.name)
+def test_api_schemas_and_types_are_current(path: Path) -> None:
+    """openapi.yaml's schemas and the labextension's api.ts come from the server's pydantic
+    models (jupyter_llm/server/models.py): a model changed without `make docs` fails here."""
+    assert path.read_text(encoding="utf-8") == generate.GENERATED[path](), (
+        f"{path.name} is stale: run `make docs`"
+    )

@@ -213,23 +213,22 @@ def test_the_one_stop_ladder(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_the_one_final_state_decision(spec: Spec) -> None:
-    """Supervisor.conclude decides every backend's end of an attempt (local, ssh, pdsh, Slurm)."""
+    """Attempt.conclude decides every backend's end of an attempt (local, ssh, pdsh, Slurm)."""
     import signal as sig
 
     from jupyter_llm.files import append_jsonl as log_event
-    from jupyter_llm.launcher.supervisor import Supervisor
+    from jupyter_llm.launcher.attempt import Attempt, StopFlag
 
     def ended(rc: int, **setup: Any) -> dict[str, Any]:
         run = RunStore().create(spec)
-        sup = Supervisor(run.path, resume=False)
+        att = Attempt(run, 1, resume=False, stop=StopFlag(setup.get("stop")))
         if setup.get("final"):
             (run.path / "final").mkdir()
             (run.path / "final" / "config.json").write_text("{}")
-        sup.hung = setup.get("hung")
-        sup.stop_signal = setup.get("stop")
+        att.hung = setup.get("hung")
         if setup.get("stopped_at"):
             log_event(run.path / "events.jsonl", {"event": "stopped_at", "step": 7})
-        sup.conclude(rc, lambda: ("rank 1 failed: Boom: no", {"cause": "exception", "rank": 1}))
+        att.conclude(rc, lambda: ("rank 1 failed: Boom: no", {"cause": "exception", "rank": 1}))
         return run.status()
 
     assert ended(0, final=True)["state"] == "completed"

@@ -244,6 +244,7 @@ def test_large_text_streams_in_pieces_token_for_token(corpus: Path, tmp_path: Pa
     """A text file read in small pieces (cut after newlines) packs exactly like the whole text,
     Windows newlines included; filters see the whole document."""
     from jupyter_llm.train import data
+    from jupyter_llm.train.data import packing, sources
 
     text = corpus.read_text()[:60_000]
     small_corpus = tmp_path / "part.txt"
@@ -254,8 +255,8 @@ def test_large_text_streams_in_pieces_token_for_token(corpus: Path, tmp_path: Pa
                            "data": {"train": [str(small_corpus), str(crlf)], "val_fraction": 0.1,
                                     "clean": {"dedup": True}}})  # fmt: skip
     tok = data.build_tokenizer(spec, tmp_path / "tok")
-    monkeypatch.setattr(data, "PIECE_CHARS", 1000)
-    monkeypatch.setattr(data, "BATCH_CHARS", 3000)
+    monkeypatch.setattr(sources, "PIECE_CHARS", 1000)  # read where the readers and packer look
+    monkeypatch.setattr(packing, "BATCH_CHARS", 3000)
     pieces = list(data.documents(spec, spec.data.train))
     assert (
         len(pieces) > 50 and max(len(p) for p, _ in pieces) < 2000 and [e for _, e in pieces].count(True) == 1
@@ -764,7 +765,7 @@ def test_finished_ranks_end_the_watch_and_are_not_failures(tmp_path: Path) -> No
     import subprocess
 
     from jupyter_llm.files import write_json_atomic
-    from jupyter_llm.launcher.supervisor import first_dead_rank, rank_records, ranks_done
+    from jupyter_llm.launcher.watch import first_dead_rank, rank_records, ranks_done
 
     def record(rank: int, pid: int, done: bool, attempt: int = 1) -> None:
         write_json_atomic(tmp_path / "ranks" / f"rank{rank}.json",

@@ -1,7 +1,7 @@
 """One interface over the launch backends: a pure builder per backend,
 `(spec, cluster, run folder, master port, nodes) -> the exact commands`, chosen by the spec
 (`distributed.nodes` → no cluster: local; else the cluster's `launcher`). Nothing is started
-here: the supervisor's runners (`supervisor`, `multinode`) run these commands, and the dry run
+here: the runners (`runners.RUNNERS`, under the same names) run these commands, and the dry run
 shows them.
 """
 

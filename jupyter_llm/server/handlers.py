@@ -10,6 +10,7 @@ from typing import Any
 from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
 from jupyter_server.utils import url_path_join
+from pydantic import BaseModel
 from tornado import web
 from tornado.iostream import StreamClosedError
 
@@ -18,6 +19,7 @@ from ..files import read_json
 from ..folder import METRICS_FILE
 from ..inputs import InputError, decode
 from ..runs import Run, RunStore
+from . import models
 
 PREFIX = "jupyter-llm/api"
 RESOURCE = "jupyter_llm"
@@ -63,10 +65,13 @@ class _Base(APIHandler):
             raise _Reply(400, f"{name} must be <= {hi}")
         return value
 
-    def reply(self, data: Any, status: int = 200) -> None:
+    def reply(self, data: BaseModel | dict[str, Any], status: int = 200) -> None:
+        """Answer with a model of the API (`models`: what the OpenAPI file and the sidebar's
+        types are generated from)."""
+        body = data.model_dump(mode="json", by_alias=True) if isinstance(data, BaseModel) else data
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(data, default=str))
+        self.finish(json.dumps(body, default=str))
 
 
 class _Reply(Exception):
@@ -84,14 +89,14 @@ def _handled(method: Any) -> Any:
         except _Reply as r:
             self.reply({"message": r.message, **r.extra}, r.status)
         except SpecError as e:
-            self.reply({"message": str(e), "problems": [{"field": f, "given": g, "message": m}
-                                                         for f, g, m in e.table()]}, 400)  # fmt: skip
+            problems = [models.Problem(field=f, given=g, message=m) for f, g, m in e.table()]
+            self.reply(models.ErrorReply(message=str(e), problems=problems), 400)
         except RunNotFound as e:
-            self.reply({"message": str(e)}, 404)
+            self.reply(models.ErrorReply(message=str(e)), 404)
         except RunStateError as e:
-            self.reply({"message": str(e)}, 409)
+            self.reply(models.ErrorReply(message=str(e)), 409)
         except UserError as e:
-            self.reply({"message": str(e)}, 400)
+            self.reply(models.ErrorReply(message=str(e)), 400)
 
     wrapper.__name__, wrapper.__doc__ = method.__name__, method.__doc__
     return wrapper
@@ -115,8 +120,10 @@ class RunsHandler(_Base):
     @_handled
     async def get(self) -> None:
         """Every run, oldest first."""
-        rows = [_row(run) for run in self.store.list()]  # a damaged folder reads `damaged`
-        self.reply({"runs": rows, "root": str(self.store.root)})
+        rows = [
+            models.RunRow.model_validate(_row(run)) for run in self.store.list()
+        ]  # damaged reads `damaged`
+        self.reply(models.RunList(runs=rows, root=str(self.store.root)))
 
     @web.authenticated
     @authorized
@@ -133,7 +140,7 @@ class RunsHandler(_Base):
         if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
             raise _Reply(400, "overrides must be a list of key=value strings")
         run = launch(Spec.from_dict(body["spec"], overrides), root=self.store.root)
-        self.reply(_row(run), 201)
+        self.reply(models.RunRow.model_validate(_row(run)), 201)
 
 
 class CompareHandler(_Base):
@@ -148,8 +155,8 @@ class CompareHandler(_Base):
         if not 2 <= len(ids) <= 16:
             raise _Reply(400, "give ?runs=A,B (2 to 16 run ids, names or prefixes)")
         c = Comparison([self.run_or_404(i) for i in ids])
-        self.reply({"rows": c.rows, "labels": c.labels(), "metrics": c.metrics, "train_metrics": c.train_metrics,
-                    "unevaluated": c.unevaluated, "spec_diff": c.spec_diff})  # fmt: skip
+        self.reply(models.Comparison(rows=c.rows, labels=c.labels(), metrics=c.metrics, train_metrics=c.train_metrics,
+                                     unevaluated=c.unevaluated, spec_diff=c.spec_diff))  # fmt: skip
 
 
 class RunHandler(_Base):
@@ -161,8 +168,9 @@ class RunHandler(_Base):
         from ..summary import overview
 
         run = self.run_or_404(run_id)
-        self.reply({**_row(run), "status": run.status(), "spec": run.spec.to_dict(), "manifest": run.manifest(),
-                    "overview": overview(run), "samples": run.samples()[-100:]})  # fmt: skip
+        self.reply(models.RunDetail.model_validate({
+            **_row(run), "status": run.status(), "spec": run.spec.to_dict(), "manifest": run.manifest(),
+            "overview": overview(run), "samples": run.samples()[-100:]}))  # fmt: skip
 
 
 class MetricsHandler(_Base):
@@ -176,7 +184,7 @@ class MetricsHandler(_Base):
         run = self.run_or_404(run_id)
         offset = self.int_arg("offset", 0)
         lines, end = read_jsonl(run.path / METRICS_FILE, offset or 0)
-        self.reply({"metrics": lines, "offset": end})
+        self.reply(models.Metrics(metrics=lines, offset=end))
 
 
 class LogsHandler(_Base):
@@ -188,7 +196,7 @@ class LogsHandler(_Base):
         run = self.run_or_404(run_id)
         n = self.int_arg("n", 100, lo=1)
         rank = self.int_arg("rank", None)
-        self.reply({"lines": run.log_tail(min(n or 100, 10_000), rank), "rank": rank})
+        self.reply(models.Logs(lines=run.log_tail(min(n or 100, 10_000), rank), rank=rank))
 
 
 class ActionHandler(_Base):
@@ -199,15 +207,15 @@ class ActionHandler(_Base):
         """stop | resume | evaluate (body: the evaluation's parameters)."""
         run = self.run_or_404(run_id)
         if action == "stop":
-            self.reply({"run_id": run.id, "state": run.stop()})
+            self.reply(models.ActionDone(run_id=run.id, state=run.stop()))
         elif action == "resume":
             run.resume()
-            self.reply({"run_id": run.id, "state": run.state})
+            self.reply(models.ActionDone(run_id=run.id, state=run.state))
         else:
             from ..evaluation import evaluate
 
             ev = evaluate(run, self.body())
-            self.reply({"run_id": run.id, "eval_id": ev.id, "state": ev.state}, 202)
+            self.reply(models.ActionDone(run_id=run.id, eval_id=ev.id, state=ev.state), 202)
 
 
 _GENERATORS: dict[tuple[str, str], Any] = {}  # (run folder, checkpoint) -> this server's Generator

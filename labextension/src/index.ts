@@ -11,6 +11,8 @@ import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { LabIcon } from '@jupyterlab/ui-components';
 import { Widget } from '@lumino/widgets';
 
+import type { Comparison, GenerationDone, RunDetail, RunList, RunRow } from './api';
+
 const PLUGIN_ID = 'jupyter-llm:plugin';
 const STATE_COLORS: Record<string, string> = {
   completed: '#2e7d32',
@@ -40,30 +42,6 @@ function startupText(s: { phase: string; detail: string }): string {
   return s.detail ? `${s.phase}: ${s.detail}` : s.phase;
 }
 
-/** A run as GET /jupyter-llm/api/runs lists it. */
-interface IRunRow {
-  run_id: string;
-  name: string | null;
-  job: string;
-  state: string;
-  step: number;
-  total: number | null;
-  loss: number | null;
-  val_loss: number | null;
-  error: string | null;
-  restarts: number;
-  last_restart: { reason?: string; class?: string } | null;
-  startup: { phase: string; detail: string } | null;
-  sweep: { sweep_id?: string; trial?: number } | null;
-  pipeline: { pipeline?: string } | null;
-}
-
-/** GET runs/{id}: the row, with the overview and the newest samples. */
-interface IRunDetail extends IRunRow {
-  overview?: [string, string][];
-  samples?: { step: number; prompt: string; output: string }[];
-}
-
 interface IMetric {
   step: number;
   loss?: number;
@@ -83,20 +61,12 @@ async function api<T>(path: string, init: RequestInit = {}): Promise<T> {
   return data as T;
 }
 
-interface IGenerationDone {
-  done: true;
-  pieces?: number;
-  seconds?: number;
-  stopped?: boolean;
-  error?: string;
-}
-
 /** POST a generation request and hand each streamed piece to `onText` as it arrives. */
 async function streamGeneration(
   path: string,
   body: Record<string, unknown>,
   onText: (piece: string) => void,
-  onDone: (done: IGenerationDone) => void
+  onDone: (done: GenerationDone) => void
 ): Promise<void> {
   const settings = ServerConnection.makeSettings();
   const url = URLExt.join(settings.baseUrl, 'jupyter-llm/api', path);
@@ -125,7 +95,7 @@ async function streamGeneration(
       if (line) {
         const msg = JSON.parse(line);
         if (msg.done) {
-          onDone(msg as IGenerationDone);
+          onDone(msg as GenerationDone);
         } else if (typeof msg.text === 'string') {
           onText(msg.text);
         }
@@ -310,7 +280,7 @@ class RunsSidebar extends Widget {
   private timer: number | undefined;
   private lastSignature = '';
   readonly metrics = new MetricsCache();
-  rows: IRunRow[] = [];
+  rows: RunRow[] = [];
   readonly picked = new Set<string>(); // runs ticked for comparing
   private readonly compareButton: HTMLButtonElement;
 
@@ -349,7 +319,7 @@ class RunsSidebar extends Widget {
   }
 
   async refresh(): Promise<boolean> {
-    const reply = await api<{ runs: IRunRow[] }>('runs');
+    const reply = await api<RunList>('runs');
     this.rows = reply.runs;
     const live = this.rows.filter((r) => !TERMINAL.includes(r.state));
     await Promise.all(live.map((r) => this.metrics.update(r.run_id)));
@@ -399,7 +369,7 @@ class RunsSidebar extends Widget {
       );
       return;
     }
-    const groups = new Map<string, IRunRow[]>();
+    const groups = new Map<string, RunRow[]>();
     for (const r of [...this.rows].reverse()) {
       const key = r.sweep?.sweep_id
         ? `sweep ${r.sweep.sweep_id}`
@@ -416,7 +386,7 @@ class RunsSidebar extends Widget {
     }
   }
 
-  private row(r: IRunRow): HTMLElement {
+  private row(r: RunRow): HTMLElement {
     const row = el('div', 'jp-llm-run');
     row.dataset.runId = r.run_id;
     row.dataset.state = r.state;
@@ -510,7 +480,7 @@ class RunPanel extends Widget {
     window.clearTimeout(this.timer);
     let state = '';
     try {
-      const run = await api<IRunDetail>(`runs/${encodeURIComponent(this.runId)}`);
+      const run = await api<RunDetail>(`runs/${encodeURIComponent(this.runId)}`);
       const metrics = await this.sidebar.metrics.update(this.runId);
       const logs = await api<{ lines: string[] }>(
         `runs/${encodeURIComponent(this.runId)}/logs?rank=0&n=400`
@@ -609,7 +579,7 @@ class RunPanel extends Widget {
     return box;
   }
 
-  private render(run: IRunDetail, metrics: IMetric[], logs: string[]): void {
+  private render(run: RunDetail, metrics: IMetric[], logs: string[]): void {
     this.title.label = run.name ?? run.run_id; // the tab: the run's name; its id on hover
     this.title.caption = run.run_id;
     this.body.textContent = '';
@@ -745,15 +715,6 @@ class RunPanel extends Widget {
   }
 }
 
-interface IComparison {
-  rows: Record<string, number | string | null>[];
-  labels: string[];
-  metrics: string[];
-  train_metrics: string[];
-  unevaluated: string[];
-  spec_diff: Record<string, unknown[]>;
-}
-
 /** Runs side by side: their curves overlaid (one colour per run), a table of their final and
  * best numbers and evaluations, and where their specs differ (GET compare). */
 class ComparePanel extends Widget {
@@ -771,9 +732,9 @@ class ComparePanel extends Widget {
 
   private async render(): Promise<void> {
     this.node.textContent = '';
-    let c: IComparison;
+    let c: Comparison;
     try {
-      c = await api<IComparison>(`compare?runs=${this.runIds.map(encodeURIComponent).join(',')}`);
+      c = await api<Comparison>(`compare?runs=${this.runIds.map(encodeURIComponent).join(',')}`);
     } catch (e) {
       this.node.textContent = `could not compare: ${(e as Error).message}`;
       return;
