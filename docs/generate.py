@@ -256,6 +256,14 @@ def run_folder_md() -> str:
         out.append(f"| `{name}` | {_type(f.annotation)} | {_default(f)} | {fnotes.get(name, '')} |")
     out.append("\nStates: " + ", ".join(f"`{s.value}`" for s in F.State) + " (terminal: "
                + ", ".join(f"`{s.value}`" for s in F.State if s.terminal) + ").")  # fmt: skip
+    out.append("\n## `events.jsonl`\n")
+    out.append(inspect.cleandoc(F.Event.__doc__ or "") + " Written only through `folder.record_event`.\n")
+    out.append("| event | by | fields, meaning |\n|---|---|---|")
+    for line in inspect.getsource(F.Event).splitlines():
+        name, eq, rest = line.strip().partition(" = ")
+        if eq and name in F.Event.__members__:
+            who, _, meaning = rest.partition("#")[2].strip().partition(": ")
+            out.append(f"| `{F.Event[name].value}` | {who} | {meaning} |")
     return "\n".join(out) + "\n"
 
 

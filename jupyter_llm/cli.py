@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .errors import SpecError, UserError
-from .folder import State
+from .folder import Event, State
 from .runs import Run, RunStore
 
 
@@ -157,7 +157,7 @@ def _prepare(args: argparse.Namespace, store: RunStore) -> int:
     if st["state"] != State.COMPLETED.value:
         print(f"{run.id}: {st['state']}" + (f" ({st['error']})" if st.get("error") else ""), file=sys.stderr)
         return 1
-    ready = next(e for e in reversed(run.events()) if e["event"] == "data_ready")
+    ready = next(e for e in reversed(run.events()) if e["event"] == Event.DATA_READY)
     print(json.dumps({k: v for k, v in ready.items() if k not in ("time", "event")}, indent=1))
     return 0
 

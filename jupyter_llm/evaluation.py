@@ -28,7 +28,7 @@ from typing import Any
 from .detach import DetachedJob
 from .errors import RunStateError, SpecError, UserError
 from .files import read_json, read_jsonl, write_json_atomic
-from .folder import RunFolder, RunFolders
+from .folder import RunFolder, RunFolders, State
 from .spec import EvalSpec, Spec, eval_problems
 
 METRICS = ["ppl", "loss", "masked_accuracy", "bleu", "rouge1", "rouge2", "rougeL"]  # the comparison's columns
@@ -61,7 +61,7 @@ class Evaluation(DetachedJob):
     def stop(self) -> str:
         """SIGTERM to the recorded evaluation process (verified by its start time)."""
         st = self.status()
-        if st["state"] in self.TERMINAL:
+        if State(st["state"]).terminal:
             return str(st["state"])
         if self.alive(st):
             os.kill(int(st["pid"]), signal.SIGTERM)

@@ -91,6 +91,54 @@ class State(str, Enum):
         return self in (State.COMPLETED, State.FAILED, State.STOPPED, State.DAMAGED)
 
 
+class Event(str, Enum):
+    """The names in events.jsonl: what happened to a run, in order. Each line is
+    {"time", "event", ...fields}; writers are the launch (L), the supervisor (S), the ranks (R,
+    rank 0 alone), a node's agent (A) and the report follower (F). Readers keep unknown names
+    (a newer writer's events survive an older reader)."""
+
+    CREATED = "created"  # L: the folder was written
+    FITTED = "fitted"  # L: procs_per_node/offload chosen to fit the nodes' memory (fit.json)
+    RESUME_OVERRIDES = "resume_overrides"  # L: resume --set changed the spec (changes)
+    PREFLIGHT = "preflight"  # S: the nodes' pre-flight checks (ok, checks)
+    LAUNCHED = "launched"  # S: an attempt's job started (attempt, ranks, master_port, command)
+    DATA_READY = "data_ready"  # R: the data is tokenized and packed (path, cached, tokens, stats)
+    CHECKPOINT_CONVERTED = "checkpoint_converted"  # R: a checkpoint made universal (from, to)
+    RESUMED_FROM = "resumed_from"  # R: the step the attempt continues from
+    NO_CHECKPOINT = "no_checkpoint"  # R: a restart found none: starting fresh
+    WARNING = "warning"  # R: something a person should know (detail)
+    MODEL_READY = "model_ready"  # R: model and engine built (step, ranks, validation_first)
+    CHECKPOINT = "checkpoint"  # R: a complete checkpoint (step, tag)
+    STOPPED_AT = "stopped_at"  # R: stopped on request after checkpointing (step)
+    EXPORTED = "exported"  # R: final/ written (path)
+    ORPHANED = "orphaned"  # R: the supervising process is gone: checkpoint and exit
+    STOP_REQUESTED = "stop_requested"  # S: a stop was asked for (signal)
+    SIGNAL = "signal"  # S: the stop ladder escalated (signal, after_s)
+    HUNG = "hung"  # S: no progress for train.hang_timeout_s
+    NODE_FAILED = "node_failed"  # S: a node's job ended badly (node, exit_code)
+    SWAP_REMOVED = "swap_removed"  # S/A: the NVMe swap folder was deleted (path, node)
+    SLURM_UNREACHABLE = "slurm_unreachable"  # S: squeue/scontrol stopped answering
+    SLURM_FINISHED = "slurm_finished"  # S: the Slurm job ended (slurm_job, state, exit_code)
+    SCANCEL_FAILED = "scancel_failed"  # S: scancel did not answer (reason)
+    REQUEUED = "requeued"  # S: a Slurm restart (slurm_job, restart, attempt, reason)
+    REAPED_ORPHANS = "reaped_orphans"  # S: ranks of an earlier attempt killed before a restart
+    RESTARTING = "restarting"  # S: an automatic restart (restart, next_attempt, after_s, cause)
+    NOT_RESTARTED = "not_restarted"  # S: a failure a restart cannot fix (reason, class)
+    COMPLETED = "completed"  # S: the final state (reason when there is one)
+    FAILED = "failed"  # S: the final state: failed (reason)
+    STOPPED = "stopped"  # S: the final state: stopped
+    CARD_ERROR = "card_error"  # S: the model card could not be written (error)
+    EVAL_STARTED = "eval_started"  # S: the automatic evaluation began (eval_id)
+    EVAL_NOT_STARTED = "eval_not_started"  # S: it could not begin (error)
+    REPORT_STARTED = "report_started"  # S: the report_to follower began (to, pid)
+    REPORT_ERROR = "report_error"  # S/F: a report_to target failed (target, error)
+
+
+def record_event(run_dir: Path, event: Event, **fields: Any) -> None:
+    """Append one event to the run's events.jsonl (one line, appended whole)."""
+    append_jsonl(run_dir / EVENTS_FILE, {"time": now_iso(), "event": event.value, **fields})
+
+
 class RunStatus(BaseModel):
     """status.json: a run's state and where its processes are. Unknown keys are kept (a newer
     writer's fields survive an older reader)."""
@@ -182,7 +230,7 @@ class FolderStore(Generic[R]):
             (tmp / SPEC_FILE).write_text(spec.to_yaml(), encoding="utf-8")
             write_json_atomic(tmp / DS_CONFIG_FILE, deepspeed_config(spec, run_id))
             write_status(tmp, State.CREATED, run_id=run_id, name=spec.name, job=job, created_at=now_iso())
-            append_jsonl(tmp / EVENTS_FILE, {"time": now_iso(), "event": "created"})
+            record_event(tmp, Event.CREATED)
             tmp.rename(self.root / run_id)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -225,9 +273,14 @@ class FolderStore(Generic[R]):
 # -- one run ------------------------------------------------------------------------------
 
 
-class RunFolder:
-    """A reading handle on one run folder (and its stop request). Cheap to create; every read
-    goes to disk. `runs.Run` adds what starts jobs: resume and evaluate."""
+class JobFolder:
+    """A folder whose process reports its own state in status.json (created → starting →
+    running → a terminal state): what run folders and detached jobs (evaluations, the sweep
+    controller) share. Reading never writes: a job that reads as live while its recorded
+    process is gone is reported `failed` with `lost: true`."""
+
+    what = "job process"  # named in the message of a lost job
+    hint = ""  # what to do about a lost job
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
@@ -235,6 +288,61 @@ class RunFolder:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.id!r}, state={self.state!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.path == self.path
+
+    def __hash__(self) -> int:
+        return hash(self.path)
+
+    def status_raw(self) -> dict[str, Any] | None:
+        """status.json as written (any format), or None when there is none."""
+        return read_json(self.path / STATUS_FILE)
+
+    def read_status(self) -> dict[str, Any]:
+        """status.json as recorded (no liveness check); a folder without one is `created`."""
+        return self.status_raw() or {"state": State.CREATED.value}
+
+    def status(self) -> dict[str, Any]:
+        """status.json, with a live-looking job whose process is gone reported as failed."""
+        st = self.read_status()
+        state = State(st["state"])
+        if state.terminal or state == State.CREATED:
+            return st
+        if self.alive(st):
+            return st
+        gone = f"the {self.what} (pid {st.get('pid')}) is gone{self.hint}"
+        return {**st, "state": State.FAILED.value, "lost": True, "error": st.get("error") or gone}
+
+    @staticmethod
+    def alive(st: dict[str, Any]) -> bool:
+        """The process status.json records is running (the same pid and start time)."""
+        return process_alive(st.get("pid"), st.get("pid_create_time"))
+
+    @property
+    def state(self) -> str:
+        return str(self.status()["state"])
+
+    @property
+    def done(self) -> bool:
+        return State(self.state).terminal
+
+    def wait(self, timeout: float | None = None, poll: float = 0.5) -> str:
+        """Block until the job ends; returns the final state. TimeoutError past `timeout` s."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not State(state := self.state).terminal:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{self.id} still {state} after {timeout} s")
+            time.sleep(poll)
+        return state
+
+
+class RunFolder(JobFolder):
+    """A reading handle on one run folder (and its stop request). Cheap to create; every read
+    goes to disk. `runs.Run` adds what starts jobs: resume and evaluate."""
+
+    what = "supervisor"
+    hint = "; resume() continues from its newest checkpoint"
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, RunFolder) and other.path == self.path
@@ -259,35 +367,21 @@ class RunFolder:
     def ds_config(self) -> dict[str, Any]:
         return json.loads((self.path / DS_CONFIG_FILE).read_text(encoding="utf-8"))
 
-    def status_raw(self) -> dict[str, Any] | None:
-        """status.json as written (any format), or None when there is none."""
-        return read_json(self.path / STATUS_FILE)
+    def read_status(self) -> dict[str, Any]:
+        """status.json in format 1's names (any format read); `damaged` when unreadable.
 
-    def status(self) -> dict[str, Any]:
-        """status.json, with a dead supervisor of a live-looking run reported as failed.
-
-        Readers never write status.json (the supervisor owns it); a run whose supervisor
-        vanished (SIGKILL, machine reboot) shows state `failed` with `lost: true`.
+        Readers never write status.json (the supervisor owns it); `status()` reports a run
+        whose supervisor vanished (SIGKILL, machine reboot) as `failed` with `lost: true`.
         """
         try:
             raw = json.loads((self.path / STATUS_FILE).read_bytes())
-            st = RunStatus.model_validate(raw).model_dump(mode="json")  # every field, in format 1's names
+            return RunStatus.model_validate(raw).model_dump(mode="json")
         except FileNotFoundError:
             if not self.path.is_dir():
                 raise RunNotFound(f"{self.path} is not a run folder") from None
             return self._damaged("it has no status.json")
         except (OSError, ValueError) as e:  # JSON, UTF-8 and pydantic errors are ValueErrors
             return self._damaged(f"its status.json cannot be read ({_first_line(e)})")
-        state = State(st["state"])
-        lost = not state.terminal and state != State.CREATED
-        if lost and not process_alive(st.get("pid"), st.get("pid_create_time")):
-            st = {
-                **st,
-                "state": State.FAILED.value,
-                "lost": True,
-                "error": st.get("error") or f"supervisor (pid {st.get('pid')}) is gone",
-            }
-        return st
 
     def _damaged(self, why: str) -> dict[str, Any]:
         return {
@@ -298,14 +392,6 @@ class RunFolder:
             "damaged": True,
             "error": f"damaged: {why}; its other files are untouched (spec.yaml, checkpoints/, final/)",
         }
-
-    @property
-    def state(self) -> str:
-        return str(self.status()["state"])
-
-    @property
-    def done(self) -> bool:
-        return State(self.state).terminal
 
     def metrics(self, dedupe: bool = True) -> list[dict[str, Any]]:
         """Lines of metrics.jsonl. With `dedupe`, a step logged again after a resume keeps
@@ -419,17 +505,6 @@ class RunFolder:
             time.sleep(poll)
 
     # -- acting -------------------------------------------------------------------------
-
-    def wait(self, timeout: float | None = None, poll: float = 0.5) -> str:
-        """Block until the run ends; returns the final state. TimeoutError past `timeout` s."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            state = self.state
-            if State(state).terminal:
-                return state
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"run {self.id} still {state} after {timeout} s")
-            time.sleep(poll)
 
     def stop(self, wait: bool = False, timeout: float | None = None) -> str:
         """Ask the supervisor to stop the job: the ranks save a checkpoint and exit.

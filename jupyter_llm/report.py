@@ -37,18 +37,19 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .files import append_jsonl, now_iso, read_json, write_json_atomic
+from .files import now_iso, read_json, write_json_atomic
 from .folder import (
     EVALS_DIR,
-    EVENTS_FILE,
     FINAL_DIR,
     LOGS_DIR,
     METRICS_FILE,
     REPORTS_DIR,
     STATUS_FILE,
     TENSORBOARD_DIR,
+    Event,
     RunFolder,
     State,
+    record_event,
 )
 from .spec import REPORT_TARGETS, Spec
 from .summary import eval_numbers
@@ -400,8 +401,7 @@ class Session:
             why = f"{type(ex).__name__}: {ex}"
             print(f"report_to {e.name}: {what} failed: {why}", file=sys.stderr, flush=True)
             if self.failed.get(e.name) != why:
-                append_jsonl(self.run.path / EVENTS_FILE,
-                             {"time": now_iso(), "event": "report_error", "target": e.name, "error": why[:500]})  # fmt: skip
+                record_event(self.run.path, Event.REPORT_ERROR, target=e.name, error=why[:500])
             self.failed[e.name] = why
             e.state["error"] = why[:2000]
             self._save(e)

@@ -15,17 +15,18 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .errors import DiskFull, RunStateError, UserError, disk_full_message, has_room
-from .files import append_jsonl, now_iso, write_json_atomic
+from .files import write_json_atomic
 from .folder import (
     CKPT_MARKER,
     DS_CONFIG_FILE,
-    EVENTS_FILE,
     RUN_ID_RE,
     SPEC_FILE,
+    Event,
     FolderStore,
     RunFolder,
     State,
     default_root,
+    record_event,
 )
 
 __all__ = [
@@ -110,9 +111,7 @@ class Run(RunFolder):
                 write_cluster(self.path, cluster)
             else:
                 (self.path / CLUSTER_FILE).unlink(missing_ok=True)
-        append_jsonl(
-            self.path / EVENTS_FILE, {"time": now_iso(), "event": "resume_overrides", "changes": changes}
-        )
+        record_event(self.path, Event.RESUME_OVERRIDES, changes=changes)
         write_json_atomic(self.path / DS_CONFIG_FILE, deepspeed_config(new, self.id))
         tmp = self.path / ".spec.yaml.tmp"
         tmp.write_text(new.to_yaml(), encoding="utf-8")
@@ -222,8 +221,7 @@ def launch(
     if plan is not None:
         record = plan.to_dict()
         write_json_atomic(run.path / "fit.json", record)
-        append_jsonl(run.path / EVENTS_FILE,
-                     {"time": now_iso(), "event": "fitted", **record["chosen"], "reason": plan.reason})  # fmt: skip
+        record_event(run.path, Event.FITTED, **record["chosen"], reason=plan.reason)
     if cluster is not None:
         from .cluster import write_cluster
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .files import last_jsonl, read_json
-from .folder import METRICS_FILE, SYSTEM_FILE, RunFolder, State
+from .folder import METRICS_FILE, SYSTEM_FILE, Event, RunFolder, State
 
 
 def progress(run: RunFolder) -> dict[str, Any]:
@@ -57,7 +57,7 @@ def startup(run: RunFolder) -> dict[str, str] | None:
     if State(state).terminal or state in ("stopping", "damaged") or st.get("job") == "prepare":
         return None
     events = run.events()
-    launched = max((i for i, e in enumerate(events) if e.get("event") == "launched"), default=None)
+    launched = max((i for i, e in enumerate(events) if e.get("event") == Event.LAUNCHED), default=None)
     if state in ("starting", "resuming"):
         phase = SUPERVISOR_PHASES.get(st.get("phase") or "", "starting")
         return {"phase": phase, "detail": f"restart {st['restarts']}" if st.get("restarts") else ""}
@@ -74,13 +74,13 @@ def startup(run: RunFolder) -> dict[str, str] | None:
         return {"phase": "starting", "detail": ""}
     seen = {e.get("event") for e in since}
     ranks = since[0].get("ranks") or st.get("world_size") or 1
-    if "model_ready" in seen:
-        ready = next(e for e in reversed(since) if e.get("event") == "model_ready")
+    if Event.MODEL_READY in seen:
+        ready = next(e for e in reversed(since) if e.get("event") == Event.MODEL_READY)
         return {
             "phase": "first step",
             "detail": "validating at step 0" if ready.get("validation_first") else "",
         }
-    if "data_ready" in seen:
+    if Event.DATA_READY in seen:
         return {
             "phase": "building the model",
             "detail": f"the model and DeepSpeed's engine on {ranks} rank(s)",
@@ -194,7 +194,7 @@ def prepare_progress(run: RunFolder) -> dict[str, Any]:
     """A prepare job's state, progress (input bytes read) and, once ready, its data stats."""
     st = run.status()
     prog = read_json(run.path / "progress.json") or {}
-    ready = next((e for e in reversed(run.events()) if e.get("event") == "data_ready"), None)
+    ready = next((e for e in reversed(run.events()) if e.get("event") == Event.DATA_READY), None)
     index = read_json(Path(ready["path"]) / "index.json") if ready else None
     total = prog.get("bytes_total") or 0
     frac = 1.0 if ready else (min(1.0, prog.get("bytes_done", 0) / total) if total else 0.0)

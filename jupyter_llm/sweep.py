@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .detach import DetachedJob
 from .errors import MISSING, Problem, RunStateError, SpecError, UserError
 from .files import now_iso, read_json, write_json_atomic
-from .folder import default_root
+from .folder import State, default_root
 from .inputs import InputError, load_yaml, read_text
 from .runs import Run, RunStore
 from .spec import Spec, apply_overrides
@@ -239,7 +239,7 @@ class Sweep(DetachedJob):
 
     @property
     def store(self) -> RunStore:
-        return RunStore(self.status_raw().get("runs_root") or self.path.parent.parent)
+        return RunStore((self.status_raw() or {}).get("runs_root") or self.path.parent.parent)
 
     def trials(self) -> list[dict[str, Any]]:
         """Every trial: number, state, params, value, run_id, error (the controller's snapshot)."""
@@ -275,7 +275,7 @@ class Sweep(DetachedJob):
     def stop(self) -> str:
         """Ask the controller to stop: running trials are stopped and recorded failed."""
         st = self.status()
-        if st["state"] in self.TERMINAL:
+        if State(st["state"]).terminal:
             return str(st["state"])
         if st["state"] == "created" or not self.alive(st):
             raise RunStateError(f"sweep {self.id} has no live controller")
@@ -287,7 +287,7 @@ class Sweep(DetachedJob):
         st = self.status()
         if st["state"] == "completed":
             raise RunStateError(f"sweep {self.id} already completed")
-        if st["state"] not in self.TERMINAL and st["state"] != "created":
+        if not State(st["state"]).terminal and st["state"] != "created":
             raise RunStateError(f"sweep {self.id} is {st['state']}; its controller is alive")
         self._start()
         return self

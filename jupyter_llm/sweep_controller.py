@@ -24,7 +24,7 @@ import optuna
 
 from .errors import SpecError
 from .files import Tail, now_iso, read_json, write_json_atomic
-from .folder import METRICS_FILE, State
+from .folder import METRICS_FILE, Event, State
 from .runs import Run, RunStore
 from .sweep import Sweep, SweepSpec
 
@@ -237,8 +237,8 @@ class Controller:
 
         deadline = time.monotonic() + 3600
         while time.monotonic() < deadline and not _stop:
-            started = [e for e in run.events() if e["event"] in ("eval_started", "eval_not_started")]
-            if started and started[0]["event"] == "eval_not_started":
+            started = [e for e in run.events() if e["event"] in (Event.EVAL_STARTED, Event.EVAL_NOT_STARTED)]
+            if started and started[0]["event"] == Event.EVAL_NOT_STARTED:
                 raise RuntimeError(started[0].get("error", "the evaluation did not start"))
             if started:
                 ev = Evaluation(run.path / "evals" / started[0]["eval_id"])

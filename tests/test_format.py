@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from jupyter_llm.folder import STATUS_FORMAT, RunStatus, write_status
+from jupyter_llm.folder import STATUS_FORMAT, Event, RunStatus, write_status
 from jupyter_llm.runs import RunStore, State
 
 FIXTURE = Path(__file__).parent / "fixtures" / "format0"
@@ -37,6 +37,8 @@ def test_a_format0_folder_lists_and_reads(tmp_path: Path, corpus: Path) -> None:
     assert [json.loads((p / "COMPLETE").read_text())["step"] for p in run.checkpoints()] == [25]
     assert "step 25/60" in run.summary()
     assert run.spec.train.max_steps == 60 and run.metrics()[-1]["step"] == 25
+    # the event names of that day are the ones declared today (folder.Event)
+    assert {e["event"] for e in run.events()} <= {e.value for e in Event}
 
 
 def test_the_one_status_writer_validates_and_numbers_the_format(tmp_path: Path) -> None:
@@ -65,3 +67,5 @@ def test_a_format0_run_evaluates_and_resumes(tmp_path: Path, corpus: Path) -> No
     st = run.status_raw()
     assert st is not None and st["format"] == STATUS_FORMAT and st["attempt"] == 2
     assert run.final_model is not None and max(m["step"] for m in run.metrics()) == 60
+    # every name the supervisor and the ranks wrote is a declared one
+    assert {e["event"] for e in run.events()} <= {e.value for e in Event}

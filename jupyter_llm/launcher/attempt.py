@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import has_room
-from ..files import append_jsonl, now_iso, write_json_atomic
+from ..files import now_iso, write_json_atomic
 from ..folder import (
     CONTROL_DIR,
     EVENTS_FILE,
@@ -30,8 +30,10 @@ from ..folder import (
     LOGS_DIR,
     METRICS_FILE,
     PARENT_ENV,
+    Event,
     RunFolder,
     State,
+    record_event,
     write_status,
 )
 from .local import kill_group, parent_tag, signal_group
@@ -78,7 +80,7 @@ class Attempt:
     def set_status(self, state: State, **fields: Any) -> None:
         write_status(self.dir, state, **fields)
 
-    def event(self, name: str, **fields: Any) -> None:
+    def event(self, name: Event, **fields: Any) -> None:
         record_event(self.dir, name, **fields)
 
     def log(self, text: str) -> None:
@@ -138,7 +140,7 @@ class Attempt:
             self.check_hang()
             for name, waited in ladder.due(self.stop_requested_at):
                 if (sent := send(name)) is not None:
-                    self.event("signal", signal=sent, after_s=waited)
+                    self.event(Event.SIGNAL, signal=sent, after_s=waited)
             yield
 
     def kill_group(self, wait_s: float = 10.0) -> None:
@@ -164,7 +166,7 @@ class Attempt:
         write_json_atomic(
             self.dir / CONTROL_DIR / STOP_FILE, {"requested_at": now_iso(), "signal": self.stop_signal}
         )
-        self.event("stop_requested", signal=signal.Signals(self.stop_signal).name)
+        self.event(Event.STOP_REQUESTED, signal=signal.Signals(self.stop_signal).name)
         self.set_status(State.STOPPING)
         return True
 
@@ -176,7 +178,7 @@ class Attempt:
         if not hang_s or self.hung is not None or not self.stalled(hang_s):
             return False
         self.hung = f"hung: no progress for {hang_s:g} s (train.hang_timeout_s); stopped"
-        self.event("hung", timeout_s=hang_s)
+        self.event(Event.HUNG, timeout_s=hang_s)
         self.stop_requested_at = self.stop_requested_at or time.monotonic() - self.grace_s - SIGINT_WAIT_S
         return True
 
@@ -195,7 +197,7 @@ class Attempt:
         return time.time() - newest > timeout_s
 
     def stopped_cleanly(self) -> bool:
-        return any(e.get("event") == "stopped_at" for e in self.run.events()[-20:])
+        return any(e.get("event") == Event.STOPPED_AT for e in self.run.events()[-20:])
 
     # -- the end ------------------------------------------------------------------------------
 
@@ -236,7 +238,7 @@ class Attempt:
                 f" (after {self.restarts_done} automatic restart(s): train.max_restarts is {self.budget})"
             )
         elif self.budget and self.restarts_done == 0:
-            self.event("not_restarted", reason=reason, **{"class": kind})
+            self.event(Event.NOT_RESTARTED, reason=reason, **{"class": kind})
         return self.fail(reason, rc, failure)
 
     def fail(self, reason: str, rc: int | None = None, failure: dict[str, Any] | None = None) -> int:
@@ -248,7 +250,7 @@ class Attempt:
     ) -> int:
         self._remove_swap()
         self.set_status(state, ended_at=now_iso(), exit_code=rc, error=error, failure=failure)
-        self.event(state.value, **({"reason": error} if error else {}))
+        self.event(Event(state.value), **({"reason": error} if error else {}))
         return 0 if state != State.FAILED else 1
 
     def _remove_swap(self) -> None:
@@ -258,7 +260,7 @@ class Attempt:
         swap = swap_dir(self.run.spec, self.run.id)
         if swap and os.path.isdir(swap):
             shutil.rmtree(swap, ignore_errors=True)
-            self.event("swap_removed", path=swap)
+            self.event(Event.SWAP_REMOVED, path=swap)
 
     def write_card(self) -> None:
         from ..card import write
@@ -266,7 +268,7 @@ class Attempt:
         try:
             write(self.run)
         except Exception as e:  # the model is there; only its card is missing
-            self.event("card_error", error=f"{type(e).__name__}: {e}")
+            self.event(Event.CARD_ERROR, error=f"{type(e).__name__}: {e}")
 
     def auto_eval(self) -> None:
         """The spec's `eval:` section: evaluate the final model as its own detached job."""
@@ -278,15 +280,9 @@ class Attempt:
         try:
             ev = evaluate(self.run, request)
         except Exception as e:  # the run stays completed; the event says why nothing was evaluated
-            self.event("eval_not_started", error=f"{type(e).__name__}: {e}")
+            self.event(Event.EVAL_NOT_STARTED, error=f"{type(e).__name__}: {e}")
             return
-        self.event("eval_started", eval_id=ev.id)
-
-
-def record_event(run_dir: Path, name: str, **fields: Any) -> None:
-    """Append one event to events.jsonl (the supervisor's, the ranks' and the agents' log of
-    what happened, in order)."""
-    append_jsonl(run_dir / EVENTS_FILE, {"time": now_iso(), "event": name, **fields})
+        self.event(Event.EVAL_STARTED, eval_id=ev.id)
 
 
 def stop_file(run_dir: Path) -> Path:

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..cluster import Cluster
 from ..files import now_iso, read_json
-from ..folder import CKPT_MARKER, FAILURES_DIR, LOGS_DIR, State
+from ..folder import CKPT_MARKER, FAILURES_DIR, LOGS_DIR, Event, State
 from . import probe, remote, slurm, sync, system
 from .attempt import STOP, Attempt, stop_file
 from .backends import commands
@@ -74,7 +74,7 @@ class ClusterRunner:
         pf = probe.preflight(c, nodes, d.master_port, sync_bytes, expect=str(self.dir) if c.shared_fs else None,
                               nvme=nvme)  # fmt: skip
         att.event(
-            "preflight", ok=pf.ok, checks=[{"name": n, "ok": ok, "detail": d} for n, ok, d in pf.checks]
+            Event.PREFLIGHT, ok=pf.ok, checks=[{"name": n, "ok": ok, "detail": d} for n, ok, d in pf.checks]
         )
         if not pf.ok:
             return att.fail("pre-flight failed: " + "; ".join(pf.problems))
@@ -163,7 +163,7 @@ class SshRunner(ClusterRunner):
                 stdin.write(remote.agent_hello(c))
                 stdin.flush()
         world = sum(n.slots for n in nodes)
-        att.event("launched", attempt=att.number, ranks=world, master_port=port, master_addr=addr,
+        att.event(Event.LAUNCHED, attempt=att.number, ranks=world, master_port=port, master_addr=addr,
                   nodes=[{"node": n.index, "host": n.host.label, "slots": n.slots, "run_dir": n.run_dir} for n in nodes])  # fmt: skip
         att.set_status(State.RUNNING, phase=None, world_size=world, master_port=port, master_addr=addr,
                        nodes=[{"node": n.index, "host": n.host.label, "slots": n.slots} for n in nodes])  # fmt: skip
@@ -180,7 +180,7 @@ class SshRunner(ClusterRunner):
                 bad = [(i, rc) for i, rc in rcs.items() if rc not in (None, 0)]
                 if bad:
                     self.failed, failed_at = bad[0], time.monotonic()
-                    att.event("node_failed", node=self.failed[0], exit_code=self.failed[1])
+                    att.event(Event.NODE_FAILED, node=self.failed[0], exit_code=self.failed[1])
                     self._send("signal KILL")  # fail fast: the other nodes' ranks would hang
             elif self.failed is not None and time.monotonic() - failed_at > KILL_WAIT_S:
                 self._cut()
@@ -196,7 +196,7 @@ class SshRunner(ClusterRunner):
         for n in nodes:  # each node's agent removed its NVMe swap folder (offload: nvme)
             _, result = remote.parse_node_log(logs[n.index])
             if result and result.get("swap_removed"):
-                att.event("swap_removed", path=result["swap_removed"], node=n.index)
+                att.event(Event.SWAP_REMOVED, path=result["swap_removed"], node=n.index)
         att.set_status(State(att.run.status()["state"]), nodes=[{"node": n.index, "host": n.host.label, "slots": n.slots,
                                                        "exit_code": codes[n.index]} for n in nodes])  # fmt: skip
         if self.failed is not None:  # a node's ranks failed, or the node itself (ssh lost: exit 255)
@@ -290,7 +290,9 @@ class PdshRunner(ClusterRunner):
             return att.finish(State.STOPPED, 0, None)
         pgid = att.spawn(argv, env)
         world = sum(n.slots for n in nodes)
-        att.event("launched", attempt=att.number, ranks=world, master_port=port, command=argv, job_pgid=pgid)
+        att.event(
+            Event.LAUNCHED, attempt=att.number, ranks=world, master_port=port, command=argv, job_pgid=pgid
+        )
         att.set_status(State.RUNNING, phase=None, job_pgid=pgid, world_size=world, master_port=port)
         rc = att.watch()
         att.kill_group()
@@ -338,7 +340,7 @@ class SlurmRunner(ClusterRunner):
         if out.returncode != 0:
             return att.fail(f"sbatch refused the job: {(out.stderr or out.stdout).strip()[-500:]}")
         job_id = self.job_id = slurm.parse_job_id(out.stdout)
-        att.event("launched", attempt=att.number, slurm_job=job_id, master_port=port, script=str(path))
+        att.event(Event.LAUNCHED, attempt=att.number, slurm_job=job_id, master_port=port, script=str(path))
         att.set_status(State.RUNNING, phase=None, slurm_job=job_id, master_port=port,
                        world_size=sum(n.slots for n in nodes))  # fmt: skip
         unreachable_since: float | None = None
@@ -355,14 +357,14 @@ class SlurmRunner(ClusterRunner):
                 unreachable_since = None
             elif unreachable_since is None:
                 unreachable_since = time.monotonic()
-                att.event("slurm_unreachable", slurm_job=job_id)
+                att.event(Event.SLURM_UNREACHABLE, slurm_job=job_id)
             elif time.monotonic() - unreachable_since > SLURM_UNREACHABLE_S:
                 with contextlib.suppress(slurm.SlurmTimeout):
                     slurm.ctl(slurm.cancel_argv(job_id))
                 return att.fail(f"squeue did not answer for {SLURM_UNREACHABLE_S:g} s: Slurm job {job_id} "
                                  "was asked to cancel; check the controller (`scontrol ping`), then resume")  # fmt: skip
         final_state, rc = slurm.final_state(job_id)
-        att.event("slurm_finished", slurm_job=job_id, state=final_state or state, exit_code=rc)
+        att.event(Event.SLURM_FINISHED, slurm_job=job_id, state=final_state or state, exit_code=rc)
 
         def why() -> tuple[str, dict[str, Any] | None]:
             failure = diagnose(self.dir, att.number, rc, None, [])
@@ -379,7 +381,7 @@ class SlurmRunner(ClusterRunner):
         try:
             slurm.ctl(slurm.cancel_argv(self.job_id))
         except slurm.SlurmTimeout as e:
-            self.att.event("scancel_failed", reason=str(e))
+            self.att.event(Event.SCANCEL_FAILED, reason=str(e))
         return "scancel"
 
     def _requeued(self, base: int, seen: int, state: str) -> int:
@@ -395,7 +397,7 @@ class SlurmRunner(ClusterRunner):
                    "failure or scontrol requeue); it continues from the newest complete checkpoint")  # fmt: skip
             att.number = base + n
             total = int(att.run.status().get("restarts") or 0) + 1
-            att.event("requeued", slurm_job=self.job_id, restart=total, attempt=att.number, reason=why)
+            att.event(Event.REQUEUED, slurm_job=self.job_id, restart=total, attempt=att.number, reason=why)
             att.set_status(State.RESUMING, attempt=att.number, restarts=total,
                            last_restart={"time": now_iso(), "reason": why, "class": "infrastructure: requeued"})  # fmt: skip
             seen = n

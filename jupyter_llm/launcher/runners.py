@@ -17,7 +17,7 @@ from typing import Protocol
 from ..cluster import Cluster
 from ..devices import gpu_count
 from ..files import now_iso, read_json, write_json_atomic
-from ..folder import FAILURES_DIR, LOGS_DIR, MANIFEST_FILE, State
+from ..folder import FAILURES_DIR, LOGS_DIR, MANIFEST_FILE, Event, State
 from ..hashing import content_sha256
 from ..provenance import git_sha, versions
 from .attempt import Attempt
@@ -57,7 +57,12 @@ class LocalRunner:
             return att.finish(State.STOPPED, 0, None)
         pgid = att.spawn(cmd.argv, cmd.env)
         att.event(
-            "launched", attempt=att.number, ranks=nprocs, master_port=port, command=cmd.argv, job_pgid=pgid
+            Event.LAUNCHED,
+            attempt=att.number,
+            ranks=nprocs,
+            master_port=port,
+            command=cmd.argv,
+            job_pgid=pgid,
         )
         att.set_status(State.RUNNING, job_pgid=pgid, world_size=nprocs, master_port=port)
         rc = att.watch(ranks=nprocs)
@@ -84,7 +89,7 @@ class PrepareRunner:
         if att.stop_signal is not None:
             return att.finish(State.STOPPED, 0, None)
         pgid = att.spawn(argv, job_env(att.dir, att.number))
-        att.event("launched", attempt=att.number, job="prepare", command=argv, job_pgid=pgid)
+        att.event(Event.LAUNCHED, attempt=att.number, job="prepare", command=argv, job_pgid=pgid)
         att.set_status(State.RUNNING, job_pgid=pgid, world_size=1)
         rc = att.watch()
         att.kill_group()

@@ -21,8 +21,8 @@ from typing import Any
 
 from ..errors import disk_full_message
 from ..files import now_iso, read_json
-from ..folder import CONTROL_DIR, STATUS_FILE, RunFolder, State, write_status
-from .attempt import POLL_S, Attempt, StopFlag, record_event, stop_file
+from ..folder import CONTROL_DIR, STATUS_FILE, Event, RunFolder, State, record_event, write_status
+from .attempt import POLL_S, Attempt, StopFlag, stop_file
 from .runners import runner_for, unlink_shm
 from .watch import reap_orphans
 
@@ -44,7 +44,7 @@ class Supervisor:
         self.current: Attempt | None = None
         self.restarts_here = 0  # by this supervisor (each launch or resume has the budget anew)
 
-    def event(self, name: str, **fields: Any) -> None:
+    def event(self, name: Event, **fields: Any) -> None:
         record_event(self.dir, name, **fields)
 
     def announce(self, pid: int) -> None:
@@ -110,12 +110,12 @@ class Supervisor:
         if self.current is not None:
             self.current.kill_group()
         write_status(self.dir, State.FAILED, ended_at=now_iso(), error=f"supervisor error: {e}")
-        self.event("failed", reason=f"supervisor error: {e}")
+        self.event(Event.FAILED, reason=f"supervisor error: {e}")
 
     def _supervise(self, att: Attempt) -> int:
         reaped = reap_orphans(self.run.id)
         if reaped:  # an earlier attempt's job outlived its supervisor (SIGKILL, say)
-            att.event("reaped_orphans", pids=reaped)
+            att.event(Event.REAPED_ORPHANS, pids=reaped)
         if port := self.run.status().get("master_port"):  # and maybe left its shm buffers behind
             unlink_shm(port)
         from ..cluster import run_cluster
@@ -136,7 +136,7 @@ class Supervisor:
         assert att.restart is not None
         delay = min(self.run.spec.train.restart_backoff_s * 2**self.restarts_here, 600.0)
         total = int(self.run.status().get("restarts") or 0) + 1
-        att.event("restarting", restart=total, next_attempt=att.number + 1, after_s=delay, **att.restart)
+        att.event(Event.RESTARTING, restart=total, next_attempt=att.number + 1, after_s=delay, **att.restart)
         att.set_status(State.RESUMING, restarts=total, error=None, failure=None, exit_code=None, job_pgid=None,
                        last_restart={"time": now_iso(), "reason": att.restart["reason"],
                                      "class": att.restart["class"]})  # fmt: skip
@@ -156,9 +156,9 @@ class Supervisor:
         from ..report import start_follower
 
         try:
-            self.event("report_started", to=targets, pid=start_follower(self.dir))
+            self.event(Event.REPORT_STARTED, to=targets, pid=start_follower(self.dir))
         except Exception as e:  # reporting never stops a run
-            self.event("report_error", target="all", error=f"{type(e).__name__}: {e}")
+            self.event(Event.REPORT_ERROR, target="all", error=f"{type(e).__name__}: {e}")
 
 
 def start(run_dir: Path, resume: bool = False) -> None:

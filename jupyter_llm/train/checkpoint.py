@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from ..errors import DiskFull, disk_full_message, has_room
-from ..files import append_jsonl, now_iso, tree_mb, write_json_atomic
-from ..folder import CKPT_MARKER, EVENTS_FILE
+from ..files import now_iso, tree_mb, write_json_atomic
+from ..folder import CKPT_MARKER, Event, record_event
 
 
 class CheckpointError(RuntimeError):
@@ -127,9 +127,7 @@ def save(engine: Any, run_dir: Path, step: int, rank: int, keep: int, client: di
                 "tensor_parallel": client.get("tensor_parallel", 1),
             },
         )
-        append_jsonl(
-            run_dir / EVENTS_FILE, {"time": now_iso(), "event": "checkpoint", "step": step, "tag": tag}
-        )
+        record_event(run_dir, Event.CHECKPOINT, step=step, tag=tag)
         prune(ckpt_dir, keep)
     dist.barrier()
 

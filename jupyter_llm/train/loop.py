@@ -18,16 +18,17 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from ..files import append_jsonl, now_iso, write_json_atomic
+from ..files import append_jsonl, write_json_atomic
 from ..folder import (
     DS_CONFIG_FILE,
-    EVENTS_FILE,
     FINAL_DIR,
     GRADS_FILE,
     METRICS_FILE,
     PARENT_ENV,
     SAMPLES_FILE,
     SPEC_FILE,
+    Event,
+    record_event,
 )
 from ..summary import metrics_text
 
@@ -117,10 +118,9 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
         if master:
             out, secs = checkpoint.to_universal(found[1])
             saved = checkpoint.layout(found[2])
-            append_jsonl(run_dir / EVENTS_FILE, {
-                "time": now_iso(), "event": "checkpoint_converted", "step": found[0], "path": str(out),
-                "from": {"ranks": saved[0], "tensor_parallel": saved[1]},
-                "to": {"ranks": world, "tensor_parallel": tp}, "seconds": round(secs, 1)})  # fmt: skip
+            record_event(run_dir, Event.CHECKPOINT_CONVERTED, step=found[0], path=str(out),
+                         to={"ranks": world, "tensor_parallel": tp}, seconds=round(secs, 1),
+                         **{"from": {"ranks": saved[0], "tensor_parallel": saved[1]}})  # fmt: skip
         dist.barrier()
     torch.manual_seed(spec.seed)  # identical initial weights on every rank
     model = build_model(spec, tok, ds_config)  # partitioned as it is built under ZeRO-3
@@ -218,21 +218,19 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
         # (a checkpoint from before the count was kept was saved on these ranks)
         base_samples = int(resumed[1].get("samples", start_step * t.grad_accum * per_step))
         if master:
-            append_jsonl(
-                run_dir / EVENTS_FILE, {"time": now_iso(), "event": "resumed_from", "step": start_step}
-            )
+            record_event(run_dir, Event.RESUMED_FROM, step=start_step)
             if spec.distributed.offload == "nvme":  # said where people look, not only in a README
-                append_jsonl(
-                    run_dir / EVENTS_FILE, {"time": now_iso(), "event": "warning", "detail": NVME_RESUME}
-                )
+                record_event(run_dir, Event.WARNING, detail=NVME_RESUME)
     elif master and attempt > 1:
-        append_jsonl(
-            run_dir / EVENTS_FILE,
-            {"time": now_iso(), "event": "no_checkpoint", "detail": "starting fresh"},
-        )
+        record_event(run_dir, Event.NO_CHECKPOINT, detail="starting fresh")
     if master:  # the views' start-up line moves on from "building the model"
-        append_jsonl(run_dir / EVENTS_FILE, {"time": now_iso(), "event": "model_ready", "step": start_step,
-                                             "ranks": world, "validation_first": start_step == 0 and has_val})  # fmt: skip
+        record_event(
+            run_dir,
+            Event.MODEL_READY,
+            step=start_step,
+            ranks=world,
+            validation_first=start_step == 0 and has_val,
+        )
         # fault injection: hold the start-up here, so a test sees the "first step" phase for sure
         time.sleep((_fault("startup_delay_ms") or 0) / 1000)
 
@@ -339,7 +337,7 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
             window_start = time.perf_counter()
         if stopped_at:
             if master:
-                append_jsonl(run_dir / EVENTS_FILE, {"time": now_iso(), "event": "stopped_at", "step": step})
+                record_event(run_dir, Event.STOPPED_AT, step=step)
                 print(f"[jupyter-llm] stopped at step {step}/{t.max_steps}; checkpoint saved", flush=True)
             return
 
@@ -379,9 +377,7 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
             _export(module, tok, run_dir)
     if master:
         torch.save({"input_ids": probe.cpu(), "logits": probe_logits}, run_dir / "export_check.pt")
-        append_jsonl(
-            run_dir / EVENTS_FILE, {"time": now_iso(), "event": "exported", "path": str(run_dir / FINAL_DIR)}
-        )
+        record_event(run_dir, Event.EXPORTED, path=str(run_dir / FINAL_DIR))
         print(f"[jupyter-llm] training completed: {t.max_steps} steps; the model is in {run_dir / FINAL_DIR}",
               flush=True)  # fmt: skip
     dist.barrier()
@@ -662,8 +658,12 @@ def _watch_parent(run_dir: Path, stop_file: Path, poll_s: float = 1.0) -> None:
     def watch() -> None:
         while process_alive(int(pid), float(created) if created else None):
             time.sleep(poll_s)
-        append_jsonl(run_dir / EVENTS_FILE, {"time": now_iso(), "event": "orphaned", "parent_pid": int(pid),
-                                             "detail": "the supervising process is gone: checkpoint and exit"})  # fmt: skip
+        record_event(
+            run_dir,
+            Event.ORPHANED,
+            parent_pid=int(pid),
+            detail="the supervising process is gone: checkpoint and exit",
+        )
         stop_file.parent.mkdir(exist_ok=True)
         stop_file.touch()
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ...folder import EVENTS_FILE
+from ...folder import Event, record_event
 from ...hashing import content_sha256
 from ...spec import Spec
 from .cleaning import Transform, documents
@@ -85,7 +85,7 @@ def data_stage(run_dir: Path, spec: Spec) -> dict[str, Any]:
     cache (or made now), `data.json` naming the folder, and a `data_ready` event; the index."""
     from transformers import AutoTokenizer
 
-    from ...files import append_jsonl, now_iso, write_json_atomic
+    from ...files import write_json_atomic
 
     tok_dir = run_dir / "tokenizer"
     transform = Transform.load(run_dir)
@@ -113,8 +113,9 @@ def data_stage(run_dir: Path, spec: Spec) -> dict[str, Any]:
     index: dict[str, Any] = json.loads((data_dir / "index.json").read_text())
     report("done", sum(v["tokens"] for v in index["splits"].values()), force=True)
     write_json_atomic(run_dir / "data.json", {"path": str(data_dir), "cached": hit})
-    append_jsonl(run_dir / EVENTS_FILE, {"time": now_iso(), "event": "data_ready", "path": str(data_dir),
-                                            "cached": hit, "tokens": index["splits"], **index["stats"]})  # fmt: skip
+    record_event(
+        run_dir, Event.DATA_READY, path=str(data_dir), cached=hit, tokens=index["splits"], **index["stats"]
+    )
     return index
 
 
