@@ -387,7 +387,7 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
 # blocks under it then come from a heap that fragments and is seldom returned. A rank fixes it:
 FITTED_MMAP_THRESHOLD = 128 * 2**10  # bytes: ZeRO-3 or offload, a run fitted to memory
 FAST_MMAP_THRESHOLD = 4 * 2**20  # bytes: every other run
-# measured (README): 128 KiB keeps an 85 M-parameter ZeRO-3 NVMe rank at 1.47 GB peak (4 MiB: 1.93,
+# measured (docs/big-models.md): 128 KiB keeps an 85 M-parameter ZeRO-3 NVMe rank at 1.47 GB peak (4 MiB: 1.93,
 # glibc's own: 2.24) but makes each activation above it a fresh, zeroed mmap: a small GPT's step
 # took 160 ms at 128 KiB, 76 ms at 4 MiB
 
