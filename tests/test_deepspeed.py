@@ -123,7 +123,7 @@ def test_causal_char_lm_learns_via_cli(corpus: Path, tmp_path: Path) -> None:
     man = run.manifest()
     assert man is not None and man["seed"] == 1234 and man["versions"]["deepspeed"]
     assert man["data_files"][str(corpus)] and man["attempts"][0]["ranks"] == 2
-    assert "deepspeed.launcher.launch" in man["attempts"][0]["command"]
+    assert "jupyter_llm.launcher.ranks" in man["attempts"][0]["command"]
     events = [e["event"] for e in run.events()]
     assert events[:2] == ["created", "launched"] and events[-1] == "completed"
     ready = next(e for e in run.events() if e["event"] == "data_ready")

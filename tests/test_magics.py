@@ -3,7 +3,6 @@ start nothing (dry runs, listings, attach). Real launches from a kernel: test_ke
 
 from __future__ import annotations
 
-import base64
 import json
 from pathlib import Path
 from typing import Any
@@ -87,14 +86,13 @@ def test_dry_run_from_cell_shows_plan(ip: Any, body: str) -> None:
     )
     assert isinstance(d, DryRun) and d.ok
     assert d.spec.name == "mydry" and d.ds_config["zero_optimization"]["stage"] == 3
-    (info,) = [a.split("=", 1)[1] for a in d.command if a.startswith("--world_info=")]
-    assert json.loads(base64.urlsafe_b64decode(info)) == {"localhost": [0, 1]} and d.ranks == 2
+    assert "--ranks=2" in d.command and d.ranks == 2
     names = {c.name for c in d.checks}
     assert {"master port", "deepspeed importable", "data file", "ranks"} <= names
     assert d.memory is not None and d.memory["params"] > 0
     assert set(d.memory["per_rank_gib"]) == {"0", "1-2", "3"}
     html = ip.display_formatter.formatters["text/html"].lookup(d)(d)  # registered by the extension
-    assert "ZeRO 3" in html and "Command (2 rank(s))" in html and "deepspeed.launcher.launch" in html
+    assert "ZeRO 3" in html and "Command (2 rank(s))" in html and "jupyter_llm.launcher.ranks" in html
     assert RunStore().list() == []  # a dry run starts nothing
 
 

@@ -157,7 +157,7 @@ def test_cell_text_runs_as_a_real_magic(ip: Any, corpus: Path) -> None:
 
 def test_side_panel_follows_the_fields(corpus: Path) -> None:
     form = form_for(corpus)
-    assert "deepspeed.launcher.launch" in form.command.value
+    assert "jupyter_llm.launcher.ranks" in form.command.value
     assert '"stage": 2' in form.ds_config.value
     form.fields["distributed.zero_stage"].widget.value = 3
     assert '"stage": 3' in form.ds_config.value

@@ -3,30 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 
+from conftest import wait_for
 from jupyter_llm.launcher.local import build_command, free_port, port_free
 from jupyter_llm.spec import Spec
-
-
-def world_info(argv: list[str]) -> Any:
-    import base64
-
-    (arg,) = [a for a in argv if a.startswith("--world_info=")]
-    return json.loads(base64.urlsafe_b64decode(arg.split("=", 1)[1]))
 
 
 def test_build_command_is_exact(tmp_path: Path) -> None:
     argv, env = build_command(tmp_path, 2, 29511, attempt=3, python="/venv/bin/py",
                               base_env={"PATH": "/bin:/venv/bin"}, cores=8)  # fmt: skip
-    assert argv == ["/venv/bin/py", "-u", "-m", "deepspeed.launcher.launch", argv[4], "--master_addr=127.0.0.1",
-                    "--master_port=29511", "--no_local_rank", "--module", "jupyter_llm.train", str(tmp_path)]  # fmt: skip
-    assert world_info(argv) == {"localhost": [0, 1]}  # the ranks' devices, as DeepSpeed's runner encodes them
+    assert argv == ["/venv/bin/py", "-u", "-m", "jupyter_llm.launcher.ranks", "--ranks=2", "--master-addr=127.0.0.1",
+                    "--master-port=29511", "jupyter_llm.train", str(tmp_path)]  # fmt: skip
     assert env["OMP_NUM_THREADS"] == "4" and env["GLOO_SOCKET_IFNAME"] == "lo"
     assert env["JUPYTER_LLM_ATTEMPT"] == "3" and env["JUPYTER_LLM_JOB"] == f"{tmp_path.name}:3"
     assert env["PATH"] == "/venv/bin:/bin"  # the venv's tools (ninja for DeepSpeed's JIT ops) first
@@ -91,7 +86,7 @@ def test_cuda_visible_devices_chooses_the_gpus(tmp_path: Path, monkeypatch: pyte
     assert devices.visible_gpus({"CUDA_VISIBLE_DEVICES": "1,1"}, smi) == [1]
     monkeypatch.setattr(devices, "_smi_gpus", lambda: smi)
     argv, _ = build_command(tmp_path, 2, 1, cpu=False, base_env={"CUDA_VISIBLE_DEVICES": "3,1,2"})
-    assert world_info(argv) == {"localhost": [3, 1]}
+    assert "--devices=3,1" in argv  # the first two visible GPUs, one per rank
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     assert devices.gpu_count() == 2  # procs_per_node: auto counts the visible GPUs
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
@@ -806,3 +801,52 @@ def test_kill_group_does_not_wait_for_zombies() -> None:
     kill_group(p.pid, wait_s=30)
     assert time.monotonic() - t0 < 15 and not group_running(p.pid)
     assert p.wait(5) == -9
+
+
+RANK_PROBE = r"""
+import json, os, signal, sys, time
+out, mode = sys.argv[1], sys.argv[2]
+keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE", "MASTER_ADDR",
+        "MASTER_PORT", "CUDA_VISIBLE_DEVICES")
+with open(os.path.join(out, "rank%s.json" % os.environ["RANK"]), "w") as f:
+    json.dump({k: os.environ.get(k) for k in keys} | {"pid": os.getpid()}, f)
+if mode == "fail" and os.environ["RANK"] == "3":
+    sys.exit(7)
+if mode != "ok":
+    signal.signal(signal.SIGTERM, lambda *a: (open(os.path.join(out, "term%s" % os.environ["RANK"]), "w"), sys.exit(0)))
+    time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("mode", ["ok", "fail", "signal"])
+def test_the_ranks_launcher_sets_each_rank_and_stops_them_together(tmp_path: Path, mode: str) -> None:
+    """launcher.ranks: DeepSpeed's per-node environment per rank (real processes); a failing rank
+    stops the others and gives its exit code; SIGTERM to the launcher reaches every rank."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "probe.py").write_text(RANK_PROBE)
+    argv = [sys.executable, "-m", "jupyter_llm.launcher.ranks", "--ranks=2", "--first-rank=2", "--world-size=4",
+            "--node-rank=1", "--nodes=2", "--master-addr=127.0.0.9", "--master-port=29999", "--devices=5,3",
+            "probe", str(tmp_path), mode]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    t0 = time.monotonic()
+    p = subprocess.Popen(argv, env=env)
+    if mode == "signal":
+        wait_for(lambda: len(list(tmp_path.glob("rank*.json"))) == 2, 60, "both ranks started")
+        p.send_signal(signal.SIGTERM)
+    rc = p.wait(60)
+    ranks = {int(f.stem[4:]): json.loads(f.read_text()) for f in tmp_path.glob("rank*.json")}
+    assert ranks[2] | {"pid": 0} == {"RANK": "2", "LOCAL_RANK": "0", "WORLD_SIZE": "4", "LOCAL_SIZE": "2",
+                                     "CROSS_RANK": "1", "CROSS_SIZE": "2", "MASTER_ADDR": "127.0.0.9",
+                                     "MASTER_PORT": "29999", "CUDA_VISIBLE_DEVICES": "5,3", "pid": 0}  # fmt: skip
+    assert ranks[3]["RANK"] == "3" and ranks[3]["LOCAL_RANK"] == "1"
+    assert rc == {"ok": 0, "fail": 7, "signal": 1}[mode]
+    if mode == "fail":  # rank 2 was asked to stop (SIGTERM) once rank 3 failed, not left to its sleep
+        assert (tmp_path / "term2").exists() and time.monotonic() - t0 < 30
+    if mode == "signal":
+        assert (tmp_path / "term2").exists() and (tmp_path / "term3").exists()
+    for r in ranks.values():
+        assert not psutil.pid_exists(r["pid"]) or psutil.Process(r["pid"]).status() == psutil.STATUS_ZOMBIE
