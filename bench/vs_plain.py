@@ -60,7 +60,25 @@ def run_ours(steps: int, compile: bool) -> dict:
     if state != "completed":
         sys.exit(f"jupyter_llm run {run.id} ended {state}: {run.status().get('error')}")
     vals = [m["val_loss"] for m in run.metrics() if "val_loss" in m]
-    return {"wall_s": wall, "val_loss": vals[-1], "run": run.id}
+    return {"wall_s": wall, "val_loss": vals[-1], "run": run.id, "phases_s": phases(run, t0)}
+
+
+def phases(run, t0: float) -> dict[str, float]:
+    """Where our wall time went, from the run's own events and metric lines: from `launch` to
+    each mark, in seconds (the fixed part is everything but first_step -> last_step)."""
+    from datetime import datetime
+
+    def at(iso: str) -> float:
+        return datetime.fromisoformat(iso).timestamp() - t0
+
+    marks = {}
+    for e in run.events():
+        if e["event"] in ("launched", "data_ready", "model_ready", "exported", "completed"):
+            marks.setdefault(e["event"], at(e["time"]))
+    train = [m for m in run.metrics() if "loss" in m and "time" in m]
+    if train:
+        marks["first_log"], marks["last_log"] = train[0]["time"] - t0, train[-1]["time"] - t0
+    return {k: round(v, 2) for k, v in sorted(marks.items(), key=lambda kv: kv[1])}
 
 
 def run_plain(steps: int, compile: bool) -> dict:

@@ -144,11 +144,17 @@ class Agent:
         env[PARENT_ENV] = parent_tag()
         if a.pretrained is not None:
             env["JUPYTER_LLM_PRETRAINED"] = str(self.run_dir / a.pretrained)
+        # this node's ranks from the hostfile's slots (the world's layout, nodes in order), started
+        # as on this machine (launcher.ranks: no DeepSpeed import in front of them)
+        slots = [int(line.split("slots=")[1]) for line in (self.run_dir / "hostfile").read_text().splitlines()
+                 if "slots=" in line]  # fmt: skip
         argv = [
-            sys.executable, "-u", "-m", "deepspeed.launcher.runner",
-            "--hostfile", str(self.run_dir / "hostfile"), "--no_ssh", "--node_rank", str(self.node),
-            "--master_addr", a.master_addr, "--master_port", str(a.master_port),
-            "--no_local_rank", "--module", "jupyter_llm.train", str(self.run_dir),
+            sys.executable, "-u", "-m", "jupyter_llm.launcher.ranks", f"--ranks={a.slots}",
+            f"--first-rank={sum(slots[: self.node])}", f"--world-size={sum(slots)}",
+            f"--node-rank={self.node}", f"--nodes={len(slots)}",
+            f"--master-addr={a.master_addr}", f"--master-port={a.master_port}",
+            *([] if a.cpu else [f"--devices={','.join(map(str, range(a.slots)))}"]),
+            "jupyter_llm.train", str(self.run_dir),
         ]  # fmt: skip
         self.proc = subprocess.Popen(
             argv, env=env, cwd=self.run_dir, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

@@ -132,7 +132,8 @@ def agent_hello(cluster: Cluster) -> bytes:
 
 
 def hostfile(nodes: list[Node]) -> str:
-    """DeepSpeed's hostfile; names are only keys for its world info (each agent is its node)."""
+    """The nodes and their ranks (slots), in order, in DeepSpeed's hostfile format; each node's
+    agent reads its first rank and the world size from it (the names are only keys)."""
     return "".join(f"node{n.index} slots={n.slots}\n" for n in nodes)
 
 
