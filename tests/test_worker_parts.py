@@ -833,11 +833,12 @@ def test_the_ranks_launcher_sets_each_rank_and_stops_them_together(tmp_path: Pat
             "probe", str(tmp_path), mode]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     t0 = time.monotonic()
-    p = subprocess.Popen(argv, env=env)
+    p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
     if mode == "signal":
         wait_for(lambda: len(list(tmp_path.glob("rank*.json"))) == 2, 60, "both ranks started")
         p.send_signal(signal.SIGTERM)
-    rc = p.wait(60)
+    out, _ = p.communicate(timeout=60)
+    rc = p.returncode
     ranks = {int(f.stem[4:]): json.loads(f.read_text()) for f in tmp_path.glob("rank*.json")}
     assert ranks[2] | {"pid": 0} == {"RANK": "2", "LOCAL_RANK": "0", "WORLD_SIZE": "4", "LOCAL_SIZE": "2",
                                      "CROSS_RANK": "1", "CROSS_SIZE": "2", "MASTER_ADDR": "127.0.0.9",
@@ -846,6 +847,8 @@ def test_the_ranks_launcher_sets_each_rank_and_stops_them_together(tmp_path: Pat
     assert rc == {"ok": 0, "fail": 7, "signal": 1}[mode]
     if mode == "fail":  # rank 2 was asked to stop (SIGTERM) once rank 3 failed, not left to its sleep
         assert (tmp_path / "term2").exists() and time.monotonic() - t0 < 30
+        # in the words watch.diagnose reads the failed rank's exit code from
+        assert f"rank 3 (pid {ranks[3]['pid']}) exits with return code = 7" in out
     if mode == "signal":
         assert (tmp_path / "term2").exists() and (tmp_path / "term3").exists()
     for r in ranks.values():

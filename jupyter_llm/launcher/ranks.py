@@ -47,6 +47,7 @@ def run(cmd: list[str], envs: list[dict[str, str]]) -> int:
     """Start one process per environment; wait for all. The first nonzero exit stops the rest
     and is returned; 0 when every rank exited 0."""
     procs = {p.pid: p for p in (subprocess.Popen(cmd, env=env) for env in envs)}
+    rank_of = {pid: env["RANK"] for pid, env in zip(procs, envs, strict=True)}
     failed: int | None = None
     deadline: float | None = None
 
@@ -91,6 +92,10 @@ def run(cmd: list[str], envs: list[dict[str, str]]) -> int:
         p.returncode = os.waitstatus_to_exitcode(status)
         code = p.returncode if p.returncode >= 0 else 128 - p.returncode
         if code != 0 and failed is None:
+            # the line (and its wording) DeepSpeed's launcher writes: watch.diagnose reads the
+            # failed rank's exit code or signal from it (negative: killed by that signal)
+            print(f"[jupyter-llm] rank {rank_of[pid]} (pid {pid}) exits with return code = {p.returncode}",
+                  flush=True)  # fmt: skip
             failed, deadline = code, time.monotonic() + KILL_AFTER_S
             stop_all()
     return failed or 0
