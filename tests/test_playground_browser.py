@@ -46,7 +46,12 @@ def test_playground_streams_stops_compares_and_cleans_up(evaluated_run: Run, tmp
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(notebook, nb_file)
     with (
-        JupyterLab(tmp_path, {"JUPYTER_LLM_HOME": str(run.path.parent.parent)}) as lab,
+        # every generated token takes ≥ 20 ms (1018 tokens ≥ 20 s): the Stop below lands mid-way for
+        # sure, instead of racing a model that may generate its whole context first (it did, in 1.3 s)
+        JupyterLab(
+            tmp_path,
+            {"JUPYTER_LLM_HOME": str(run.path.parent.parent), "JUPYTER_LLM_FAULT": "token_delay_ms:20"},
+        ) as lab,  # fmt: skip
         lab.open_notebook(nb_file) as nb,
     ):
         nb.run_cell(0, timeout=120)

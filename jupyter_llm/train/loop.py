@@ -31,6 +31,7 @@ from ..folder import (
     record_event,
 )
 from ..summary import metrics_text
+from .faults import fault
 
 
 def main(run_dir: Path) -> None:
@@ -232,7 +233,7 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
             validation_first=start_step == 0 and has_val,
         )
         # fault injection: hold the start-up here, so a test sees the "first step" phase for sure
-        time.sleep((_fault("startup_delay_ms") or 0) / 1000)
+        time.sleep((fault("startup_delay_ms") or 0) / 1000)
 
     # prompts of the samples taken while training: given, or the start of the validation text
     prompts = list(t.sample_prompts)
@@ -258,10 +259,10 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
             append_jsonl(run_dir / METRICS_FILE, {"step": 0, "time": time.time(), "attempt": attempt, **ev})
     engine.train()
     window_start = time.perf_counter()
-    hang_at = _fault("hang_at_step")
-    raise_at = _fault("raise_at_step")
+    hang_at = fault("hang_at_step")
+    raise_at = fault("raise_at_step")
     # fault injection: every step takes at least this long, so a test can catch a run mid-flight
-    step_delay_s = (_fault("step_delay_ms") or 0) / 1000
+    step_delay_s = (fault("step_delay_ms") or 0) / 1000
     gn_every = t.grad_norms_every
     for step in range(start_step + 1, t.max_steps + 1):
         if hang_at == step and master:  # fault injection for the hang test: rank 0 stalls
@@ -688,17 +689,6 @@ def _samples(engine: Any, tok: Any, prompts: list[str], n_new: int, block: int, 
             outs.append(tok.decode(x[0, len(ids) :].tolist()))
     engine.train()
     return outs
-
-
-def _fault(name: str) -> int | None:
-    """Fault injection for tests: JUPYTER_LLM_FAULT=hang_at_step:N, raise_at_step:N (an
-    exception in the loss, on rank 0), step_delay_ms:N or startup_delay_ms:N; several with
-    commas (startup_delay_ms:6000,step_delay_ms:100)."""
-    for item in os.environ.get("JUPYTER_LLM_FAULT", "").split(","):
-        kind, _, arg = item.strip().partition(":")
-        if kind == name and arg.isdigit():
-            return int(arg)
-    return None
 
 
 def _seed(*parts: int) -> int:

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .faults import fault
+
 READY = {"ready": True}
 
 
@@ -78,8 +80,11 @@ class Generator:
         max_new = min(max_new, limit)
         streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
 
+        delay_s = (fault("token_delay_ms") or 0) / 1000  # tests: a generation long enough to stop
+
         class Stop(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> Any:
+                time.sleep(delay_s)
                 return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool)
 
         kwargs: dict[str, Any] = {"max_new_tokens": max_new, "streamer": streamer, "do_sample": temperature > 0,
