@@ -112,9 +112,14 @@ def test_slurm_script_follows_the_spec(tmp_path: Path) -> None:
     assert srun.endswith(" &")  # in the background: the USR1 trap runs while the script waits
     inner = shlex.split(srun)[-2]
     words = shlex.split(inner)
-    assert words[:4] == ["exec", "/opt/env/bin/python", "-u", "-m"] and "--no_ssh" in words
-    assert words[words.index("--node_rank") + 1] == "$SLURM_NODEID"  # expanded by bash -c on each node
-    assert words[words.index("--master_port") + 1] == "24567" and words[-1] == str(run_dir)
+    assert words[:5] == ["exec", "/opt/env/bin/python", "-u", "-m", "jupyter_llm.launcher.ranks"]
+    assert words[-2:] == ["jupyter_llm.train", str(run_dir)]
+    # as bash -c expands it on node 2 of 3 (4 ranks each)
+    shown = subprocess.run(["bash", "-c", inner.replace("exec ", "printf '%s\\n' ", 1)], capture_output=True,
+                           text=True, env={**os.environ, "SLURM_NODEID": "2", "MASTER_ADDR": "10.0.0.9"})  # fmt: skip
+    argv = shown.stdout.splitlines()
+    assert {"--ranks=4", "--world-size=12", "--nodes=3", "--master-port=24567", "--first-rank=8",
+            "--node-rank=2", "--master-addr=10.0.0.9"} <= set(argv), argv  # fmt: skip
     # the variables, as bash on a node sets them (everything up to MASTER_ADDR, then print two)
     head = script.split("export MASTER_ADDR=")[0]
     out = subprocess.run(
@@ -459,7 +464,7 @@ def test_slurm_submission_on_a_one_machine_cluster(
         finished = next(e for e in run.events() if e["event"] == "slurm_finished")
         assert finished["state"] == "COMPLETED" and finished["slurm_job"] == job
         log = (run.path / "logs" / f"slurm-{job}.log").read_text()
-        assert "node_rank=0" in log, log[-2000:]  # DeepSpeed's launcher ran under srun
+        assert "node 0: ranks 0..1 of 2" in log, log[-2000:]  # launcher.ranks ran under srun
         assert (run.path / "final" / "config.json").is_file() and run.status()["world_size"] == 2
     finally:
         cluster.stop()

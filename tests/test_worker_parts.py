@@ -808,12 +808,16 @@ import json, os, signal, sys, time
 out, mode = sys.argv[1], sys.argv[2]
 keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE", "MASTER_ADDR",
         "MASTER_PORT", "CUDA_VISIBLE_DEVICES")
-with open(os.path.join(out, "rank%s.json" % os.environ["RANK"]), "w") as f:
+if mode != "ok":  # (before the record: a SIGTERM may follow it at once)
+    signal.signal(signal.SIGTERM, lambda *a: (open(os.path.join(out, "term%s" % os.environ["RANK"]), "w"), sys.exit(0)))
+with open(os.path.join(out, "rank%s.json.tmp" % os.environ["RANK"]), "w") as f:
     json.dump({k: os.environ.get(k) for k in keys} | {"pid": os.getpid()}, f)
+os.rename(os.path.join(out, "rank%s.json.tmp" % os.environ["RANK"]), os.path.join(out, "rank%s.json" % os.environ["RANK"]))
 if mode == "fail" and os.environ["RANK"] == "3":
+    while not os.path.exists(os.path.join(out, "rank2.json")):  # rank 2 is up: then fail
+        time.sleep(0.01)
     sys.exit(7)
 if mode != "ok":
-    signal.signal(signal.SIGTERM, lambda *a: (open(os.path.join(out, "term%s" % os.environ["RANK"]), "w"), sys.exit(0)))
     time.sleep(60)
 """
 

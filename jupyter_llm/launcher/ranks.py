@@ -124,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         nodes=a.nodes, master_addr=a.master_addr, master_port=a.master_port, devices=devices,
         base=dict(os.environ),
     )  # fmt: skip
+    last = a.first_rank + a.ranks - 1
+    print(f"[jupyter-llm] node {a.node_rank}: ranks {a.first_rank}..{last} of {a.world_size or a.ranks}"
+          f" (master {a.master_addr}:{a.master_port})", flush=True)  # fmt: skip
     return run([sys.executable, "-u", "-m", a.module, *a.args], envs)
 
 

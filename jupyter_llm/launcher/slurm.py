@@ -94,17 +94,13 @@ def sbatch_script(
         lines.append(f"export MASTER_ADDR={shlex.quote(cluster.master_addr)}")
     else:
         lines.append('export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"')
-    fixed = [
-        cluster.python,
-        "-u",
-        "-m",
-        "deepspeed.launcher.runner",
-        "--hostfile",
-        str(run_dir / "hostfile"),
-        "--no_ssh",
-    ]
-    rest = ["--master_port", str(port), "--no_local_rank", "--module", "jupyter_llm.train", str(run_dir)]
-    inner = f'exec {shlex.join(fixed)} --node_rank "$SLURM_NODEID" --master_addr "$MASTER_ADDR" {shlex.join(rest)}'
+    # each node's ranks through launcher.ranks (no DeepSpeed import in front of them), this
+    # node's first rank from SLURM_NODEID; CUDA_VISIBLE_DEVICES stays as Slurm set it
+    slots, count = nodes[0].slots, len(nodes)
+    fixed = [cluster.python, "-u", "-m", "jupyter_llm.launcher.ranks", f"--ranks={slots}",
+             f"--world-size={slots * count}", f"--nodes={count}", f"--master-port={port}"]  # fmt: skip
+    inner = (f'exec {shlex.join(fixed)} --first-rank="$(( SLURM_NODEID * {slots} ))" --node-rank="$SLURM_NODEID"'
+             f' --master-addr="$MASTER_ADDR" {shlex.join(["jupyter_llm.train", str(run_dir)])}')  # fmt: skip
     lines += [
         f"srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c {shlex.quote(inner)} &",
         "job=$!",
