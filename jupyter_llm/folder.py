@@ -289,8 +289,8 @@ class JobFolder:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.id!r}, state={self.state!r})"
 
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.path == self.path
+    def __eq__(self, other: object) -> bool:  # (a Run and a RunFolder of one folder are equal)
+        return isinstance(other, JobFolder) and other.path == self.path
 
     def __hash__(self) -> int:
         return hash(self.path)
@@ -343,12 +343,6 @@ class RunFolder(JobFolder):
 
     what = "supervisor"
     hint = "; resume() continues from its newest checkpoint"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, RunFolder) and other.path == self.path
-
-    def __hash__(self) -> int:
-        return hash(self.path)
 
     # -- reading ------------------------------------------------------------------------
 

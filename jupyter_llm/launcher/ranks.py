@@ -1,24 +1,26 @@
-"""The ranks of one node: `python -m jupyter_llm.launcher.ranks --ranks N --master-port P -- MODULE ARGS`.
+"""The ranks of one node: `python -m jupyter_llm.launcher.ranks --ranks N --master-port P MODULE ARGS`.
 
 What DeepSpeed's per-node launcher (`deepspeed.launcher.launch`) does for a job, without what it
-costs before the first rank starts: that launcher imports DeepSpeed and torch only to read its
-arguments (2-7 s on these machines, serial, in front of every run and every restart; this
-module imports neither) and polls its ranks once a second (up to 1 s more at every end). The
-same environment per rank (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_SIZE, CROSS_RANK, CROSS_SIZE,
-MASTER_ADDR, MASTER_PORT, and CUDA_VISIBLE_DEVICES with `--devices`), the same contract: the
-first rank that fails makes the others stop (SIGTERM, SIGKILL after `KILL_AFTER_S`) and its exit
-code is this process's; SIGINT or SIGTERM to this process is passed to the ranks (SIGTERM), and
-it exits 1 once they are gone. The supervisor signals the whole process group; this process waits for the
-ranks either way.
+costs: that launcher imports DeepSpeed and torch only to read its arguments (2-7 s on these
+machines, serial, in front of every run and every restart; this module imports neither) and
+polls its ranks once a second (up to 1 s more at every end; here a rank's end is seen as it
+happens). The same environment per rank (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_SIZE, CROSS_RANK,
+CROSS_SIZE, MASTER_ADDR, MASTER_PORT, and CUDA_VISIBLE_DEVICES with `--devices`), the same
+contract: the first rank that fails makes the others stop (SIGTERM, SIGKILL after
+`KILL_AFTER_S`) and its exit code is this process's; SIGINT or SIGTERM to this process is passed
+to the ranks (SIGTERM), and it exits 1 once they are gone. The supervisor signals the whole
+process group; this process waits for the ranks either way.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 KILL_AFTER_S = 30.0  # after a failure or a signal, the ranks still alive get SIGKILL then
@@ -45,59 +47,55 @@ def rank_environments(
 
 def run(cmd: list[str], envs: list[dict[str, str]]) -> int:
     """Start one process per environment; wait for all. The first nonzero exit stops the rest
-    and is returned; 0 when every rank exited 0."""
-    procs = {p.pid: p for p in (subprocess.Popen(cmd, env=env) for env in envs)}
-    rank_of = {pid: env["RANK"] for pid, env in zip(procs, envs, strict=True)}
+    and is returned; 0 when every rank exited 0.
+
+    A thread per rank waits on it (Popen.wait: every rank is reaped once, by its own Popen) and
+    hands it over as it ends, so a rank's end is seen at once; the main thread wakes twice a
+    second only to send SIGKILL once a failure's or a signal's grace has run out."""
+    procs = [subprocess.Popen(cmd, env=env) for env in envs]
+    ended: queue.Queue[tuple[subprocess.Popen[bytes], str]] = queue.Queue()
+
+    def wait_on(p: subprocess.Popen[bytes], rank: str) -> None:
+        p.wait()
+        ended.put((p, rank))
+
+    for p, env in zip(procs, envs, strict=True):
+        threading.Thread(target=wait_on, args=(p, env["RANK"]), daemon=True).start()
     failed: int | None = None
-    deadline: float | None = None
+    deadline: float | None = None  # the SIGKILL time, once the ranks were asked to stop
 
-    def stop_all(sig: int = signal.SIGTERM) -> None:
-        for p in procs.values():
-            if p.poll() is None:
-                try:
-                    p.send_signal(sig)
-                except ProcessLookupError:
-                    pass
+    def stop_all(sig: int) -> None:
+        for p in procs:
+            try:
+                p.send_signal(sig)  # (nothing to a rank already reaped)
+            except ProcessLookupError:
+                pass
 
-    def on_signal(signum: int, frame: object) -> None:
+    def give_up(code: int) -> None:
         nonlocal failed, deadline
-        failed = failed if failed is not None else 1  # as DeepSpeed's launcher exits
+        failed = code if failed is None else failed
         if deadline is None:
             deadline = time.monotonic() + KILL_AFTER_S
-            stop_all()
+            stop_all(signal.SIGTERM)
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    while procs:
-        # a blocking wait while no deadline runs (no polling); past a failure, short waits
-        # so the ranks still alive get their SIGKILL on time
-        if deadline is not None and time.monotonic() > deadline:
-            stop_all(signal.SIGKILL)
-            deadline = float("inf")
-        try:
-            if deadline is None:
-                pid, status = os.wait()
-            else:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-                if pid == 0:
-                    time.sleep(0.1)
-                    continue
-        except ChildProcessError:
-            break
-        except InterruptedError:  # pragma: no cover - PEP 475 retries, a handler may still raise
-            continue
-        p = procs.pop(pid, None)
-        if p is None:
-            continue
-        p.returncode = os.waitstatus_to_exitcode(status)
-        code = p.returncode if p.returncode >= 0 else 128 - p.returncode
-        if code != 0 and failed is None:
+    signal.signal(signal.SIGINT, lambda signum, frame: give_up(1))  # 1: as DeepSpeed's launcher exits
+    signal.signal(signal.SIGTERM, lambda signum, frame: give_up(1))
+    for _ in procs:
+        while True:
+            if deadline is not None and time.monotonic() > deadline:
+                stop_all(signal.SIGKILL)
+            try:
+                p, rank = ended.get(timeout=0.5)
+                break
+            except queue.Empty:
+                continue
+        if p.returncode != 0 and failed is None:
             # the line (and its wording) DeepSpeed's launcher writes: watch.diagnose reads the
             # failed rank's exit code or signal from it (negative: killed by that signal)
-            print(f"[jupyter-llm] rank {rank_of[pid]} (pid {pid}) exits with return code = {p.returncode}",
-                  flush=True)  # fmt: skip
-            failed, deadline = code, time.monotonic() + KILL_AFTER_S
-            stop_all()
+            print(
+                f"[jupyter-llm] rank {rank} (pid {p.pid}) exits with return code = {p.returncode}", flush=True
+            )
+            give_up(p.returncode if p.returncode > 0 else 128 - p.returncode)
     return failed or 0
 
 

@@ -46,9 +46,7 @@ class Startup(Reply):
 class LastRestart(Reply):
     """The newest automatic restart (train.max_restarts): when, why, and its class in words."""
 
-    model_config = ConfigDict(
-        populate_by_name=True, serialize_by_alias=True, json_schema_serialization_defaults_required=True
-    )
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)  # merged with Reply's
 
     time: str | None = None
     reason: str | None = None
@@ -58,7 +56,7 @@ class LastRestart(Reply):
 class SweepRef(Reply):
     """The sweep and trial a run belongs to (its sweep.json, written by the sweep controller)."""
 
-    model_config = ConfigDict(extra="allow", json_schema_serialization_defaults_required=True)
+    model_config = ConfigDict(extra="allow")  # merged with Reply's
 
     sweep_id: str
     sweep_path: str | None = None
@@ -69,7 +67,7 @@ class SweepRef(Reply):
 class PipelineRef(Reply):
     """The pipeline and stage that launched a run (its pipeline.json)."""
 
-    model_config = ConfigDict(extra="allow", json_schema_serialization_defaults_required=True)
+    model_config = ConfigDict(extra="allow")  # merged with Reply's
 
     pipeline: str
     stage: str | None = None
@@ -106,7 +104,7 @@ class RunList(Reply):
 class Sample(Reply):
     """Text generated during training (train.sample_every)."""
 
-    model_config = ConfigDict(extra="allow", json_schema_serialization_defaults_required=True)
+    model_config = ConfigDict(extra="allow")  # merged with Reply's
 
     step: int
     prompt: str
