@@ -8,6 +8,10 @@ export TRANSFORMERS_OFFLINE := 1
 # DeepSpeed's JIT-built ops live with the venv: two checkouts sharing ~/.cache/torch_extensions
 # rebuild each other's ops at every switch (their build paths differ), minutes each time
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
+# Python writes the bytecode of what it imports once, to __pycache__: with PYTHONDONTWRITEBYTECODE
+# set (as on our machines) and pip's --no-compile below, every process compiled torch, DeepSpeed
+# and Transformers from source again at every start (6 s of a rank's 12 s start-up, py-spy)
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: venv demo test test-fast lint format bench clean system chromium nodes aio cpu-ops docs
 

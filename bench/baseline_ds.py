@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from jupyter_llm.spec import on_cpu
+
 ap = argparse.ArgumentParser()
 ap.add_argument("--corpus", required=True)
 ap.add_argument("--ds-config", required=True)
@@ -33,6 +35,8 @@ args = ap.parse_args()
 deepspeed.init_distributed()
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 cfg = json.loads(Path(args.ds_config).read_text())
+if not torch.cuda.is_available():  # the optimizer the worker picks on CPU ranks
+    cfg = on_cpu(cfg)
 B = cfg["train_micro_batch_size_per_gpu"]
 
 text = Path(args.corpus).read_text(encoding="utf-8")

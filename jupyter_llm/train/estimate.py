@@ -14,6 +14,9 @@ from typing import Any
 
 
 def estimate(spec_path: Path, ranks: int) -> dict[str, Any]:
+    from .deps import import_deepspeed
+
+    import_deepspeed()
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 

@@ -146,6 +146,9 @@ def checkpoint_state(path: Path, zero_stage: int) -> dict[str, Any]:
         return dict(
             torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
         )
+    from .deps import import_deepspeed
+
+    import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return dict(get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name))

@@ -58,12 +58,14 @@ def main(run_dir: Path) -> None:
 
 
 def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
-    from ..spec import Spec, resolve_auto
+    from ..spec import Spec, on_cpu, resolve_auto
 
     # validated at launch; on a remote node the data files are not there (prepared data is)
     spec = Spec.from_yaml((run_dir / SPEC_FILE).read_text(), check_files=False)
     mmap_threshold(spec)  # before the first tensor
-    import deepspeed
+    from .deps import import_deepspeed
+
+    deepspeed = import_deepspeed()  # first: every later `deepspeed` import finds it loaded
     import numpy as np
     import psutil
     import torch
@@ -82,6 +84,8 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
     deepspeed.init_distributed()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if not cuda:
+        ds_config = on_cpu(ds_config)
     if cuda:
         torch.cuda.set_device(device)
         if cap := os.environ.get("JUPYTER_LLM_GPU_MEMORY_FRACTION"):  # the share of the GPU this job may use
