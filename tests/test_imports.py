@@ -38,3 +38,28 @@ def test_api_surface_is_light(tmp_path) -> None:  # type: ignore[no-untyped-def]
     )
     mods = _modules_after(code)
     assert not mods & set(HEAVY), mods & set(HEAVY)
+
+
+def test_a_rank_imports_deepspeed_without_mlflow_and_from_bytecode() -> None:
+    """What every rank imports at its start costs what it must: DeepSpeed (imported the rank's way,
+    `train.deps.import_deepspeed`) without the MLflow and pandas its autotuner would pull in (3.7 s
+    a rank, measured), `import mlflow` still working after it; and Transformers' modules found as
+    bytecode after a first import (PYTHONDONTWRITEBYTECODE, set on our machines, with pip's
+    --no-compile had every process compile torch, DeepSpeed and Transformers from source: 6 s of
+    a rank's 12 s start-up; `make` unexports it — run pytest through make or without it)."""
+    code = (
+        "import importlib.util, sys\n"
+        "from jupyter_llm.train.deps import import_deepspeed\n"
+        "import_deepspeed()\n"
+        "import transformers.models.gpt2.modeling_gpt2 as m\n"
+        "print('mlflow' in sys.modules, 'pandas' in sys.modules)\n"
+        "import mlflow\n"
+        "print(__import__('os').path.exists(importlib.util.cache_from_source(m.__file__)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    loaded, cached = out.stdout.split()[-3:-1], out.stdout.split()[-1]
+    assert loaded == ["False", "False"], out.stdout
+    assert cached == "True", (
+        "Transformers' modules are compiled at every import: PYTHONDONTWRITEBYTECODE is set"
+    )

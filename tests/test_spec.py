@@ -11,7 +11,7 @@ import yaml
 from jupyter_llm import launch
 from jupyter_llm.errors import SpecError
 from jupyter_llm.runs import RunStore
-from jupyter_llm.spec import Spec, deep_merge, deepspeed_config
+from jupyter_llm.spec import Spec, deep_merge, deepspeed_config, on_cpu
 
 BAD = yaml.safe_load((Path(__file__).parent / "specs" / "bad_specs.yaml").read_text())
 
@@ -227,3 +227,24 @@ def test_zero3_sizes_are_derived_from_the_shape_unless_given(corpus: Path) -> No
     assert (
         resolve_auto(deepspeed_config(given), shape)["zero_optimization"]["stage3_max_live_parameters"] == 123
     )
+
+
+def test_cpu_ranks_take_torch_adamw_unless_offloaded_or_told(corpus: Path) -> None:
+    """CPU ranks run Adam/AdamW through torch (DeepSpeed's CPU FusedAdam probes the CPU in two
+    subprocesses at every start); an offloaded optimizer keeps DeepSpeed's CPU Adam, SGD is left
+    alone and a `torch_adam` in the spec's `deepspeed:` section wins."""
+
+    def params(**sections: Any) -> dict[str, Any]:
+        spec = Spec.from_dict({"data": {"train": str(corpus)}, **sections})
+        return on_cpu(deepspeed_config(spec))["optimizer"]["params"]
+
+    plain = params()
+    assert (
+        plain["torch_adam"] is True
+        and plain["lr"] == Spec.from_dict({"data": {"train": str(corpus)}}).optim.lr
+    )
+    assert params(optim={"name": "adam"})["adam_w_mode"] is False  # still Adam, through torch
+    assert "torch_adam" not in params(distributed={"zero_stage": 2, "offload": "optimizer"})
+    assert "torch_adam" not in params(optim={"name": "sgd"})
+    told = {"optimizer": {"params": {"torch_adam": False}}}
+    assert params(deepspeed=told)["torch_adam"] is False
