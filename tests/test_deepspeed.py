@@ -21,6 +21,8 @@ import yaml
 from conftest import minilm_path, tiny_spec, wait_for
 from jupyter_llm import launch
 from jupyter_llm.launcher.local import group_running
+from jupyter_llm.launcher.system import rank_pids
+from jupyter_llm.launcher.watch import rank_records
 from jupyter_llm.runs import CKPT_MARKER, Run
 
 pytestmark = pytest.mark.deepspeed
@@ -289,6 +291,13 @@ def test_kill_rank_then_resume_matches_uninterrupted(corpus: Path) -> None:
 def test_graceful_stop_saves_checkpoint_and_resumes(corpus: Path) -> None:
     run = launch(tiny_spec(corpus, name="stopme", train={"max_steps": 400, "save_every": 0, "log_every": 5}))
     wait_for(lambda: any(m.get("step", 0) >= 10 for m in run.metrics()), what="step 10")
+    # the real ranks, mid-run, imported DeepSpeed without the MLflow (and pandas) its autotuner
+    # would pull in (train/deps.py; 3.7 s of every rank's start-up): none of pandas' libraries mapped
+    pids = rank_pids(rank_records(run.path, 1))
+    assert len(pids) == 2
+    for pid in pids:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        assert "torch/lib" in maps and "pandas/_libs" not in maps, pid
     t0 = time.monotonic()
     assert run.stop(wait=True, timeout=120) == "stopped"
     stop_s = time.monotonic() - t0

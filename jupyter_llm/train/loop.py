@@ -84,12 +84,12 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
     deepspeed.init_distributed()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if not cuda:
-        ds_config = on_cpu(ds_config)
     if cuda:
         torch.cuda.set_device(device)
         if cap := os.environ.get("JUPYTER_LLM_GPU_MEMORY_FRACTION"):  # the share of the GPU this job may use
             torch.cuda.set_per_process_memory_fraction(float(cap), device)
+    else:
+        ds_config = on_cpu(ds_config)
 
     # -- tokenizer and data: rank 0 prepares once, the others wait and reuse ---------------
     tok_dir = run_dir / "tokenizer"
