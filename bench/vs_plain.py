@@ -197,7 +197,7 @@ def main() -> None:
         return plain(args.steps, args.compile)
     from scale import warm_ops  # bench/scale.py: DeepSpeed's ops built before anything is timed
 
-    warm_ops("FusedAdamBuilder ShareMemCommBuilder")  # the ops a ZeRO-0/2 CPU run loads
+    warm_ops("ShareMemCommBuilder")  # the op a ZeRO-0/2 CPU run loads (Adam: torch's)
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("JUPYTER_LLM_HOME", tmp)
         ours, base = [], []

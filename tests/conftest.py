@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,6 +32,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker("packaging")
         if name.startswith("notebooks/"):
             item.add_marker("notebooks")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ops_built_once() -> Iterator[None]:
+    """DeepSpeed's ops are built once, by `make` (cpu-ops, aio); the suite must not rebuild one.
+    A process that loads an op with the system's ninja on PATH first, or another install's
+    DeepSpeed in the same folder, rebuilt it, and the next rank rebuilt it back: ~25 s each,
+    four times a run, unseen (measured from the ops' .ninja_log on a fresh clone)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    logs = {p: p.stat().st_size for p in Path(root).glob("*/.ninja_log")} if root else {}
+    yield
+    rebuilt = sorted(p.parent.name for p, size in logs.items() if p.stat().st_size != size)
+    assert not rebuilt, f"DeepSpeed ops rebuilt during the tests: {rebuilt} (see their .ninja_log)"
 
 
 @pytest.fixture(autouse=True)

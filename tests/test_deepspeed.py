@@ -520,8 +520,11 @@ def test_zero3_partitions_the_model_as_it_is_built(source: str, tmp_path: Path, 
         if source == "config"
         else ["bert.embeddings.word_embeddings.weight", str(bert / "model.safetensors")]
     )
+    # the venv's bin first, as the launcher has it for ranks: DeepSpeed's shm op is then found
+    # built by the venv's ninja (the system's older one rebuilt it, and the next run rebuilt it back)
     env = {**os.environ, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "GLOO_SOCKET_IFNAME": "lo"}  # fmt: skip
+           "MASTER_PORT": str(free_port()), "GLOO_SOCKET_IFNAME": "lo",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
     procs = [
         subprocess.Popen(
             [sys.executable, str(probe), str(spec), str(tmp_path), str(bert), *extra],
