@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,13 +16,18 @@ CORPUS = REPO / "examples" / "tinyshakespeare.txt"
 # the supervisors of the tests' runs sample system utilisation every second (5 s by default),
 # so a run of a few seconds has its lines (set before any supervisor starts)
 os.environ.setdefault("JUPYTER_LLM_SYSTEM_EVERY_S", "1")
+# the venv's bin first, as an activated venv has it (and as the launcher gives it to ranks): a
+# process the tests start, or DeepSpeed in this one, then JIT-loads its ops with the venv's ninja,
+# the one `make` built them with; the system's (1.11) hashes build commands unlike it (1.13), so
+# each rebuilt what the other built (25 s a time; the session check below)
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)])
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark every test by the real resources it starts, so a tier can be chosen with -m:
     deepspeed and browser are marked in the modules; sshd (a real sshd on 127.0.0.x), slurm
     (a real slurmctld/slurmd), packaging (a wheel build and a fresh venv) and notebooks
-    (nbval on a real kernel) here."""
+    (nbval on a real kernel) here; offload in the modules."""
     for item in items:
         name = item.nodeid
         if "sshd" in getattr(item, "fixturenames", ()):
@@ -32,6 +38,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker("packaging")
         if name.startswith("notebooks/"):
             item.add_marker("notebooks")
+    # the tests that load the offload ops run last: `make test` builds those ops beside the
+    # suite, in the cores the other tests leave idle (a stable sort: the rest keep their order)
+    items.sort(key=lambda item: item.get_closest_marker("offload") is not None)
 
 
 @pytest.fixture(scope="session", autouse=True)

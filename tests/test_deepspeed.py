@@ -190,7 +190,9 @@ def test_two_runs_at_once_zero0_and_zero3_default_port_taken(corpus: Path, tmp_p
     """Stages 0 and 3 side by side on one host while DeepSpeed's default port is held;
     the ZeRO-3 export is consolidated from the shards and reloads with the engine's logits.
     Both start from one saved GPT-2 (ZeRO-3 builds a model from a config partitioned, and its
-    per-module initialisation draws the random numbers in another order than stage 0's)."""
+    per-module initialisation draws the random numbers in another order than stage 0's), and
+    with every step clipped they train the same curve and report the same gradient norms:
+    stage 0 in fp32 clips in the worker, stage 3 inside DeepSpeed's optimizer."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -212,7 +214,7 @@ def test_two_runs_at_once_zero0_and_zero3_default_port_taken(corpus: Path, tmp_p
         runs = [launch(tiny_spec(corpus, name=f"zero{s}", distributed={"procs_per_node": 2, "zero_stage": s},
                                  model={"task": "causal-lm", "pretrained": str(start), "config": None},
                                  train={"max_steps": 20, "save_every": 0, "eval_every": 0,
-                                        "grad_norms_every": 5}))
+                                        "grad_norms_every": 5}, optim={"grad_clip": 0.05}))
                 for s in (0, 3)]  # fmt: skip
         states = [finished(r)["state"] for r in runs]
     finally:
@@ -237,6 +239,16 @@ def test_two_runs_at_once_zero0_and_zero3_default_port_taken(corpus: Path, tmp_p
     # gradients assemble to the same norms as stage 0's whole ones (same seed, same data)
     grads = [r.grad_norms() for r in runs]
     assert [g["step"] for g in grads[0]] == [g["step"] for g in grads[1]] == [5, 10, 15, 20]
+    # ZeRO-0 in fp32 clips in the worker (torch's foreach clip), ZeRO-3 inside DeepSpeed's
+    # optimizer: at grad_clip 0.05 every step is clipped, and both report the same norm before
+    # clipping (ZeRO-0's was None when DeepSpeed clipped) and train the same curve
+    norms = [{m["step"]: m["grad_norm"] for m in r.metrics() if "loss" in m} for r in runs]
+    assert norms[0].keys() == norms[1].keys() == {5, 10, 15, 20}
+    for step, n in norms[0].items():
+        assert n > 0.05 and math.isclose(n, norms[1][step], rel_tol=1e-3), (step, n, norms[1][step])
+    curves = [losses(r) for r in runs]
+    for step, loss in curves[0].items():
+        assert math.isclose(loss, curves[1][step], rel_tol=1e-4), (step, loss, curves[1][step])
     layers = set(grads[0][0]["norms"])
     assert {"transformer.h.0", "transformer.h.1", "transformer.wte"} <= layers == set(grads[1][0]["norms"])
     for k in layers:
@@ -520,11 +532,8 @@ def test_zero3_partitions_the_model_as_it_is_built(source: str, tmp_path: Path, 
         if source == "config"
         else ["bert.embeddings.word_embeddings.weight", str(bert / "model.safetensors")]
     )
-    # the venv's bin first, as the launcher has it for ranks: DeepSpeed's shm op is then found
-    # built by the venv's ninja (the system's older one rebuilt it, and the next run rebuilt it back)
     env = {**os.environ, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "GLOO_SOCKET_IFNAME": "lo",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
+           "MASTER_PORT": str(free_port()), "GLOO_SOCKET_IFNAME": "lo"}  # fmt: skip
     procs = [
         subprocess.Popen(
             [sys.executable, str(probe), str(spec), str(tmp_path), str(bert), *extra],
@@ -551,6 +560,7 @@ def test_zero3_partitions_the_model_as_it_is_built(source: str, tmp_path: Path, 
     assert ranks[0]["checksum"] == ranks[1]["checksum"] > 0  # one model, initialised, on both ranks
 
 
+@pytest.mark.offload  # runs last: `make test` builds the ops it loads beside the suite
 def test_nvme_offload_trains_stops_resumes_and_cleans_up(
     corpus: Path, tmp_path: Path, monkeypatch: Any
 ) -> None:

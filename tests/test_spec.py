@@ -230,9 +230,9 @@ def test_zero3_sizes_are_derived_from_the_shape_unless_given(corpus: Path) -> No
 
 
 def test_cpu_ranks_take_torch_adamw_unless_offloaded_or_told(corpus: Path) -> None:
-    """CPU ranks run Adam/AdamW through torch (DeepSpeed's CPU FusedAdam probes the CPU in two
-    subprocesses at every start); an offloaded optimizer keeps DeepSpeed's CPU Adam, SGD is left
-    alone and a `torch_adam` in the spec's `deepspeed:` section wins."""
+    """CPU ranks run Adam/AdamW through torch's fused CPU kernel (DeepSpeed's CPU FusedAdam
+    probes the CPU in two subprocesses at every start); an offloaded optimizer keeps DeepSpeed's
+    CPU Adam, SGD is left alone and what the spec's `deepspeed:` section says wins."""
 
     def params(**sections: Any) -> dict[str, Any]:
         spec = Spec.from_dict({"data": {"train": str(corpus)}, **sections})
@@ -248,3 +248,7 @@ def test_cpu_ranks_take_torch_adamw_unless_offloaded_or_told(corpus: Path) -> No
     assert "torch_adam" not in params(optim={"name": "sgd"})
     told = {"optimizer": {"params": {"torch_adam": False}}}
     assert params(deepspeed=told)["torch_adam"] is False
+    assert plain["fused"] is True and "fused" not in params(optim={"name": "sgd"})
+    looped = params(deepspeed={"optimizer": {"params": {"foreach": True}}})
+    assert looped["foreach"] is True and "fused" not in looped  # torch refuses both at once
+    assert params(deepspeed={"optimizer": {"params": {"fused": False}}})["fused"] is False

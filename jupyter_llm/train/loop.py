@@ -127,6 +127,14 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
                          to={"ranks": world, "tensor_parallel": tp}, seconds=round(secs, 1),
                          **{"from": {"ranks": saved[0], "tensor_parallel": saved[1]}})  # fmt: skip
         dist.barrier()
+    # ZeRO-0 in fp32 (no tensor parallelism): the step's gradient clipping is done here, by torch's
+    # foreach clip, not by DeepSpeed's: three small ops per parameter and an all-reduce of a norm
+    # that every replica already has (their gradients are averaged), and no norm kept for the
+    # metrics on this path. The same rule: the total 2-norm before clipping, scaled to max_norm.
+    clip = float(ds_config.get("gradient_clipping") or 0.0)
+    own_clip = clip > 0 and spec.distributed.zero_stage == 0 and tp == 1 and spec.precision() == "fp32"
+    if own_clip:
+        ds_config = {**ds_config, "gradient_clipping": 0.0}
     torch.manual_seed(spec.seed)  # identical initial weights on every rank
     model = build_model(spec, tok, ds_config)  # partitioned as it is built under ZeRO-3
     fpt = flops_per_token(model, d.block_size)
@@ -268,6 +276,7 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
     # fault injection: every step takes at least this long, so a test can catch a run mid-flight
     step_delay_s = (fault("step_delay_ms") or 0) / 1000
     gn_every = t.grad_norms_every
+    grad_norm = None  # the last step's norm when clipped here (a tensor: read at log steps only)
     for step in range(start_step + 1, t.max_steps + 1):
         if hang_at == step and master:  # fault injection for the hang test: rank 0 stalls
             time.sleep(3600)
@@ -282,6 +291,8 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
                 norms = layer_grad_norms(engine.module, tp)  # every rank: ZeRO gathers collectively
                 if master:
                     append_jsonl(run_dir / GRADS_FILE, {"step": step, "time": time.time(), "norms": norms})
+            if own_clip and micro == t.grad_accum - 1:  # the boundary: gradients whole, averaged
+                grad_norm = torch.nn.utils.clip_grad_norm_(engine.module.parameters(), clip, foreach=True)
             engine.step()
             loss_sum += out.loss.detach()  # no host sync here; read at log steps only
         window_steps += 1
@@ -293,7 +304,7 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
             elapsed = time.perf_counter() - window_start
             tps = tokens_per_step * window_steps / elapsed
             peaks = _peaks_mb(torch, dist, device, world)
-            gn = engine.get_global_grad_norm()
+            gn = grad_norm if own_clip else engine.get_global_grad_norm()
             rec: dict[str, Any] = {
                 "step": step,
                 "time": time.time(),
