@@ -29,6 +29,9 @@ from .local import job_env, rank_env
 from .watch import diagnose
 
 SLURM_UNREACHABLE_S = 300.0  # squeue silent this long: the job is cancelled and the run fails
+# a job that requeues itself (preempted) may show its batch script's end (FAILED) before Slurm
+# has it pending again (seen once in ~20 runs): it is given this long to come back
+SLURM_REQUEUE_SETTLE_S = 60.0
 KILL_WAIT_S = 10.0  # after fail-fast KILL, before the ssh connections are cut
 SSHD_PATH = ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]  # sshd's default
 PDSH_SAFE = re.compile(r"[\w@%+=:,./-]+")  # what DeepSpeed's pdsh runner leaves unquoted
@@ -346,9 +349,16 @@ class SlurmRunner(ClusterRunner):
         unreachable_since: float | None = None
         state: str | None = ""
         prev, base, requeues = "", att.number, 0
+        settling: float | None = None  # since when a self-requeued job shows an end state
         for _ in att.polls(self._cancel, every_s=2.0):
             if (state := slurm.job_state(job_id)) not in slurm.ACTIVE | {slurm.UNREACHABLE}:
-                break
+                if not self._requeuing() or (
+                    settling is not None and time.monotonic() - settling > SLURM_REQUEUE_SETTLE_S
+                ):
+                    break
+                settling = settling if settling is not None else time.monotonic()
+                continue
+            settling = None
             if state != slurm.UNREACHABLE and state != prev:
                 assert state is not None
                 requeues = self._requeued(base, requeues, state)
@@ -383,6 +393,11 @@ class SlurmRunner(ClusterRunner):
         except slurm.SlurmTimeout as e:
             self.att.event(Event.SCANCEL_FAILED, reason=str(e))
         return "scancel"
+
+    def _requeuing(self) -> bool:
+        """Did the job's batch shell take Slurm's USR1 warning (it then checkpoints and requeues
+        itself), with no stop of ours since? Its stop request says so until the next attempt."""
+        return not self.cancelled and (read_json(stop_file(self.dir)) or {}).get("reason") == slurm.PREEMPTED
 
     def _requeued(self, base: int, seen: int, state: str) -> int:
         """Slurm requeued the job (preemption, its time limit's USR1 warning, a node failure,
