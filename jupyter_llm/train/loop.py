@@ -131,8 +131,12 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
     # foreach clip, not by DeepSpeed's: three small ops per parameter and an all-reduce of a norm
     # that every replica already has (their gradients are averaged), and no norm kept for the
     # metrics on this path. The same rule: the total 2-norm before clipping, scaled to max_norm.
+    # Read from the config DeepSpeed gets (a spec's `deepspeed:` section may set ZeRO or half
+    # precision there): DeepSpeed clips this way exactly when neither ZeRO nor fp16/bf16 is on.
     clip = float(ds_config.get("gradient_clipping") or 0.0)
-    own_clip = clip > 0 and spec.distributed.zero_stage == 0 and tp == 1 and spec.precision() == "fp32"
+    zero = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+    half = any((ds_config.get(k) or {}).get("enabled") for k in ("fp16", "bf16"))
+    own_clip = clip > 0 and zero == 0 and not half and tp == 1
     if own_clip:
         ds_config = {**ds_config, "gradient_clipping": 0.0}
     torch.manual_seed(spec.seed)  # identical initial weights on every rank
