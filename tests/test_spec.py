@@ -252,3 +252,19 @@ def test_cpu_ranks_take_torch_adamw_unless_offloaded_or_told(corpus: Path) -> No
     looped = params(deepspeed={"optimizer": {"params": {"foreach": True}}})
     assert looped["foreach"] is True and "fused" not in looped  # torch refuses both at once
     assert params(deepspeed={"optimizer": {"params": {"fused": False}}})["fused"] is False
+
+
+def test_the_worker_clips_where_deepspeed_would_clip_per_parameter(corpus: Path) -> None:
+    """ZeRO-0 in fp32 without TP: the worker clips (and keeps the norm); ZeRO, fp16/bf16 or TP,
+    also when only the spec's `deepspeed:` section turns them on: DeepSpeed's optimizer does."""
+    from jupyter_llm.train.loop import worker_clip
+
+    def clip(tp: int = 1, **sections: Any) -> float:
+        spec = Spec.from_dict({"data": {"train": str(corpus)}, "distributed": {"zero_stage": 0}, **sections})
+        return worker_clip(deepspeed_config(spec), tp)
+
+    assert clip() == 1.0 and clip(optim={"grad_clip": 0.5}) == 0.5
+    assert clip(optim={"grad_clip": 0}) == 0.0 and clip(tp=2) == 0.0
+    assert clip(distributed={"zero_stage": 2}) == 0.0
+    assert clip(deepspeed={"zero_optimization": {"stage": 1}}) == 0.0
+    assert clip(deepspeed={"bf16": {"enabled": True}}) == 0.0

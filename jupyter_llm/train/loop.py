@@ -131,12 +131,8 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
     # foreach clip, not by DeepSpeed's: three small ops per parameter and an all-reduce of a norm
     # that every replica already has (their gradients are averaged), and no norm kept for the
     # metrics on this path. The same rule: the total 2-norm before clipping, scaled to max_norm.
-    # Read from the config DeepSpeed gets (a spec's `deepspeed:` section may set ZeRO or half
-    # precision there): DeepSpeed clips this way exactly when neither ZeRO nor fp16/bf16 is on.
-    clip = float(ds_config.get("gradient_clipping") or 0.0)
-    zero = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
-    half = any((ds_config.get(k) or {}).get("enabled") for k in ("fp16", "bf16"))
-    own_clip = clip > 0 and zero == 0 and not half and tp == 1
+    clip = worker_clip(ds_config, tp)
+    own_clip = clip > 0
     if own_clip:
         ds_config = {**ds_config, "gradient_clipping": 0.0}
     torch.manual_seed(spec.seed)  # identical initial weights on every rank
@@ -410,6 +406,16 @@ FAST_MMAP_THRESHOLD = 4 * 2**20  # bytes: every other run
 # measured (docs/big-models.md): 128 KiB keeps an 85 M-parameter ZeRO-3 NVMe rank at 1.47 GB peak (4 MiB: 1.93,
 # glibc's own: 2.24) but makes each activation above it a fresh, zeroed mmap: a small GPT's step
 # took 160 ms at 128 KiB, 76 ms at 4 MiB
+
+
+def worker_clip(ds_config: dict[str, Any], tp: int) -> float:
+    """The max norm the worker clips to itself (0: DeepSpeed clips, or nothing does). Read from
+    the config DeepSpeed gets (a spec's `deepspeed:` section may turn ZeRO or half precision on
+    there): DeepSpeed clips per parameter exactly when neither ZeRO nor fp16/bf16 is on."""
+    clip = float(ds_config.get("gradient_clipping") or 0.0)
+    zero = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+    half = any((ds_config.get(k) or {}).get("enabled") for k in ("fp16", "bf16"))
+    return clip if zero == 0 and not half and tp == 1 else 0.0
 
 
 def mmap_threshold(spec: Any) -> int | None:
