@@ -214,8 +214,9 @@ class TrainSpec(_Section):
     # compute precision (DeepSpeed's bf16/fp16 modes keep fp32 master weights in the optimizer);
     # auto: the weights' dtype (model.dtype)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    # torch.compile the model through DeepSpeed (engine.compile(), inductor): the first steps and
-    # the first validation wait for the compiler; on CPU it needs a C++ compiler (g++)
+    # torch.compile (inductor) each repeated block of the model (its layers), or the whole model
+    # where nothing repeats: the first steps and the first validation wait for the compiler; on
+    # CPU it needs a C++ compiler (g++)
     compile: bool = False
 
 

@@ -485,8 +485,8 @@ def test_lora_trains_only_the_adapter_and_exports_it_merged(
 def test_compiled_run_matches_eager_and_exports(
     corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """train.compile: true runs the model through inductor (its generated code lands in the
-    cache folder the ranks inherit), gives the eager run's losses, and exports a model that
+    """train.compile: true runs the model's blocks through inductor (its generated code lands in
+    the cache folder the ranks inherit), gives the eager run's losses, and exports a model that
     reloads to the logits the compiled run computed."""
     train = {"max_steps": 12, "log_every": 2, "eval_every": 6, "save_every": 0}
     eager = launch(tiny_spec(corpus, name="eager", train=train))
@@ -496,6 +496,8 @@ def test_compiled_run_matches_eager_and_exports(
     assert finished(eager)["state"] == "completed"
     assert finished(compiled)["state"] == "completed"
     assert any((tmp_path / "inductor").rglob("*.py")), "no inductor output: the model was not compiled"
+    log = (compiled.path / "logs" / "rank0.log").read_text()
+    assert "torch.compile: 2 repeated blocks" in log, log[-2000:]  # regional: the tiny GPT's 2 layers
     reference, got = losses(eager), losses(compiled)
     assert set(got) == set(reference) and len(got) == 6
     for step in got:

@@ -754,6 +754,46 @@ def test_fused_gelu_replaces_gelu_new_with_the_same_function() -> None:
     assert fused_gelu(fused) == 0  # nothing left to replace
 
 
+def test_repeated_blocks_are_a_models_layers_whatever_wraps_them() -> None:
+    """Regional compilation finds the layers: GPT-2's, BERT's and Llama's blocks, the same under
+    peft's LoRA wrapper; a list inside a found block is left to it; a model that repeats nothing
+    (or a list of mixed classes) gives none, so the worker compiles it whole."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import (
+        BertConfig,
+        BertForMaskedLM,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    from jupyter_llm.train.model import repeated_blocks
+
+    gpt = GPT2LMHeadModel(GPT2Config(n_layer=3, n_head=2, n_embd=32, vocab_size=50, n_positions=16))
+    assert repeated_blocks(gpt) == list(gpt.transformer.h)
+    bert = BertForMaskedLM(BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
+                                      intermediate_size=64, vocab_size=50))  # fmt: skip
+    assert repeated_blocks(bert) == list(bert.bert.encoder.layer)
+    llama = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
+                                         intermediate_size=64, vocab_size=50))  # fmt: skip
+    assert repeated_blocks(llama) == list(llama.model.layers)
+    lora = get_peft_model(gpt, LoraConfig(r=4, target_modules=["c_attn"]))
+    assert [type(b).__name__ for b in repeated_blocks(lora)] == ["GPT2Block"] * 3
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.experts = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(3))
+
+    moe = torch.nn.ModuleList(Block() for _ in range(2))
+    assert repeated_blocks(moe) == list(moe)  # not the experts
+    assert repeated_blocks(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))) == []
+    assert repeated_blocks(torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.ReLU()])) == []
+    assert repeated_blocks(torch.nn.ModuleList([torch.nn.Linear(4, 4)])) == []
+
+
 def test_finished_ranks_end_the_watch_and_are_not_failures(tmp_path: Path) -> None:
     """A rank that recorded `done` and exited is no failure; the job is over when every rank of
     the attempt is done and gone (a running rank, a rank not done, another attempt: not over)."""

@@ -74,7 +74,7 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
 
     from . import checkpoint
     from .data import Blocks, data_stage
-    from .model import build_model, flops_per_token, meta_shape, param_groups, peak_flops
+    from .model import build_model, compile_blocks, flops_per_token, meta_shape, param_groups, peak_flops
 
     ds_config = json.loads((run_dir / DS_CONFIG_FILE).read_text())
     t, d, masked = spec.train, spec.data, spec.model.task == "masked-lm"
@@ -150,8 +150,15 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
     use_cache = getattr(engine.module.config, "use_cache", None)
     if use_cache is not None:
         engine.module.config.use_cache = False
-    if t.compile:  # in place (nn.Module.compile): the state dict keeps its names
-        engine.compile(compile_kwargs={"dynamic": False})
+    # compiled in place (nn.Module.compile: the state dict keeps its names), block by block;
+    # DeepSpeed's engine.compile() (the whole module) where the model repeats no block
+    if t.compile:
+        blocks = compile_blocks(engine.module)
+        if not blocks:
+            engine.compile(compile_kwargs={"dynamic": False})
+        if master:
+            what = f"{blocks} repeated blocks" if blocks else "the whole model (no repeated blocks)"
+            print(f"[jupyter-llm] torch.compile: {what}; the first steps wait for the compiler", flush=True)
     # tensor parallelism: DeepSpeed groups consecutive ranks (a node's) into groups of `tp`
     # that see one batch; data parallelism runs across the groups
     dp_rank, dp_world = rank // tp, world // tp
@@ -358,15 +365,15 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
             return
 
     # -- final export ---------------------------------------------------------------------
-    if use_cache is not None:
-        engine.module.config.use_cache = use_cache
-    # two sequences to check the export against, run as a whole validation batch: the shape a
-    # compiled model already has a graph for
+    # two sequences to check the export against, run as a whole validation batch with the KV
+    # cache still off: the graph a compiled model already has (either change compiles anew)
     probe = batch(val_blocks if has_val else train_blocks, 0, False, _seed(spec.seed, -2, 0, 0))["input_ids"]
     engine.eval()
     with torch.no_grad():
-        probe_logits = engine(input_ids=probe).logits[:2].float().cpu()
+        probe_logits = engine(input_ids=probe, attention_mask=None).logits[:2].float().cpu()  # as evaluate()
     probe = probe[:2]
+    if use_cache is not None:  # the exported config keeps the model's own setting
+        engine.module.config.use_cache = use_cache
     zero3 = spec.distributed.zero_stage == 3
     if zero3 and not spec.model.lora:
         # streamed: one gathered module at a time into safetensors shards, so the export of a

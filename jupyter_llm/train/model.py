@@ -108,6 +108,42 @@ def fused_gelu(model: Any) -> int:
     return n
 
 
+def repeated_blocks(model: Any) -> list[Any]:
+    """The model's repeated blocks: the members of each ModuleList whose members (two or more) are
+    all of one class — a transformer's layers (GPT-2's `transformer.h`, Llama's `model.layers`,
+    BERT's `encoder.layer`), found whatever wraps them (peft, DeepSpeed). Lists inside a found
+    block (a mixture's experts) are left to it. Empty where the model repeats nothing."""
+    import torch
+
+    found: list[Any] = []
+    inside: set[int] = set()
+    for m in model.modules():  # pre-order: an outer list before the lists in its blocks
+        if id(m) in inside:
+            for c in m.children():
+                inside.add(id(c))
+            continue
+        members = list(m.children()) if isinstance(m, torch.nn.ModuleList) else []
+        if len(members) >= 2 and len({type(c) for c in members}) == 1:
+            found += members
+            inside.update(id(c) for c in members)
+    return found
+
+
+def compile_blocks(model: Any) -> int:
+    """torch.compile each repeated block in place (regional compilation; names, state dict and
+    hooks unchanged) and return how many. Blocks of one class run one compiled graph (Dynamo's
+    guards do not tell their weights apart), so the compiler works once per kind of block and
+    mode (training, no-grad evaluation) rather than over the whole model: measured on a 4-layer
+    GPT on CPU, 19 s of compiling before the first steps against 40 s for the whole model (7 s
+    against 3 s with the compiler's cache warm), at the same step time. What lies outside the
+    blocks (embeddings, the head, the loss) stays eager. 0: nothing repeats; compile the whole
+    model instead."""
+    blocks = repeated_blocks(model)
+    for b in blocks:
+        b.compile(dynamic=False)
+    return len(blocks)
+
+
 def _zero3(ds_config: dict[str, Any] | None) -> bool:
     return bool(ds_config and ds_config.get("zero_optimization", {}).get("stage") == 3)
 
