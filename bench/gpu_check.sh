@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check (<= 10 min on one H200): run once whenever a device machine is lent
 # (`run` tool, from the repository root; the project passes its tests without it).
-#   1. GPT-2 124M, bf16, ZeRO-1: tokens/s and MFU (bench/gpu_mfu.py)
+#   1. GPT-2 124M, bf16, ZeRO-1, compiled (train.compile): tokens/s and MFU (bench/gpu_mfu.py)
 #   2. ZeRO-3 + offload: a model whose fp32 weights exceed the GPU memory the job may use
 #      (capped with PYTORCH_CUDA_ALLOC_CONF-independent torch.cuda.set_per_process_memory_fraction
 #      through JUPYTER_LLM_GPU_MEMORY_FRACTION), chosen by `offload: auto`; peak device memory
@@ -18,7 +18,7 @@ else
 fi
 export HF_HUB_OFFLINE=1 JUPYTER_LLM_HOME=$OUT/home
 nvidia-smi --query-gpu=name,memory.total,memory.free --format=csv | tee "$OUT/nvidia-smi.csv"
-timeout 240 python3 bench/gpu_mfu.py --steps 40 > "$OUT/mfu.json" 2> "$OUT/mfu.err"; echo "mfu rc=$?"
+timeout 240 python3 bench/gpu_mfu.py --steps 40 --compile > "$OUT/mfu.json" 2> "$OUT/mfu.err"; echo "mfu rc=$?"
 # 1.5 B parameters (6 GB in fp32) against a 4 GiB cap of the GPU's memory
 cat > "$OUT/big.yaml" <<YAML
 name: gpu-big
@@ -29,7 +29,7 @@ train: {micro_batch_size: 4, max_steps: 6, log_every: 1, eval_every: 0, save_eve
 optim: {lr: 1.0e-4, warmup_steps: 1}
 distributed: {procs_per_node: 1, zero_stage: 3, offload: auto}
 YAML
-JUPYTER_LLM_GPU_MEMORY_FRACTION=0.03 timeout 420 python3 -m jupyter_llm.cli train "$OUT/big.yaml" --wait \
+JUPYTER_LLM_GPU_MEMORY_FRACTION=0.03 timeout 330 python3 -m jupyter_llm.cli train "$OUT/big.yaml" --wait \
   > "$OUT/big.out" 2>&1; echo "big rc=$?"
 python3 - "$OUT" <<'PY'
 import json, pathlib, sys

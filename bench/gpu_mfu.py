@@ -3,7 +3,7 @@
 Needs a CUDA GPU (run it on a lent device machine); the peak FLOP/s comes from the
 device name (H100/H200: 989 TFLOP/s dense bf16). Goal: MFU >= 0.5 on H100/H200.
 
-    python bench/gpu_mfu.py [--steps 80] [--micro-batch 16]
+    python bench/gpu_mfu.py [--steps 80] [--micro-batch 16] [--compile]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=16)
     ap.add_argument("--block", type=int, default=1024)
     ap.add_argument("--zero", type=int, default=1)
+    ap.add_argument("--compile", action="store_true", help="train.compile: true")
     args = ap.parse_args()
     import os
 
@@ -41,7 +42,7 @@ def main() -> None:
         "tokenizer": {"train": {"kind": "bpe", "vocab_size": 50304}},
         "data": {"train": [str(CORPUS)], "block_size": args.block, "val_fraction": 0.0},
         "train": {"micro_batch_size": args.micro_batch, "max_steps": args.steps, "log_every": 10,
-                  "eval_every": 0, "save_every": 0},
+                  "eval_every": 0, "save_every": 0, "compile": args.compile},
         "optim": {"lr": 6e-4, "min_lr": 6e-5, "warmup_steps": 10},
         "distributed": {"procs_per_node": 1, "zero_stage": args.zero},
     }  # fmt: skip
@@ -59,6 +60,7 @@ def main() -> None:
         "peak_flops": windows[0]["peak_flops"],
         "mem_mb": max(m["mem_mb"] for m in windows),
         "micro_batch": args.micro_batch, "block": args.block, "zero_stage": args.zero,
+        "compile": args.compile,
     }, indent=1))  # fmt: skip
 
 
