@@ -259,12 +259,13 @@ def test_the_worker_clips_where_deepspeed_would_clip_per_parameter(corpus: Path)
     also when only the spec's `deepspeed:` section turns them on: DeepSpeed's optimizer does."""
     from jupyter_llm.train.loop import worker_clip
 
-    def clip(tp: int = 1, **sections: Any) -> float:
+    def clip(**sections: Any) -> float:
         spec = Spec.from_dict({"data": {"train": str(corpus)}, "distributed": {"zero_stage": 0}, **sections})
-        return worker_clip(deepspeed_config(spec), tp)
+        return worker_clip(deepspeed_config(spec))
 
     assert clip() == 1.0 and clip(optim={"grad_clip": 0.5}) == 0.5
-    assert clip(optim={"grad_clip": 0}) == 0.0 and clip(tp=2) == 0.0
+    assert clip(optim={"grad_clip": 0}) == 0.0
+    assert clip(distributed={"zero_stage": 0, "procs_per_node": 2, "tensor_parallel": 2}) == 0.0
     assert clip(distributed={"zero_stage": 2}) == 0.0
     assert clip(deepspeed={"zero_optimization": {"stage": 1}}) == 0.0
     assert clip(deepspeed={"bf16": {"enabled": True}}) == 0.0

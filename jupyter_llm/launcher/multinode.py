@@ -352,11 +352,9 @@ class SlurmRunner(ClusterRunner):
         settling: float | None = None  # since when a self-requeued job shows an end state
         for _ in att.polls(self._cancel, every_s=2.0):
             if (state := slurm.job_state(job_id)) not in slurm.ACTIVE | {slurm.UNREACHABLE}:
-                if not self._requeuing() or (
-                    settling is not None and time.monotonic() - settling > SLURM_REQUEUE_SETTLE_S
-                ):
+                settling = time.monotonic() if settling is None else settling
+                if not self._requeuing() or time.monotonic() - settling > SLURM_REQUEUE_SETTLE_S:
                     break
-                settling = settling if settling is not None else time.monotonic()
                 continue
             settling = None
             if state != slurm.UNREACHABLE and state != prev:

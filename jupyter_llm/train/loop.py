@@ -131,7 +131,7 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
     # foreach clip, not by DeepSpeed's: three small ops per parameter and an all-reduce of a norm
     # that every replica already has (their gradients are averaged), and no norm kept for the
     # metrics on this path. The same rule: the total 2-norm before clipping, scaled to max_norm.
-    clip = worker_clip(ds_config, tp)
+    clip = worker_clip(ds_config)
     own_clip = clip > 0
     if own_clip:
         ds_config = {**ds_config, "gradient_clipping": 0.0}
@@ -415,13 +415,15 @@ FAST_MMAP_THRESHOLD = 4 * 2**20  # bytes: every other run
 # took 160 ms at 128 KiB, 76 ms at 4 MiB
 
 
-def worker_clip(ds_config: dict[str, Any], tp: int) -> float:
+def worker_clip(ds_config: dict[str, Any]) -> float:
     """The max norm the worker clips to itself (0: DeepSpeed clips, or nothing does). Read from
     the config DeepSpeed gets (a spec's `deepspeed:` section may turn ZeRO or half precision on
-    there): DeepSpeed clips per parameter exactly when neither ZeRO nor fp16/bf16 is on."""
+    there): DeepSpeed clips per parameter exactly when neither ZeRO nor fp16/bf16 is on; under
+    tensor parallelism (AutoTP) its clip knows the sliced layers, so it keeps it."""
     clip = float(ds_config.get("gradient_clipping") or 0.0)
     zero = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
     half = any((ds_config.get(k) or {}).get("enabled") for k in ("fp16", "bf16"))
+    tp = int((ds_config.get("tensor_parallel") or {}).get("autotp_size", 1))
     return clip if zero == 0 and not half and tp == 1 else 0.0
 
 
