@@ -31,7 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE.parent / "examples" / "tinyshakespeare.txt"
 LAYERS, HEADS, EMBD, BLOCK, BATCH = 4, 4, 128, 64, 12
-LR, MIN_LR, WARMUP, EVAL_EVERY, EVAL_BATCHES = 1e-3, 1e-4, 100, 250, 20
+LR, MIN_LR, WARMUP, EVAL_EVERY, EVAL_BATCHES, LOG = 1e-3, 1e-4, 100, 250, 20, 50
 
 
 def spec(steps: int, compile: bool = False) -> dict:
@@ -42,7 +42,7 @@ def spec(steps: int, compile: bool = False) -> dict:
                              "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}},
         "tokenizer": {"train": {"kind": "char"}},
         "data": {"train": [str(CORPUS)], "block_size": BLOCK, "val_fraction": 0.1},
-        "train": {"micro_batch_size": BATCH, "max_steps": steps, "log_every": 50, "eval_every": EVAL_EVERY,
+        "train": {"micro_batch_size": BATCH, "max_steps": steps, "log_every": LOG, "eval_every": EVAL_EVERY,
                   "eval_batches": EVAL_BATCHES, "save_every": 0, "precision": "fp32",
                   "compile": compile},
         "optim": {"lr": LR, "min_lr": MIN_LR, "warmup_steps": WARMUP, "scheduler": "cosine"},
@@ -60,7 +60,8 @@ def run_ours(steps: int, compile: bool) -> dict:
     if state != "completed":
         sys.exit(f"jupyter_llm run {run.id} ended {state}: {run.status().get('error')}")
     vals = [m["val_loss"] for m in run.metrics() if "val_loss" in m]
-    return {"wall_s": wall, "val_loss": vals[-1], "run": run.id, "phases_s": phases(run, t0)}
+    marks = phases(run, t0)
+    return {"wall_s": wall, "val_loss": vals[-1], "run": run.id, "phases_s": marks, "step_ms": step_ms(marks, steps)}
 
 
 def phases(run, t0: float) -> dict[str, float]:
@@ -85,7 +86,17 @@ def run_plain(steps: int, compile: bool) -> dict:
     t0 = time.time()
     out = subprocess.run([sys.executable, __file__, "--plain", "--steps", str(steps), *(["--compile"] if compile else [])],
                          capture_output=True, text=True, check=True)  # fmt: skip
-    return {"wall_s": time.time() - t0, **json.loads(out.stdout.strip().splitlines()[-1])}
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    marks = {k: round(res.pop(k) - t0, 2) for k in ("first_log", "last_log")}
+    return {"wall_s": time.time() - t0, **res, "phases_s": marks, "step_ms": step_ms(marks, steps)}
+
+
+def step_ms(marks: dict[str, float], steps: int) -> float | None:
+    """Milliseconds a step from the first log (step LOG) to the last: the per-step part of the
+    wall time, evaluations included; what is left of the wall time is the fixed part."""
+    if "first_log" not in marks or "last_log" not in marks:
+        return None
+    return round((marks["last_log"] - marks["first_log"]) / (steps - LOG) * 1000, 2)
 
 
 def plain(steps: int, compile: bool) -> None:
@@ -169,6 +180,7 @@ def plain(steps: int, compile: bool) -> None:
 
     rng = np.random.default_rng(1337)
     order, pos, val = rng.permutation(len(train_blocks)), 0, validate()
+    marks = {}  # when the step our side logs first (LOG) and the last step end, as ours are read
     for step in range(steps):
         if pos + BATCH > len(order):
             order, pos = rng.permutation(len(train_blocks)), 0
@@ -181,9 +193,12 @@ def plain(steps: int, compile: bool) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if step + 1 == LOG or step + 1 == steps:
+            loss.item()  # (ours logs the loss: a sync there too)
+            marks["first_log" if step + 1 == LOG else "last_log"] = time.time()
         if (step + 1) % EVAL_EVERY == 0 or step + 1 == steps:
             val = validate()
-    print(json.dumps({"val_loss": val, "threads": torch.get_num_threads()}))
+    print(json.dumps({"val_loss": val, "threads": torch.get_num_threads(), **marks}))
 
 
 def main() -> None:
@@ -211,7 +226,9 @@ def main() -> None:
                 print(json.dumps({who: (base if who == "plain" else ours)[-1]}), file=sys.stderr, flush=True)
     ratios = [o["wall_s"] / b["wall_s"] for o, b in zip(ours, base, strict=True)]
     print(json.dumps({"benchmark": "vs_plain", "steps": args.steps, "compile": args.compile, "ours": ours, "plain": base,
-                      "wall_ratios": ratios, "median_wall_ratio": statistics.median(ratios)}, indent=1))  # fmt: skip
+                      "wall_ratios": ratios, "median_wall_ratio": statistics.median(ratios),
+                      "median_step_ms": {"ours": statistics.median(o["step_ms"] for o in ours),
+                                         "plain": statistics.median(b["step_ms"] for b in base)}}, indent=1))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -50,13 +50,21 @@ before = libc.mallinfo2().hblks
 block = libc.malloc(1 << 20)  # 1 MiB: mmapped under 128 KiB, from the heap under 4 MiB
 print(chosen, libc.mallinfo2().hblks - before)
 libc.free(ctypes.c_void_p(block))
+# a step's worth of heap blocks freed: how much of the heap stays (MiB), not given back
+heap = libc.mallinfo2().arena
+blocks = [libc.malloc(1 << 20) for _ in range(32)]
+for b in reversed(blocks):
+    libc.free(ctypes.c_void_p(b))
+print((libc.mallinfo2().arena - heap) >> 20)
 """
 
 
 def test_ranks_fix_the_mmap_threshold_by_memory_regime() -> None:
     """A run fitted to memory (ZeRO-3 or offload) keeps every block above 128 KiB mmapped, so
     freed tensors go back to the system; any other run keeps blocks up to 4 MiB on the heap
-    (no mmap and page zeroing per activation); MALLOC_MMAP_THRESHOLD_ in the environment wins."""
+    (no mmap and page zeroing per activation) and keeps what a step frees on the heap rather than
+    giving it back to be faulted in again at the next step; MALLOC_MMAP_THRESHOLD_ and
+    MALLOC_TRIM_THRESHOLD_ in the environment win."""
     import os
     import subprocess
     import sys
@@ -66,9 +74,11 @@ def test_ranks_fix_the_mmap_threshold_by_memory_regime() -> None:
                              check=True, env={**os.environ, **env})  # fmt: skip
         return out.stdout.split()
 
-    assert probe(3) == [str(128 * 1024), "1"]
-    assert probe(0) == [str(4 * 2**20), "0"]
-    assert probe(0, MALLOC_MMAP_THRESHOLD_="65536") == ["None", "1"]
+    assert probe(3) == [str(128 * 1024), "1", "0"]  # mmapped: nothing on the heap
+    fast = probe(0)
+    assert fast[:2] == [str(4 * 2**20), "0"] and int(fast[2]) >= 31  # 32 MiB freed, kept
+    assert probe(0, MALLOC_TRIM_THRESHOLD_="131072")[2] == "0"  # given back at once
+    assert probe(0, MALLOC_MMAP_THRESHOLD_="65536")[:2] == ["None", "1"]
 
 
 def test_cuda_visible_devices_chooses_the_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
