@@ -61,7 +61,13 @@ def run_ours(steps: int, compile: bool) -> dict:
         sys.exit(f"jupyter_llm run {run.id} ended {state}: {run.status().get('error')}")
     vals = [m["val_loss"] for m in run.metrics() if "val_loss" in m]
     marks = phases(run, t0)
-    return {"wall_s": wall, "val_loss": vals[-1], "run": run.id, "phases_s": marks, "step_ms": step_ms(marks, steps)}
+    return {
+        "wall_s": wall,
+        "val_loss": vals[-1],
+        "run": run.id,
+        "phases_s": marks,
+        "step_ms": step_ms(marks, steps),
+    }
 
 
 def phases(run, t0: float) -> dict[str, float]:
