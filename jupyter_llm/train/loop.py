@@ -410,14 +410,14 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
 # blocks under it then come from a heap that fragments and is seldom returned. A rank fixes it:
 FITTED_MMAP_THRESHOLD = 128 * 2**10  # bytes: ZeRO-3 or offload, a run fitted to memory
 FAST_MMAP_THRESHOLD = 4 * 2**20  # bytes: every other run
+# measured (docs/big-models.md): 128 KiB keeps an 85 M-parameter ZeRO-3 NVMe rank at 1.47 GB peak (4 MiB: 1.93,
+# glibc's own: 2.24) but makes each activation above it a fresh, zeroed mmap: a small GPT's step
+# took 160 ms at 128 KiB, 76 ms at 4 MiB
 # Fixing the mmap threshold also fixes glibc's trim threshold at 128 KiB (glibc otherwise moves it
 # to twice the mmap threshold): the heap's top is given back each time a step frees more than that
 # and faulted in again, zeroed, at the next step. Every other run keeps up to this much free:
 FAST_TRIM_THRESHOLD = 64 * 2**20  # bytes (measured, docs/benchmarks.md: a small GPT's rank took
-# 12,000-22,000 page faults a second and 3 % of its CPU time in the kernel at 128 KiB, 0 at 64 MiB)
-# measured (docs/big-models.md): 128 KiB keeps an 85 M-parameter ZeRO-3 NVMe rank at 1.47 GB peak (4 MiB: 1.93,
-# glibc's own: 2.24) but makes each activation above it a fresh, zeroed mmap: a small GPT's step
-# took 160 ms at 128 KiB, 76 ms at 4 MiB
+# 12,000-22,000 page faults a second and 3 % of its CPU time in the kernel at 128 KiB; 8-33 at 64 MiB)
 
 
 def worker_clip(ds_config: dict[str, Any]) -> float:
