@@ -34,7 +34,7 @@ def test_build_command_is_exact(tmp_path: Path) -> None:
 MMAP_PROBE = r"""
 import ctypes, sys
 from jupyter_llm.spec import Spec
-from jupyter_llm.train.loop import mmap_threshold
+from jupyter_llm.train.loop import malloc_thresholds
 
 class Mallinfo2(ctypes.Structure):  # glibc's struct mallinfo2: hblks counts mmapped blocks
     _fields_ = [(n, ctypes.c_size_t) for n in
@@ -45,7 +45,7 @@ libc = ctypes.CDLL(None)
 libc.mallinfo2.restype, libc.malloc.restype = Mallinfo2, ctypes.c_void_p
 spec = Spec.from_yaml("model: {config: {model_type: gpt2}}\ndata: {train: [x]}\n"
                       f"distributed: {{zero_stage: {sys.argv[1]}}}", check_files=False)
-chosen = mmap_threshold(spec)
+chosen = malloc_thresholds(spec)
 before = libc.mallinfo2().hblks
 block = libc.malloc(1 << 20)  # 1 MiB: mmapped under 128 KiB, from the heap under 4 MiB
 print(chosen, libc.mallinfo2().hblks - before)
@@ -59,7 +59,7 @@ print((libc.mallinfo2().arena - heap) >> 20)
 """
 
 
-def test_ranks_fix_the_mmap_threshold_by_memory_regime() -> None:
+def test_ranks_fix_malloc_thresholds_by_memory_regime() -> None:
     """A run fitted to memory (ZeRO-3 or offload) keeps every block above 128 KiB mmapped, so
     freed tensors go back to the system; any other run keeps blocks up to 4 MiB on the heap
     (no mmap and page zeroing per activation) and keeps what a step frees on the heap rather than

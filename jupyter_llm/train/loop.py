@@ -62,7 +62,7 @@ def train(run_dir: Path, rank: int, world: int, local_rank: int) -> None:
 
     # validated at launch; on a remote node the data files are not there (prepared data is)
     spec = Spec.from_yaml((run_dir / SPEC_FILE).read_text(), check_files=False)
-    mmap_threshold(spec)  # before the first tensor
+    malloc_thresholds(spec)  # before the first tensor
     from .deps import import_deepspeed
 
     deepspeed = import_deepspeed()  # first: every later `deepspeed` import finds it loaded
@@ -432,11 +432,11 @@ def worker_clip(ds_config: dict[str, Any]) -> float:
     return clip if zero == 0 and not half and tp == 1 else 0.0
 
 
-def mmap_threshold(spec: Any) -> int | None:
+def malloc_thresholds(spec: Any) -> int | None:
     """Fix glibc's mmap threshold for this process by the run's memory regime, and outside a
     run fitted to memory its trim threshold (FAST_TRIM_THRESHOLD, unless MALLOC_TRIM_THRESHOLD_
-    sets it); None where the C library has no `mallopt` (not glibc) or MALLOC_MMAP_THRESHOLD_ in
-    the environment set it."""
+    sets it). Returns the mmap threshold set; None where the C library has no `mallopt` (not
+    glibc) or MALLOC_MMAP_THRESHOLD_ in the environment set it."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return None
     d = spec.distributed
