@@ -186,7 +186,7 @@ def plain(steps: int, compile: bool) -> None:
 
     rng = np.random.default_rng(1337)
     order, pos, val = rng.permutation(len(train_blocks)), 0, validate()
-    marks = {}  # when the step our side logs first (LOG) and the last step end, as ours are read
+    marks = {}  # when step LOG (our side's first log line) and the last step end
     for step in range(steps):
         if pos + BATCH > len(order):
             order, pos = rng.permutation(len(train_blocks)), 0
